@@ -1,0 +1,1 @@
+"""brainscale: JAX/Flax training of large brain models (CWM, Enigma) on SLURM clusters."""

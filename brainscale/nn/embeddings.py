@@ -1,0 +1,89 @@
+"""Rotary position embeddings (1D continuous time; 3D x/y/t), token embedding, output head.
+
+Rotary pairs dimension i with i + H/2 ("rotate half"). The 3D variant splits
+those H/2 pairs between x, y and t by `split` (e.g. 6/16, 6/16, 4/16) and gives
+each axis its own frequency ladder.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from brainscale.nn.core import param
+
+
+@dataclasses.dataclass(frozen=True)
+class Rotary:
+  """Angles as cos/sin, broadcast over heads when applied."""
+  cos_BxTxP: jax.Array
+  sin_BxTxP: jax.Array
+
+
+jax.tree_util.register_dataclass(Rotary, data_fields=['cos_BxTxP', 'sin_BxTxP'], meta_fields=[])
+
+
+def _frequencies(pairs: int, base: float) -> jax.Array:
+  return base ** (-jnp.arange(pairs, dtype=jnp.float32) / pairs)
+
+
+def rope_1d(t_BxT: jax.Array, head_dim: int, *, base: float = 10_000.0) -> Rotary:
+  """Rotary angles for continuous positions (token index, or time in any unit)."""
+  if head_dim % 2:
+    raise ValueError(f'rotary needs an even head_dim, got {head_dim}')
+  freq_P = _frequencies(head_dim // 2, base)
+  angle_BxTxP = t_BxT.astype(jnp.float32)[..., None] * freq_P
+  return Rotary(jnp.cos(angle_BxTxP), jnp.sin(angle_BxTxP))
+
+
+def split_pairs(head_dim: int, split: tuple) -> tuple[int, ...]:
+  """Pairs of head dimensions given to each axis; `split` is in parts of the sum."""
+  pairs = head_dim // 2
+  total = sum(split)
+  counts = [pairs * s // total for s in split]
+  counts[-1] += pairs - sum(counts)
+  if head_dim % 2 or min(counts) < 1:
+    raise ValueError(f'head_dim={head_dim} cannot be split {split} across axes')
+  return tuple(counts)
+
+
+def rope_nd(pos_BxTxA: jax.Array, head_dim: int, *, split: tuple = (6, 6, 4),
+            base: float = 100.0) -> Rotary:
+  """Rotary angles for A-dimensional positions (A=3: x, y, t)."""
+  if pos_BxTxA.shape[-1] != len(split):
+    raise ValueError(f'positions have {pos_BxTxA.shape[-1]} axes, split has {len(split)}')
+  angles = []
+  for axis, pairs in enumerate(split_pairs(head_dim, split)):
+    freq_P = _frequencies(pairs, base)
+    angles.append(pos_BxTxA[..., axis].astype(jnp.float32)[..., None] * freq_P)
+  angle_BxTxP = jnp.concatenate(angles, axis=-1)
+  return Rotary(jnp.cos(angle_BxTxP), jnp.sin(angle_BxTxP))
+
+
+def apply_rope(x_BxTxNxH: jax.Array, rot: Rotary) -> jax.Array:
+  """Rotates pairs (i, i + H/2) of every head by the angles of its token."""
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  cos, sin = rot.cos_BxTxP[:, :, None, :], rot.sin_BxTxP[:, :, None, :]
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_BxTxNxH.dtype)
+
+
+class Embed(nnx.Module):
+  """Token ids -> vectors."""
+
+  def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
+    self.table_VxD = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=dim)
+
+  def __call__(self, ids_BxT: jax.Array) -> jax.Array:
+    return jnp.take(self.table_VxD[...], ids_BxT, axis=0)
+
+
+class Head(nnx.Module):
+  """Untied output projection; `w_DxV` feeds the chunked loss directly."""
+
+  def __init__(self, dim: int, vocab: int, *, rngs: nnx.Rngs):
+    self.w_DxV = param(rngs, (dim, vocab), ('embed', 'vocab'))
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    return jnp.einsum('btd,dv->btv', x_BxTxD, self.w_DxV[...])

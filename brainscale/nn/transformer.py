@@ -1,0 +1,96 @@
+"""Pre-norm transformer Block and a Stack that scans over layers with a named remat policy.
+
+Stack keeps one copy of each Block parameter with a leading 'layers' axis and
+runs the layers under jax.lax.scan, so compile time and memory do not grow
+with depth. REMAT_POLICIES names what each layer keeps for the backward pass.
+"""
+
+import jax
+from flax import nnx
+
+from brainscale import parallel
+from brainscale.nn.attention import Attention, Mask
+from brainscale.nn.core import RMSNorm, axes_of
+from brainscale.nn.embeddings import Rotary
+from brainscale.nn.mlp import make_mlp
+
+_policies = jax.checkpoint_policies
+REMAT_POLICIES = {
+    'none': None,                                        # keep everything
+    'full': _policies.nothing_saveable,                  # keep only the layer input
+    'dots': _policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
+    'save_qkv': _policies.save_only_these_names('qkv'),
+    'save_qkv_out': _policies.save_only_these_names('qkv', 'attn_out', 'mlp_out'),
+}
+
+
+class Block(nnx.Module):
+  """x + attn(norm(x)[, kv]); x + mlp(norm(x))."""
+
+  def __init__(self, dim: int, num_heads: int, head_dim: int, mlp_hidden: int, *,
+               num_kv_heads: int = 0, mlp: str = 'gelu', qk_norm: bool = False,
+               kv_dim: int = 0, backend: str = 'xla', rngs: nnx.Rngs):
+    self.attn_norm = RMSNorm(dim, rngs=rngs)
+    self.attn = Attention(dim, num_heads, head_dim, num_kv_heads=num_kv_heads,
+                          kv_dim=kv_dim, qk_norm=qk_norm, backend=backend, rngs=rngs)
+    self.mlp_norm = RMSNorm(dim, rngs=rngs)
+    self.mlp = make_mlp(mlp, dim, mlp_hidden, rngs=rngs)
+
+  def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None = None, *,
+               mask: Mask = Mask(), rope_q: Rotary | None = None,
+               rope_k: Rotary | None = None) -> jax.Array:
+    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), kv_BxSxE, mask=mask,
+                                  rope_q=rope_q, rope_k=rope_k)
+    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    return parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
+
+
+class Stack(nnx.Module):
+  """`num_layers` copies of `make_block(rngs)` applied in sequence by jax.lax.scan."""
+
+  def __init__(self, make_block, num_layers: int, *, remat: str = 'full', rngs: nnx.Rngs):
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f'remat={remat!r}; expected one of {sorted(REMAT_POLICIES)}')
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return make_block(rngs)
+
+    self.layers = create(rngs)
+    for _, variable in nnx.to_flat_state(nnx.state(self.layers, nnx.Param)):
+      variable.set_metadata('axes', ('layers',) + axes_of(variable))
+    self.num_layers = num_layers
+    self.remat = remat
+
+  def __call__(self, x_BxTxD: jax.Array, *args, **kwargs) -> jax.Array:
+    graphdef, state = nnx.split(self.layers)
+
+    def layer(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, *args, **kwargs), None
+
+    if self.remat != 'none':
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+    x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, state)
+    return x_BxTxD
+
+
+def stack_activation_bytes(*, layers: int, tokens: int, dim: int, mlp_hidden: int,
+                           heads: int, seq: int, remat: str, bytes_per: int = 2,
+                           dense_scores: bool = True) -> int:
+  """Analytic activation memory of a Stack's backward pass on one device.
+
+  `tokens` = batch x sequence on the device. Saved per layer: the layer input
+  (all policies) plus what the policy keeps; plus one layer's working set while
+  it is recomputed. Dense attention scores (xla backend) add heads x seq^2 fp32.
+  """
+  qkv = 3 * tokens * dim
+  outs = 2 * tokens * dim
+  proj = qkv + outs + 2 * tokens * mlp_hidden
+  kept = {'none': proj + 4 * tokens * dim + tokens * mlp_hidden, 'full': 0,
+          'dots': proj, 'save_qkv': qkv, 'save_qkv_out': qkv + outs}[remat]
+  saved = layers * (tokens * dim + kept) * bytes_per
+  working = (proj + 4 * tokens * dim + tokens * mlp_hidden) * bytes_per
+  if dense_scores:
+    working += 2 * (tokens // max(seq, 1)) * heads * seq * seq * 4
+  return saved + working

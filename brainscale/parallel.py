@@ -1,0 +1,177 @@
+"""Device mesh, logical-axis sharding rules and multi-process start-up.
+
+The mesh has the named axes of AXES, each sized DCN (across nodes) x ICI
+(within a node) from `config.mesh`. Parameters and activations carry logical
+axis names ('embed', 'heads', 'batch', ...); `config.mesh.rules` maps them to
+mesh axes, so changing the parallelism is a config change, never a model change.
+"""
+
+import contextlib
+import contextvars
+import math
+import os
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from brainscale.config import ConfigError
+
+AXES = ('data', 'fsdp', 'sequence', 'tensor')
+
+
+def initialize_distributed(mesh_config) -> bool:
+  """Calls jax.distributed.initialize() under SLURM or when told a coordinator.
+
+  Returns whether this is a multi-process run. Must run before any JAX call
+  touches the devices.
+  """
+  in_srun = 'SLURM_STEP_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1
+  if mesh_config.coordinator:
+    jax.distributed.initialize(
+        coordinator_address=mesh_config.coordinator,
+        num_processes=mesh_config.num_processes,
+        process_id=mesh_config.process_id,
+        initialization_timeout=mesh_config.init_timeout_s)
+    return True
+  if in_srun:
+    jax.distributed.initialize(initialization_timeout=mesh_config.init_timeout_s)
+    return True
+  return False
+
+
+def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+  """Replaces one -1 in `sizes` by what is left of `total`."""
+  free = [a for a, n in sizes.items() if n == -1]
+  if len(free) > 1:
+    raise ConfigError(f'mesh.{what} has -1 on {", ".join(free)}; at most one axis may be -1')
+  known = math.prod(n for n in sizes.values() if n != -1)
+  if free:
+    if total % known:
+      raise ConfigError(f'mesh.{what} ({_fmt(sizes)}) needs a multiple of {known} devices, '
+                        f'this job has {total}')
+    sizes = {**sizes, free[0]: total // known}
+  if math.prod(sizes.values()) != total:
+    raise ConfigError(f'mesh.{what} ({_fmt(sizes)}) needs {math.prod(sizes.values())} '
+                      f'devices, this job has {total}')
+  return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+  return ', '.join(f'{a}={n}' for a, n in sizes.items() if n != 1)
+
+
+def mesh_shape(mesh_config, num_devices: int, num_nodes: int) -> tuple[dict, dict]:
+  """Resolves the DCN and ICI axis sizes (no -1 left) for this many devices."""
+  for part in ('dcn', 'ici'):
+    unknown = set(mesh_config[part].keys()) - set(AXES)
+    if unknown:
+      raise ConfigError(f'mesh.{part} has unknown axes {sorted(unknown)}; axes are {AXES}')
+  dcn = {a: int(mesh_config.dcn.get(a, 1)) for a in AXES}
+  ici = {a: int(mesh_config.ici.get(a, 1)) for a in AXES}
+  if num_devices % num_nodes:
+    raise ConfigError(f'{num_devices} devices do not split evenly over {num_nodes} nodes')
+  dcn = _fill(dcn, num_nodes, 'dcn')
+  ici = _fill(ici, num_devices // num_nodes, 'ici')
+  return dcn, ici
+
+
+def num_nodes() -> int:
+  """Nodes of this job: SLURM's count in a multi-process run, else 1."""
+  if jax.process_count() == 1:
+    return 1
+  return int(os.environ.get('SLURM_JOB_NUM_NODES', os.environ.get('SLURM_NNODES', 1)))
+
+
+def make_mesh(mesh_config, devices=None) -> Mesh:
+  """Builds the global mesh; ICI axes vary fastest within a node."""
+  devices = list(devices if devices is not None else jax.devices())
+  nodes = num_nodes() if devices == jax.devices() else 1
+  dcn, ici = mesh_shape(mesh_config, len(devices), nodes)
+  shape = tuple(dcn[a] * ici[a] for a in AXES)
+  if nodes == 1:
+    try:
+      array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    except (ValueError, NotImplementedError, AssertionError):
+      array = np.asarray(devices).reshape(shape)
+  else:
+    # Processes of one node are contiguous in SLURM's rank order.
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    grid = np.asarray(ordered).reshape(tuple(dcn.values()) + tuple(ici.values()))
+    n = len(AXES)
+    grid = grid.transpose([i for pair in zip(range(n), range(n, 2 * n)) for i in pair])
+    array = grid.reshape(shape)
+  return Mesh(array, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def rules_table(rules_config) -> dict[str, tuple[str, ...]]:
+  """`{'batch': 'data,fsdp'}` -> `{'batch': ('data', 'fsdp')}`."""
+  table = {}
+  for name, axes in rules_config.items():
+    table[name] = tuple(a.strip() for a in str(axes).split(',') if a.strip())
+    for a in table[name]:
+      if a not in AXES:
+        raise ConfigError(f'mesh.rules.{name}={axes!r} names mesh axis {a!r}; axes are {AXES}')
+  return table
+
+
+def spec(logical: tuple, rules: dict, mesh: Mesh | None = None, shape=None,
+         name: str = '') -> PartitionSpec:
+  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once.
+
+  With `mesh` and `shape`, mesh axes that do not divide a dimension raise.
+  """
+  used, out = set(), []
+  for i, axis in enumerate(logical):
+    if axis is None:
+      out.append(None)
+      continue
+    if axis not in rules:
+      raise ConfigError(f'logical axis {axis!r}{" of " + name if name else ""} has no '
+                        f'entry in mesh.rules; known: {", ".join(sorted(rules))}')
+    mesh_axes = tuple(a for a in rules[axis] if a not in used
+                      and (mesh is None or mesh.shape[a] > 1))
+    if mesh is not None and shape is not None:
+      size = math.prod(mesh.shape[a] for a in mesh_axes)
+      if shape[i] % size:
+        raise ConfigError(f'{name or "array"} dim {i} ({axis}={shape[i]}) does not divide '
+                          f'over mesh axes {mesh_axes} of size {size}')
+    used.update(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return PartitionSpec(*out)
+
+
+def shardings(axes_tree, shapes_tree, mesh: Mesh, rules: dict):
+  """NamedShardings for a tree of logical-axis tuples and a matching tree of shapes."""
+  def one(path, axes, shaped):
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    return NamedSharding(mesh, spec(axes, rules, mesh, shaped.shape, name))
+  return jax.tree_util.tree_map_with_path(
+      one, axes_tree, shapes_tree, is_leaf=lambda x: isinstance(x, tuple))
+
+
+_CONTEXT: contextvars.ContextVar = contextvars.ContextVar('brainscale_axis_rules', default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh, rules: dict):
+  """Within this context, `constrain` shards activations by the rules."""
+  token = _CONTEXT.set((mesh, rules))
+  try:
+    yield
+  finally:
+    _CONTEXT.reset(token)
+
+
+def constrain(x: jax.Array, logical: tuple) -> jax.Array:
+  """Sharding constraint on an activation by logical axes; a no-op outside a mesh."""
+  context = _CONTEXT.get()
+  if context is None:
+    return x
+  mesh, rules = context
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules, mesh)))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())

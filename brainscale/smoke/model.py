@@ -1,0 +1,31 @@
+"""A decoder-only transformer on shared nn/ blocks: embed, scanned Blocks, norm, head."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from brainscale import nn, parallel
+
+
+class TinyLM(nnx.Module):
+
+  def __init__(self, c, *, rngs: nnx.Rngs):
+    self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)
+    self.blocks = nn.Stack(
+        lambda r: nn.Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, num_kv_heads=c.kv_heads,
+                           mlp=c.mlp, qk_norm=c.qk_norm, backend=c.attention, rngs=r),
+        c.layers, remat=c.remat, rngs=rngs)
+    self.norm = nn.RMSNorm(c.dim, rngs=rngs)
+    self.head = nn.Head(c.dim, c.vocab, rngs=rngs)
+    self.head_dim = c.head_dim
+
+  def features(self, ids_BxT: jax.Array) -> jax.Array:
+    """Final normalised hidden states [B, T, D]."""
+    x_BxTxD = parallel.constrain(self.embed(ids_BxT), ('batch', 'length', 'act_embed'))
+    t_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
+    rope = nn.rope_1d(t_BxT, self.head_dim)
+    x_BxTxD = self.blocks(x_BxTxD, mask=nn.Mask(causal=True), rope_q=rope, rope_k=rope)
+    return self.norm(x_BxTxD)
+
+  def __call__(self, ids_BxT: jax.Array) -> jax.Array:
+    return self.head(self.features(ids_BxT))

@@ -1,0 +1,1 @@
+"""The model-agnostic trainer: optimizer, loop, checkpoints, reporting."""

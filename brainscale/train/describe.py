@@ -1,0 +1,79 @@
+"""`--mode=describe`: the parameter table, `params: N`, FLOPs and an analytic memory estimate.
+
+Nothing is allocated: the model is built under nnx.eval_shape and the mesh is
+only a set of axis sizes, so an 80B config describes on a laptop.
+"""
+
+import math
+import types
+
+import jax
+import numpy as np
+from flax import nnx
+
+from brainscale import parallel
+from brainscale.nn.core import axes_of
+from brainscale.train.task import get_task
+
+GiB = 1024 ** 3
+
+
+def _human(n: float) -> str:
+  for unit, size in (('T', 1e12), ('B', 1e9), ('M', 1e6), ('K', 1e3)):
+    if n >= size:
+      return f'{n / size:.2f}{unit}'
+  return f'{n:.0f}'
+
+
+def parameter_rows(config, mesh_sizes: dict) -> list[tuple]:
+  """(path, shape, logical axes, mesh spec, count, shards) per parameter."""
+  task = get_task(config)
+  model = nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
+  rules = parallel.rules_table(config.mesh.rules)
+  mesh = types.SimpleNamespace(shape=mesh_sizes)
+  rows = []
+  for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    name = '/'.join(str(p) for p in path)
+    spec = parallel.spec(axes_of(v), rules, mesh, v.shape, name)
+    shards = math.prod(mesh_sizes[a] for part in spec if part
+                       for a in (part if isinstance(part, tuple) else (part,)))
+    rows.append((name, tuple(v.shape), axes_of(v), spec, math.prod(v.shape), shards))
+  return rows
+
+
+def describe(config, num_devices: int | None = None) -> str:
+  """The describe report as text."""
+  num_devices = num_devices or jax.device_count()
+  dcn, ici = parallel.mesh_shape(config.mesh, num_devices, 1)
+  sizes = {a: dcn[a] * ici[a] for a in parallel.AXES}
+  rows = parameter_rows(config, sizes)
+  task = get_task(config)
+  width = max(len(r[0]) for r in rows)
+  lines = [config.to_json_best_effort(indent=2, sort_keys=True), '',
+           f'{"parameter":<{width}}  {"shape":<22} {"logical axes":<44} {"mesh":<28} count']
+  for name, shape, axes, spec, count, _ in rows:
+    lines.append(f'{name:<{width}}  {str(shape):<22} {str(axes):<44} {str(tuple(spec)):<28} '
+                 f'{_human(count)}')
+  n = sum(r[4] for r in rows)
+  batch = config.train.batch_size
+  flops = task.flops_per_example() * batch
+  per_device = {k: v for k, v in sizes.items() if v > 1}
+  param_bytes = np.dtype(config.model.param_dtype).itemsize
+  compute_bytes = np.dtype(config.model.compute_dtype).itemsize
+  shard_elems = sum(r[4] / r[5] for r in rows)
+  data_shards = sizes['data'] * sizes['fsdp']
+  examples = max(batch // data_shards // config.train.microbatches, 1)
+  memory = {
+      'params': shard_elems * param_bytes,
+      'optimizer (2 moments)': 2 * shard_elems * 4,
+      'gradients': shard_elems * param_bytes,
+      'compute-dtype params': shard_elems * compute_bytes,
+      f'activations ({examples} examples/device)': task.activation_bytes(examples),
+  }
+  lines += ['', f'params: {n}  ({_human(n)})',
+            f'flops_per_step: {flops:.4g}  (model FLOPs fwd+bwd, batch {batch})',
+            f'mesh: {per_device or "1 device"} over {num_devices} devices',
+            'memory per device (analytic):']
+  lines += [f'  {k:<36} {v / GiB:10.3f} GiB' for k, v in memory.items()]
+  lines.append(f'  {"total":<36} {sum(memory.values()) / GiB:10.3f} GiB')
+  return '\n'.join(lines)

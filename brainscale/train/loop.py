@@ -1,0 +1,287 @@
+"""The trainer, read top to bottom: mesh, task, state, step, loop.
+
+It knows no model family: everything model-specific comes through the Task
+(brainscale/train/task.py). The train state is a plain tree
+{'params', 'opt_state', 'step'} of fp32 arrays sharded by the logical-axis
+rules; the step casts params to the compute dtype, accumulates gradients over
+micro-batches, and is jitted once with the state donated. The loop dispatches
+step t+1 before it reads step t's metrics, so the host never stalls the device.
+"""
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from brainscale import parallel
+from brainscale.nn.core import axes_of
+from brainscale.train import optim, report
+from brainscale.train.checkpoint import Checkpoints
+from brainscale.train.task import Task, get_task
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything the step needs that does not change while training."""
+  config: object
+  task: Task
+  mesh: jax.sharding.Mesh
+  rules: dict
+  graphdef: nnx.GraphDef
+  axes: dict             # logical axes of every parameter (a tree like params)
+  tx: optax.GradientTransformation
+  abstract_state: dict   # ShapeDtypeStructs with the current shardings
+
+
+def param_tree(model_state: nnx.State, leaf) -> dict:
+  """A plain nested dict {path: leaf(variable)} of an nnx State of Params."""
+  tree = {}
+  for path, variable in nnx.to_flat_state(model_state):
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = leaf(variable)
+  return tree
+
+
+def build(config, mesh=None) -> Setup:
+  """Resolves the task, mesh, optimizer and the abstract sharded train state."""
+  task = get_task(config)
+  mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+  rules = parallel.rules_table(config.mesh.rules)
+  model = nnx.eval_shape(lambda: task.model(nnx.Rngs(config.seed)))
+  graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError('brainscale trains models whose state is nnx.Param only; found '
+                     f'{[jax.tree_util.keystr(p) for p, _ in nnx.to_flat_state(rest)][:3]}')
+  dtype = jnp.dtype(config.model.param_dtype)
+  axes = param_tree(params_state, axes_of)
+  shapes = param_tree(params_state, lambda v: jax.ShapeDtypeStruct(v.shape, dtype))
+  param_shardings = parallel.shardings(axes, shapes, mesh, rules)
+  tx = optim.make(config)
+  opt_shapes = jax.eval_shape(tx.init, shapes)
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # params outside a group's mask
+  opt_shardings = optax.tree_map_params(
+      tx, lambda p, s: p if masked(p) else s, opt_shapes, param_shardings,
+      transform_non_params=lambda _: parallel.replicated(mesh), is_leaf=masked)
+  with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  abstract_state = {
+      'params': jax.tree.map(with_sharding, shapes, param_shardings),
+      'opt_state': jax.tree.map(with_sharding, opt_shapes, opt_shardings),
+      'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=parallel.replicated(mesh)),
+  }
+  return Setup(config, task, mesh, rules, graphdef, axes, tx, abstract_state)
+
+
+def shardings_of(abstract_tree):
+  return jax.tree.map(lambda a: a.sharding, abstract_tree)
+
+
+def init_state(setup: Setup) -> dict:
+  """Initialises params and optimizer state directly into their shardings."""
+  c = setup.config
+
+  def init():
+    _, params_state = nnx.split(setup.task.model(nnx.Rngs(c.seed)), nnx.Param)
+    params = param_tree(params_state, lambda v: v[...].astype(c.model.param_dtype))
+    return {'params': params, 'opt_state': setup.tx.init(params),
+            'step': jnp.zeros((), jnp.int32)}
+
+  with parallel.axis_rules(setup.mesh, setup.rules):
+    return jax.jit(init, out_shardings=shardings_of(setup.abstract_state))()
+
+
+def batch_shardings(setup: Setup, batch: dict) -> dict:
+  axes = setup.task.batch_axes(batch)
+  return {k: NamedSharding(setup.mesh, parallel.spec(axes[k], setup.rules, setup.mesh))
+          for k in batch}
+
+
+def global_batch(setup: Setup, local_batch: dict) -> dict:
+  """This process's numpy batch -> global jax.Arrays sharded over the mesh."""
+  shardings = batch_shardings(setup, local_batch)
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
+          for k, v in local_batch.items()}
+
+
+def _cast(params, dtype):
+  return jax.tree.map(lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating)
+                      else p, params)
+
+
+def make_loss_fn(setup: Setup, train: bool):
+  """(params, batch, rng) -> (loss, metrics), computing in the compute dtype."""
+  c = setup.config
+
+  def loss_fn(params, batch, rng):
+    model = nnx.merge(setup.graphdef, _cast(params, c.model.compute_dtype))
+    return setup.task.loss(model, batch, rng, train)
+
+  return loss_fn
+
+
+def make_train_step(setup: Setup, batch_example: dict):
+  """The jitted update: grads over micro-batches, clip, AdamW; state donated."""
+  c = setup.config
+  grad_fn = jax.value_and_grad(make_loss_fn(setup, train=True), has_aux=True)
+  schedule = optim.schedule(c)
+  m = c.train.microbatches
+
+  def step_fn(state, batch):
+    with parallel.axis_rules(setup.mesh, setup.rules):
+      rng = jax.random.fold_in(jax.random.key(c.seed), state['step'])
+      if m == 1:
+        (_, metrics), grads = grad_fn(state['params'], batch, rng)
+      else:
+        micro = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
+
+        def accumulate(grads_sum, i_and_mb):
+          i, mb = i_and_mb
+          (_, metrics), grads = grad_fn(state['params'], mb, jax.random.fold_in(rng, i))
+          return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state['params'])
+        grads, metrics = jax.lax.scan(accumulate, zeros, (jnp.arange(m), micro))
+        grads = jax.tree.map(lambda g: g / m, grads)
+        metrics = jax.tree.map(jnp.mean, metrics)
+      updates, opt_state = setup.tx.update(grads, state['opt_state'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
+      metrics = {**metrics, 'grad_norm': optax.global_norm(grads),
+                 'learning_rate': schedule(state['step'])}
+      return {'params': params, 'opt_state': opt_state, 'step': state['step'] + 1}, metrics
+
+  if c.train.batch_size % m:
+    raise ValueError(f'train.batch_size={c.train.batch_size} does not split into '
+                     f'train.microbatches={m}')
+  state_shardings = shardings_of(setup.abstract_state)
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings(setup, batch_example)),
+                 out_shardings=(state_shardings, parallel.replicated(setup.mesh)),
+                 donate_argnums=0)
+
+
+def make_eval_step(setup: Setup):
+  loss_fn = make_loss_fn(setup, train=False)
+
+  def eval_fn(params, batch):
+    with parallel.axis_rules(setup.mesh, setup.rules):
+      return loss_fn(params, batch, jax.random.key(0))[1]
+
+  return jax.jit(eval_fn, out_shardings=parallel.replicated(setup.mesh))
+
+
+def evaluate_params(setup: Setup, params) -> dict[str, float]:
+  """Mean eval metrics of this process's eval batches."""
+  eval_step = make_eval_step(setup)
+  batches = setup.task.eval_data(jax.process_index(), jax.process_count())
+  results = [jax.device_get(eval_step(params, global_batch(setup, b))) for b in batches]
+  return report.average(results)
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or a gradient became NaN/inf; training stops."""
+
+
+def _check_finite(step: int, metrics: dict, last_checkpoint):
+  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  if bad:
+    names = ', '.join(f'{k}={v}' for k, v in bad.items())
+    raise NonFiniteError(f'non-finite {names} at step {step}; stopping. Newest checkpoint: '
+                         f'step {last_checkpoint}')
+
+
+def train(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
+  c = config
+  setup = build(c)
+  report.log(f'mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} '
+             f'devices, {jax.process_count()} process(es)')
+  checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
+  data = setup.task.train_data(jax.process_index(), jax.process_count())
+  start = checkpoints.latest()
+  if start is None:
+    state = init_state(setup)
+    step = 0
+    report.log(f'starting {c.experiment} from scratch in {workdir}')
+  else:
+    state = checkpoints.restore(start, setup.abstract_state, data)
+    step = int(jax.device_get(state['step']))
+    report.log(f'resuming from step {step} ({checkpoints.directory / str(start)})')
+  if step >= c.train.steps:
+    report.log(f'step {step} >= train.steps={c.train.steps}; nothing to do')
+    checkpoints.close()
+    return {}
+
+  writer = report.Writer(f'{workdir}/tb')
+  first = next(data)
+  train_step = make_train_step(setup, first)
+  progress = report.Progress(
+      first_step=step, last_step=c.train.steps, batch_size=c.train.batch_size,
+      flops_per_step=setup.task.flops_per_example() * c.train.batch_size,
+      peak_flops=report.peak_flops_per_device(c), num_devices=jax.device_count())
+  window, last = [], {}
+
+  def finish(step_done: int, metrics):
+    """Host side of a step already dispatched: finite check, logging, TensorBoard."""
+    nonlocal last
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    _check_finite(step_done, values, checkpoints.latest())
+    window.append(values)
+    if step_done % c.train.log_every == 0 or step_done == c.train.steps:
+      last = report.average(window)
+      window.clear()
+      rates = progress.rates(step_done)
+      report.log(progress.line(step_done, last, rates))
+      writer.scalars(step_done, {**{f'train/{k}': v for k, v in last.items()},
+                                 **{f'perf/{k}': v for k, v in rates.items()}})
+
+  pending, batch = None, first
+  while step < c.train.steps:
+    state, metrics = train_step(state, global_batch(setup, batch))
+    step += 1
+    if pending is not None:
+      finish(*pending)
+    pending = (step, metrics)
+    if step % c.checkpoint.every_steps == 0 or step == c.train.steps:
+      finish(*pending)
+      pending = None
+      checkpoints.save(step, state, data, c)
+    if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
+      _eval_and_write(setup, state['params'], step, writer)
+    if step < c.train.steps:
+      batch = next(data)
+  if pending is not None:
+    finish(*pending)
+  _eval_and_write(setup, state['params'], step, writer)
+  checkpoints.close()
+  writer.close()
+  return last
+
+
+def _eval_and_write(setup: Setup, params, step: int, writer: report.Writer) -> dict:
+  start = time.perf_counter()
+  metrics = evaluate_params(setup, params)
+  report.log(f'eval step {step} | ' + ' | '.join(f'{k} {v:.4f}' for k, v in metrics.items())
+             + f' | {time.perf_counter() - start:.1f}s')
+  writer.scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  writer.flush()
+  return metrics
+
+
+def evaluate(config, workdir: str) -> dict:
+  """Evaluates the newest checkpoint in `workdir`."""
+  setup = build(config)
+  checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False)
+  step = checkpoints.latest()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {checkpoints.directory}; train first')
+  state = checkpoints.restore(step, setup.abstract_state)
+  writer = report.Writer(f'{workdir}/tb')
+  metrics = _eval_and_write(setup, state['params'], step, writer)
+  writer.close()
+  checkpoints.close()
+  return metrics

@@ -1,0 +1,53 @@
+"""AdamW with linear warmup and cosine decay, global-norm clipping and parameter groups.
+
+Groups come from `config.train.groups`: each names a regex on the parameter
+path ('blocks/layers/attn/w_q_DxNxH') with its own learning-rate scale and
+weight decay. The first group that matches wins; the rest use the defaults.
+"""
+
+import re
+
+import jax
+import optax
+
+
+def schedule(c) -> optax.Schedule:
+  """Linear warmup to `learning_rate`, then cosine to `learning_rate * min_lr_ratio`."""
+  t = c.train
+  warmup = max(min(t.warmup_steps, t.steps - 1), 0)
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=t.learning_rate, warmup_steps=warmup,
+      decay_steps=max(t.steps, warmup + 1), end_value=t.learning_rate * t.min_lr_ratio)
+
+
+def path_name(path) -> str:
+  return jax.tree_util.keystr(path, simple=True, separator='/')
+
+
+def group_labels(params, groups) -> dict:
+  """The group name of every parameter ('default' when no pattern matches)."""
+  compiled = [(name, re.compile(g.pattern)) for name, g in groups.items()]
+
+  def label(path, _):
+    name = path_name(path)
+    return next((g for g, rx in compiled if rx.search(name)), 'default')
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make(c) -> optax.GradientTransformation:
+  """The optimizer of config `c`."""
+  t = c.train
+  lr = schedule(c)
+
+  def adamw(lr_scale: float, weight_decay: float):
+    return optax.adamw(lambda step: lr(step) * lr_scale, b1=t.b1, b2=t.b2,
+                       weight_decay=weight_decay)
+
+  transforms = {'default': adamw(1.0, t.weight_decay)}
+  for name, g in t.groups.items():
+    transforms[name] = adamw(g.lr_scale, g.weight_decay)
+  tx = optax.multi_transform(transforms, lambda p: group_labels(p, t.groups))
+  if t.grad_clip > 0:
+    tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
+  return tx

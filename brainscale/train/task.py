@@ -1,0 +1,64 @@
+"""The seam between the trainer and a model family.
+
+A family lives in brainscale/<name>/ and exposes `task.Task`, found from
+`config.task` (big_vision style). The trainer calls only what is below, so a
+third brain model is a new folder and an experiment file, nothing else.
+"""
+
+import abc
+import importlib
+
+import grain
+import jax
+from flax import nnx
+
+from brainscale.config import ConfigError
+
+
+class Task(abc.ABC):
+  """What the trainer needs from a model family."""
+
+  def __init__(self, config):
+    self.config = config
+
+  @abc.abstractmethod
+  def model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model (called under nnx.eval_shape for describe/plan)."""
+
+  @abc.abstractmethod
+  def train_data(self, process_index: int, process_count: int) -> grain.DatasetIterator:
+    """This process's share of the global batch, forever; checkpointable state."""
+
+  @abc.abstractmethod
+  def eval_data(self, process_index: int, process_count: int):
+    """A finite iterable of this process's eval batches (same layout as train)."""
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, batch: dict, rng: jax.Array,
+           train: bool) -> tuple[jax.Array, dict]:
+    """Scalar loss to minimise, and scalar metrics to report (means over the batch)."""
+
+  @abc.abstractmethod
+  def flops_per_example(self) -> float:
+    """Model FLOPs of one training example, forward + backward (for MFU)."""
+
+  @abc.abstractmethod
+  def activation_bytes(self, examples_per_device: int) -> int:
+    """Analytic activation memory of a train step on one device."""
+
+  def batch_axes(self, batch: dict) -> dict:
+    """Logical axes of each batch entry; by default only dim 0 ('batch') is sharded."""
+    return {k: ('batch',) + (None,) * (v.ndim - 1) for k, v in batch.items()}
+
+
+def get_task(config) -> Task:
+  """The Task of `config.task`: brainscale/<task>/task.py:Task."""
+  if not config.task:
+    raise ConfigError('config.task is empty; an experiment must name its task family')
+  try:
+    module = importlib.import_module(f'brainscale.{config.task}.task')
+  except ModuleNotFoundError as e:
+    if e.name and e.name.startswith(f'brainscale.{config.task}'):
+      raise ConfigError(f'config.task={config.task!r} has no brainscale/{config.task}/task.py') from e
+    raise
+  return module.Task(config)

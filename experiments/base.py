@@ -1,0 +1,63 @@
+"""The sections every experiment shares; experiments override what differs.
+
+Mesh axes are sized as DCN (across nodes) x ICI (within a node); -1 means
+"the rest". `mesh.rules` maps each logical axis name of a parameter or an
+activation to mesh axes ('' = replicated, 'data,fsdp' = both).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.experiment = ''
+  c.task = ''
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.attention = 'xla'        # xla | cudnn | pallas
+  c.model.remat = 'full'           # none | full | dots | minimal
+  c.model.compute_dtype = 'bfloat16'
+  c.model.param_dtype = 'float32'
+
+  c.data = ml_collections.ConfigDict()
+  c.data.workers = 0               # Grain worker processes; 0 = in process
+  c.data.prefetch = 2              # batches buffered ahead of the step
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000
+  c.train.batch_size = 32          # global, across all processes
+  c.train.microbatches = 1         # gradient accumulation
+  c.train.learning_rate = 3e-4
+  c.train.warmup_steps = 100
+  c.train.min_lr_ratio = 0.1       # cosine decays to learning_rate * this
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.grad_clip = 1.0          # global norm; 0 disables
+  c.train.log_every = 10
+  c.train.eval_every = 0           # 0: only at the end
+  c.train.eval_batches = 4
+  c.train.peak_tflops = 989.0      # per device, bf16 dense (H100/H200 SXM); CPU is measured
+  # Parameter groups: name -> (regex on the parameter path, lr scale, weight decay).
+  c.train.groups = ml_collections.ConfigDict()
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))
+  c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))
+  c.mesh.rules = ml_collections.ConfigDict(dict(
+      batch='data,fsdp', length='sequence',
+      embed='fsdp', heads='tensor', kv_heads='tensor', mlp='tensor',
+      vocab='tensor', layers='', head_dim='', norm='',
+      act_embed='', act_heads='tensor', act_mlp='tensor', act_vocab='tensor',
+  ))
+  c.mesh.coordinator = ''          # host:port; '' = SLURM autodetect or single process
+  c.mesh.num_processes = 0
+  c.mesh.process_id = -1
+  c.mesh.init_timeout_s = 1800
+  return c
