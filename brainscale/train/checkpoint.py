@@ -54,7 +54,9 @@ class Checkpoints:
     here_flat = {jax.tree_util.keystr(p, simple=True, separator='/'): a
                  for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
     where = f'checkpoint step {step} in {self.directory}'
-    for name, want in here_flat.items():
+    params_first = sorted(here_flat, key=lambda name: not name.startswith('params/'))
+    for name in params_first:
+      want = here_flat[name]
       if name not in saved_flat:
         raise ConfigError(f'{where} has no {name}, which this config needs '
                           f'(shape {tuple(want.shape)}); was it written by another model?')

@@ -9,6 +9,7 @@ step t+1 before it reads step t's metrics, so the host never stalls the device.
 """
 
 import dataclasses
+import os
 import time
 
 import jax
@@ -195,8 +196,12 @@ def _check_finite(step: int, metrics: dict, last_checkpoint):
 
 
 def train(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
+  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Returns the last logged train metrics and the final eval metrics ('eval_*').
+  """
   c = config
+  os.makedirs(workdir, exist_ok=True)
   setup = build(c)
   report.log(f'mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} '
              f'devices, {jax.process_count()} process(es)')
@@ -216,7 +221,7 @@ def train(config, workdir: str) -> dict:
     checkpoints.close()
     return {}
 
-  writer = report.Writer(f'{workdir}/tb')
+  writer = report.Writer(workdir)
   first = next(data)
   train_step = make_train_step(setup, first)
   progress = report.Progress(
@@ -256,10 +261,10 @@ def train(config, workdir: str) -> dict:
       batch = next(data)
   if pending is not None:
     finish(*pending)
-  _eval_and_write(setup, state['params'], step, writer)
+  final = _eval_and_write(setup, state['params'], step, writer)
   checkpoints.close()
   writer.close()
-  return last
+  return {**last, **{f'eval_{k}': v for k, v in final.items()}}
 
 
 def _eval_and_write(setup: Setup, params, step: int, writer: report.Writer) -> dict:
@@ -280,7 +285,7 @@ def evaluate(config, workdir: str) -> dict:
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {checkpoints.directory}; train first')
   state = checkpoints.restore(step, setup.abstract_state)
-  writer = report.Writer(f'{workdir}/tb')
+  writer = report.Writer(workdir)
   metrics = _eval_and_write(setup, state['params'], step, writer)
   writer.close()
   checkpoints.close()

@@ -7,7 +7,9 @@ MFU = model FLOPs per step / (step time x devices x peak FLOP/s per device).
 
 import datetime
 import functools
+import json
 import math
+import os
 import time
 
 import jax
@@ -52,19 +54,40 @@ def average(values: list[dict]) -> dict[str, float]:
   return out
 
 
-class Writer:
-  """TensorBoard scalars under workdir/tb (process 0 only)."""
+def _ends_with_newline(path: str) -> bool:
+  with open(path, 'rb') as f:
+    if f.seek(0, os.SEEK_END) == 0:
+      return True
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b'\n'
 
-  def __init__(self, logdir: str):
-    self._writer = None
+
+class Writer:
+  """Scalars to TensorBoard (workdir/tb) and to workdir/metrics.jsonl; process 0 only.
+
+  metrics.jsonl holds one {"step": s, name: value, ...} line per report with
+  full float precision; after a crash and resume a step may appear twice, and
+  the later line is the one that counts.
+  """
+
+  def __init__(self, workdir: str):
+    self._writer, self._jsonl = None, None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._writer = SummaryWriter(logdir=logdir, flush_secs=10)
+      from tensorboardX import SummaryWriter  # noqa: PLC0415 (only process 0 needs it)
+      self._writer = SummaryWriter(logdir=f'{workdir}/tb', flush_secs=10)
+      path = f'{workdir}/metrics.jsonl'
+      cut_short = os.path.exists(path) and not _ends_with_newline(path)
+      self._jsonl = open(path, 'a')  # noqa: SIM115
+      if cut_short:  # a crash stopped the last line midway
+        self._jsonl.write('\n')
 
   def scalars(self, step: int, scalars: dict[str, float]):
-    if self._writer is not None:
-      for name, value in scalars.items():
-        self._writer.add_scalar(name, value, step)
+    if self._writer is None:
+      return
+    for name, value in scalars.items():
+      self._writer.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+    self._jsonl.flush()
 
   def flush(self):
     if self._writer is not None:
@@ -73,6 +96,23 @@ class Writer:
   def close(self):
     if self._writer is not None:
       self._writer.close()
+      self._jsonl.close()
+
+
+def read_jsonl(path) -> dict[int, dict]:
+  """metrics.jsonl -> {step: scalars}, the last line of a step winning.
+
+  A line cut short by a crash is skipped.
+  """
+  out = {}
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      out.setdefault(row.pop('step'), {}).update(row)
+  return out
 
 
 class Progress:

@@ -1,0 +1,26 @@
+# make run   — train the embedded default (smoke experiment, synthetic data, CPU)
+# make test  — the test suite (what CI runs)
+# Both create ./.venv from requirements.txt on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: run test clean
+
+$(VENV)/.installed: requirements.txt
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "brainscale needs Python >= 3.11, found " + sys.version.split()[0]'
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+run: $(VENV)/.installed
+	$(PY) launch/run.py --experiment=smoke $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) runs
