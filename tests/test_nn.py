@@ -415,9 +415,10 @@ def _qkv(rng, b, t, s, n, kv, h, dtype=jnp.float32):
           normal(rng, b, s, kv, h, dtype=dtype))
 
 
-@pytest.mark.parametrize('kv_heads', [4, 2, 1])
-@pytest.mark.parametrize('case', CASES)
+@pytest.mark.parametrize('case,kv_heads', [(c, 2) for c in CASES] + [
+    (c, kv) for c in ('causal', 'padding', 'cross_time_window') for kv in (4, 1)])
 def test_attend_xla_matches_reference(rng, case, kv_heads):
+  """N=4 query heads share K=kv_heads key/value heads (GQA ratios 1, 2, 4)."""
   b, n, h = 2, 4, 8
   mask, kw, t, s = _case(case, rng, b)
   q, k, v = _qkv(rng, b, t, s, n, kv_heads, h)
@@ -427,7 +428,6 @@ def test_attend_xla_matches_reference(rng, case, kv_heads):
   out_BxTxNxH, grads = attend_vjp(q, k, v, mask, ct_BxTxNxH)
   assert out_BxTxNxH.shape == (b, t, n, h)
   close(out_BxTxNxH, attend_ref_np(q, k, v, mask_BxTxS), FP32)
-  close(nn.attend(q, k, v, mask, backend='xla'), out_BxTxNxH, FP32)  # eager == jit
   _, grads_ref = attend_ref_vjp(q, k, v, mask_BxTxS, ct_BxTxNxH)
   close_trees(grads, grads_ref, FP32_DEEP)
 
@@ -509,9 +509,8 @@ def test_attend_rejects_bad_backend_and_heads(rng):
 
 # ----------------------------------------------------------------------------- Attention
 
-@pytest.mark.parametrize('use_rope', [False, True])
-@pytest.mark.parametrize('qk_norm', [False, True])
-@pytest.mark.parametrize('cross', [False, True])
+@pytest.mark.parametrize('cross,qk_norm,use_rope', [(False, False, False), (False, True, True),
+                                                     (True, False, True), (True, True, False)])
 def test_attention_module_matches_einsums(rng, seed, qk_norm, cross, use_rope):
   b, t, d, n, kv, h = 2, 5, 16, 4, 2, 8
   s, e = (7, 12) if cross else (5, 0)
@@ -536,7 +535,6 @@ def test_attention_module_matches_einsums(rng, seed, qk_norm, cross, use_rope):
       attention_manual, graphdef, state, (x_BxTxD, kv_BxSxE), ref_kwargs, ct_BxTxD)
   close(out_BxTxD, ref_BxTxD, FP32_DEEP)
   close_trees((dstate, dargs), (dstate_ref, dargs_ref), FP32_DEEP)
-  close(mod(x_BxTxD, kv_BxSxE, **kwargs), out_BxTxD, FP32)  # eager == jit
 
 
 # ----------------------------------------------------------------------------- MLPs
@@ -574,14 +572,12 @@ def test_make_mlp_unknown_kind():
 def test_block_matches_manual(rng, seed, mlp):
   blk = nn.Block(16, 4, 8, 32, num_kv_heads=2, mlp=mlp, qk_norm=True, rngs=nnx.Rngs(seed))
   randomize_norms(blk, rng)
-  x_BxTxD, ct_BxTxD = normal(rng, 2, 5, 16), normal(rng, 2, 5, 16)
+  x_BxTxD = normal(rng, 2, 5, 16)
   graphdef, state = nnx.split(blk)
-  out, grads = run_vjp(call, graphdef, state, (x_BxTxD,), dict(mask=Mask(causal=True)),
-                       ct_BxTxD)
-  out_ref, grads_ref = run_vjp(block_manual, graphdef, state, (x_BxTxD,),
-                               dict(mask_BxTxS=mask_ref(2, 5, 5, causal=True)), ct_BxTxD)
-  close(out, out_ref, FP32_DEEP)
-  close_trees(grads, grads_ref, FP32_DEEP)
+  # Values only: the gradients of Attention and the MLPs are checked above.
+  close(run(call, graphdef, state, (x_BxTxD,), dict(mask=Mask(causal=True))),
+        run(block_manual, graphdef, state, (x_BxTxD,),
+            dict(mask_BxTxS=mask_ref(2, 5, 5, causal=True))), FP32_DEEP)
 
 
 def make_block(rngs):
@@ -602,10 +598,8 @@ def test_stack_equals_sequential_layers(rng, seed):
   for layer_state in layer_states:
     expected = run(call, graphdef, layer_state, (expected,), kwargs)
   stack_graphdef, stack_state = nnx.split(stack)
+  # (kwargs must reach every layer for this to hold)
   close(run(call, stack_graphdef, stack_state, (x_BxTxD,), kwargs), expected, FP32_DEEP)
-  # and the kwargs reached every layer: without them the result differs
-  assert not np.allclose(run(call, stack_graphdef, stack_state, (x_BxTxD,), {}), expected,
-                         atol=1e-3)
 
 
 @pytest.mark.parametrize('remat', sorted(nn.REMAT_POLICIES))
@@ -624,7 +618,7 @@ def test_stack_remat_matches_none(rng, seed, remat):
 
 
 def test_stack_param_axes_and_bad_remat(seed):
-  stack = nn.Stack(make_block, 2, rngs=nnx.Rngs(seed))
+  stack = nn.Stack(make_block, 3, rngs=nnx.Rngs(seed))
   single = make_block(nnx.Rngs(0))
   single_axes = {p: nn.axes_of(v) for p, v in nnx.to_flat_state(nnx.state(single, nnx.Param))}
   flat = nnx.to_flat_state(nnx.state(stack, nnx.Param))
@@ -632,9 +626,9 @@ def test_stack_param_axes_and_bad_remat(seed):
   for path, variable in flat:
     assert path[0] == 'layers'
     assert nn.axes_of(variable) == ('layers',) + single_axes[path[1:]]
-    assert variable.shape[0] == 2 and variable.ndim == len(nn.axes_of(variable))
+    assert variable.shape[0] == 3 and variable.ndim == len(nn.axes_of(variable))
   with pytest.raises(ValueError, match='remat'):
-    nn.Stack(make_block, 2, remat='some', rngs=nnx.Rngs(seed))
+    nn.Stack(make_block, 3, remat='some', rngs=nnx.Rngs(seed))
 
 
 # ----------------------------------------------------------------------------- losses

@@ -22,7 +22,8 @@ from brainscale.train import loop
 
 # fp32 train steps of the same model on different meshes differ only in reduction order.
 PARAMS = dict(rtol=1e-5, atol=1e-5)     # parameters (|p| ~ 0.25) and scalar metrics
-MOMENTS = dict(rtol=1e-4, atol=1e-8)    # Adam mu / nu (|mu| ~ 1e-3, |nu| ~ 1e-5)
+MOMENTS = dict(rtol=1e-4, atol=3e-8)    # Adam's mu (<~ 1e-2) and nu (<~ 1e-4); entries of mu
+                                        # that are sums cancelling to ~0 differ by up to ~7e-9
 
 RULES = dict(batch='data,fsdp', length='sequence', embed='fsdp', heads='tensor',
              mlp='tensor', vocab='tensor', layers='', act_mlp='tensor')
