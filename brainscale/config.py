@@ -77,7 +77,7 @@ def _parse(text: str, old, key: str):
   except (ValueError, SyntaxError):
     if old is None:
       return text
-    raise ConfigError(f'--config.{key}={text} is not a {type(old).__name__} '
+    raise ConfigError(f'--config.{key}={text} is not of type {type(old).__name__} '
                       f'(current value {old!r})') from None
   if old is None:
     return value

@@ -43,6 +43,10 @@ def initialize_distributed(mesh_config) -> bool:
 
 def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
   """Replaces one -1 in `sizes` by what is left of `total`."""
+  for axis, n in sizes.items():
+    if n < 1 and n != -1:
+      raise ConfigError(f'mesh.{what}.{axis}={n}; an axis size is a positive integer or -1 '
+                        f'(the rest)')
   free = [a for a, n in sizes.items() if n == -1]
   if len(free) > 1:
     raise ConfigError(f'mesh.{what} has -1 on {", ".join(free)}; at most one axis may be -1')

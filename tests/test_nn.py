@@ -80,10 +80,12 @@ def attend_vjp(q, k, v, mask, ct):
   return out, vjp(ct)
 
 
-@functools.partial(jax.jit, static_argnums=5)
-def cudnn_via_xla_vjp(q, k, v, mask, ct, implementation=None):
-  out, vjp = jax.vjp(
-      lambda *a: attention_lib.attend_cudnn(*a, mask, implementation=implementation), q, k, v)
+cudnn_via_xla = jax.jit(functools.partial(attention_lib.attend_cudnn, implementation=None))
+
+
+@jax.jit
+def cudnn_via_xla_vjp(q, k, v, mask, ct):
+  out, vjp = jax.vjp(lambda *a: cudnn_via_xla(*a, mask), q, k, v)
   return out, vjp(ct)
 
 
@@ -474,8 +476,7 @@ def test_attend_cudnn_via_xla_all_padding_row_is_zero(rng):
   q, k, v = _qkv(rng, 2, 4, 4, 2, 2, 8)
   valid = np.ones((2, 4), bool)
   valid[0] = False
-  out = attention_lib.attend_cudnn(q, k, v, Mask(kv_valid_BxS=jnp.asarray(valid)),
-                                   implementation=None)
+  out = cudnn_via_xla(q, k, v, Mask(kv_valid_BxS=jnp.asarray(valid)))
   np.testing.assert_array_equal(out[0], 0.0)
   close(out[1], attend_ref_np(q, k, v, mask_ref(2, 4, 4, kv_valid=valid))[1], FP32)
 
@@ -487,7 +488,7 @@ def test_attend_cudnn_via_xla_all_padding_row_is_zero(rng):
 def test_attend_cudnn_fractional_window(rng, window):
   q, k, v = _qkv(rng, 1, 5, 5, 2, 2, 4)
   mask = Mask(causal=True, window=window)
-  close(attention_lib.attend_cudnn(q, k, v, mask, implementation=None),
+  close(cudnn_via_xla(q, k, v, mask),
         attend_ref_np(q, k, v, mask_ref(1, 5, 5, causal=True, window=window)), FP32)
 
 

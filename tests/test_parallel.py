@@ -130,17 +130,14 @@ def test_mesh_shape_unknown_axis_raises(part):
     parallel.mesh_shape(config, num_devices=8, num_nodes=1)
 
 
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError,
-                   reason='bug: a 0 axis next to a -1 divides by zero instead of a ConfigError')
 def test_mesh_shape_zero_axis_raises_config_error():
-  with pytest.raises(ConfigError):
+  with pytest.raises(ConfigError, match=r'mesh.ici.data=0; an axis size is a positive'):
     parallel.mesh_shape(mesh_config(dict(data=0, fsdp=-1)), num_devices=8, num_nodes=1)
 
 
-@pytest.mark.xfail(strict=True, reason='bug: negative axis sizes whose product matches are accepted')
 @pytest.mark.parametrize('ici', [dict(data=-2, fsdp=-1), dict(data=-2, fsdp=-4)])
 def test_mesh_shape_negative_axis_raises_config_error(ici):
-  with pytest.raises(ConfigError):
+  with pytest.raises(ConfigError, match=r'mesh.ici.data=-2; an axis size is a positive'):
     parallel.mesh_shape(mesh_config(ici), num_devices=8, num_nodes=1)
 
 
