@@ -215,6 +215,7 @@ def test_smoke_learns_to_reverse(tmp_path):
   initial = math.log(30)  # uniform over the 30 content tokens
   assert metrics['eval_loss'] < 0.2 * initial, metrics
   assert metrics['eval_accuracy'] > 0.9, metrics
+  assert 'tensorflow' not in sys.modules  # the trainer runs where TensorFlow is absent
   print(f'smoke: eval loss {metrics["eval_loss"]:.4f} in {time.time() - start:.1f}s')
 
 
