@@ -26,7 +26,7 @@ from brainscale.nn.attention import Mask
 FP32 = dict(rtol=1e-5, atol=1e-5)        # one fp32 op chain vs a float64/fp32 reference
 FP32_DEEP = dict(rtol=1e-4, atol=2e-5)   # several layers / scans / gradients of them
 BF16 = dict(rtol=2e-2, atol=2e-2)        # bf16 outputs (8 mantissa bits: ~4e-3 relative)
-BF16_LOSS = dict(rtol=2e-2, atol=5e-2)   # chunked CE with bf16 x, w (values and grads)
+BF16_LOSS = dict(rtol=2e-2, atol=3e-2)   # chunked CE, bf16 x and w: grads rounded to bf16
 EXACT = dict(rtol=0, atol=0)
 
 
@@ -481,10 +481,7 @@ def test_attend_cudnn_via_xla_all_padding_row_is_zero(rng):
   close(out[1], attend_ref_np(q, k, v, mask_ref(2, 4, 4, kv_valid=valid))[1], FP32)
 
 
-@pytest.mark.xfail(strict=True, reason='BUG: attend_cudnn passes local_window_size='
-                   '(int(window) - 1, 0) for a plain causal mask, so a fractional window '
-                   'loses keys that Mask.dense (delta < window) keeps')
-@pytest.mark.parametrize('window', [2.5, 0.5])
+@pytest.mark.parametrize('window', [2.5, 0.5, 1.0])
 def test_attend_cudnn_fractional_window(rng, window):
   q, k, v = _qkv(rng, 1, 5, 5, 2, 2, 4)
   mask = Mask(causal=True, window=window)

@@ -9,6 +9,7 @@ kernels.flash_attention.
 
 import dataclasses
 import importlib
+import math
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
@@ -95,8 +96,10 @@ def attend_cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *,
                      f"{jax.devices()[0].platform}. Use --config.model.attention=xla")
   b, t, _, _ = q_BxTxNxH.shape
   s = k_BxSxKxH.shape[1]
-  if mask.is_plain and (mask.window is None or mask.causal):
-    window = None if mask.window is None else (int(mask.window) - 1, 0)
+  # Integer distances d < window are d <= ceil(window) - 1 keys back.
+  left = None if mask.window is None else math.ceil(mask.window) - 1
+  if mask.is_plain and (left is None or (mask.causal and left >= 0)):
+    window = None if left is None else (left, 0)
     return jax.nn.dot_product_attention(
         q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=mask.causal,
         local_window_size=window, implementation=implementation)
