@@ -230,37 +230,43 @@ def train(config, workdir: str) -> dict:
       peak_flops=report.peak_flops_per_device(c), num_devices=jax.device_count())
   window, last = [], {}
 
-  def finish(step_done: int, metrics):
-    """Host side of a step already dispatched: finite check, logging, TensorBoard."""
-    nonlocal last
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    _check_finite(step_done, values, checkpoints.latest())
-    window.append(values)
-    if step_done % c.train.log_every == 0 or step_done == c.train.steps:
-      last = report.average(window)
-      window.clear()
-      rates = progress.rates(step_done)
-      report.log(progress.line(step_done, last, rates))
-      writer.scalars(step_done, {**{f'train/{k}': v for k, v in last.items()},
-                                 **{f'perf/{k}': v for k, v in rates.items()}})
+  def finish(dispatched: list):
+    """Host side of steps already dispatched: finite check, logging, TensorBoard.
 
-  pending, batch = None, first
+    Metrics stay on the device until a log or checkpoint step, then come back in
+    one transfer; a non-finite value is still reported with its exact step.
+    """
+    nonlocal last
+    values = jax.device_get([m for _, m in dispatched])
+    for (step_done, _), metrics in zip(dispatched, values):
+      metrics = {k: float(v) for k, v in metrics.items()}
+      _check_finite(step_done, metrics, checkpoints.latest())
+      window.append(metrics)
+      if step_done % c.train.log_every == 0 or step_done == c.train.steps:
+        last = report.average(window)
+        window.clear()
+        rates = progress.rates(step_done)
+        report.log(progress.line(step_done, last, rates))
+        writer.scalars(step_done, {**{f'train/{k}': v for k, v in last.items()},
+                                   **{f'perf/{k}': v for k, v in rates.items()}})
+    dispatched.clear()
+
+  pending, batch = [], first
   while step < c.train.steps:
     state, metrics = train_step(state, global_batch(setup, batch))
     step += 1
-    if pending is not None:
-      finish(*pending)
-    pending = (step, metrics)
+    # Read a logging step's metrics only once the next step is queued behind it.
+    if pending and pending[-1][0] % c.train.log_every == 0:
+      finish(pending)
+    pending.append((step, metrics))
     if step % c.checkpoint.every_steps == 0 or step == c.train.steps:
-      finish(*pending)
-      pending = None
+      finish(pending)  # never checkpoint a state whose loss is not finite
       checkpoints.save(step, state, data, c)
     if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
       _eval_and_write(setup, state['params'], step, writer)
     if step < c.train.steps:
       batch = next(data)
-  if pending is not None:
-    finish(*pending)
+  finish(pending)
   final = _eval_and_write(setup, state['params'], step, writer)
   checkpoints.close()
   writer.close()
