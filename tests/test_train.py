@@ -211,11 +211,14 @@ def test_describe_80b_allocates_nothing():
 def test_smoke_learns_to_reverse(tmp_path):
   """The default smoke run (300 steps, under a minute on 2 cores) learns the task."""
   start = time.time()
-  metrics = loop.train(smoke(), str(tmp_path))
+  metrics = loop.train(smoke(train__eval_every=100), str(tmp_path))
   initial = math.log(30)  # uniform over the 30 content tokens
   assert metrics['eval_loss'] < 0.2 * initial, metrics
   assert metrics['eval_accuracy'] > 0.9, metrics
   assert 'tensorflow' not in sys.modules  # the trainer runs where TensorFlow is absent
+  rows = report.read_jsonl(tmp_path / 'metrics.jsonl')
+  eval_losses = [rows[s]['eval/loss'] for s in (100, 200, 300)]  # periodic eval + the final one
+  assert eval_losses[0] > eval_losses[2] == pytest.approx(metrics['eval_loss'])
   print(f'smoke: eval loss {metrics["eval_loss"]:.4f} in {time.time() - start:.1f}s')
 
 

@@ -9,6 +9,7 @@ step t+1 before it reads step t's metrics, so the host never stalls the device.
 """
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -26,7 +27,7 @@ from brainscale.train.checkpoint import Checkpoints
 from brainscale.train.task import Task, get_task
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # hashed by identity: jitted functions are cached per Setup
 class Setup:
   """Everything the step needs that does not change while training."""
   config: object
@@ -165,7 +166,9 @@ def make_train_step(setup: Setup, batch_example: dict):
                  donate_argnums=0)
 
 
+@functools.cache
 def make_eval_step(setup: Setup):
+  """The jitted eval metrics of one batch (compiled once per Setup)."""
   loss_fn = make_loss_fn(setup, train=False)
 
   def eval_fn(params, batch):
