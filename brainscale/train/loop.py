@@ -99,9 +99,17 @@ def init_state(setup: Setup) -> dict:
 
 
 def batch_shardings(setup: Setup, batch: dict) -> dict:
-  axes = setup.task.batch_axes(batch)
+  """Shardings of each batch entry by the task's logical axes (computed once per layout)."""
+  layout = tuple((k, np.ndim(v)) for k, v in batch.items())
+  return _batch_shardings(setup, layout)
+
+
+@functools.cache
+def _batch_shardings(setup: Setup, layout: tuple) -> dict:
+  shapes = {k: jax.ShapeDtypeStruct((1,) * ndim, np.float32) for k, ndim in layout}
+  axes = setup.task.batch_axes(shapes)
   return {k: NamedSharding(setup.mesh, parallel.spec(axes[k], setup.rules, setup.mesh))
-          for k in batch}
+          for k, _ in layout}
 
 
 def global_batch(setup: Setup, local_batch: dict) -> dict:
