@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 def experiment_names() -> list[str]:
   return sorted(p.stem for p in EXPERIMENTS.glob('*.py')
-                if p.stem not in ('base', '__init__'))
+                if p.stem != 'base' and not p.stem.startswith('_'))
 
 
 def load(name: str) -> ml_collections.ConfigDict:

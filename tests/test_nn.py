@@ -134,7 +134,7 @@ def rope_rotate_jnp(x_BxTxNxH, rot):
 
 
 def mask_ref(b, t, s, *, causal=False, window=None, q_pos=None, kv_pos=None, kv_valid=None,
-             q_seg=None, kv_seg=None):
+             q_seg=None, kv_seg=None, shared=None):
   """[B, T, S] boolean mask built key by key from the Mask docstring."""
   mask_BxTxS = np.zeros((b, t, s), bool)
   for bi in range(b):
@@ -152,7 +152,7 @@ def mask_ref(b, t, s, *, causal=False, window=None, q_pos=None, kv_pos=None, kv_
         if kv_valid is not None:
           ok = ok and bool(kv_valid[bi, si])
         if q_seg is not None:
-          ok = ok and q_seg[bi, ti] == kv_seg[bi, si]
+          ok = ok and (q_seg[bi, ti] == kv_seg[bi, si] or kv_seg[bi, si] == shared)
         mask_BxTxS[bi, ti, si] = ok
   return mask_BxTxS
 
@@ -390,6 +390,9 @@ def _case(name, rng, b):
   elif name == 'segments':
     seg = np.sort(rng.integers(0, 3, (b, t)), axis=1)
     kw = dict(causal=True, q_seg=seg, kv_seg=seg)
+  elif name == 'shared_prefix':  # segment 0 is a context every later segment sees
+    seg = np.sort(rng.integers(0, 3, (b, t)), axis=1)
+    kw = dict(causal=True, q_seg=seg, kv_seg=seg, shared=0)
   elif name == 'time_window':
     pos = _times(rng, b, t)
     kw = dict(causal=True, window=0.5, q_pos=pos, kv_pos=pos)
@@ -404,12 +407,12 @@ def _case(name, rng, b):
   mask = Mask(causal=kw.get('causal', False), window=kw.get('window'),
               q_pos_BxT=_opt(kw.get('q_pos')), kv_pos_BxS=_opt(kw.get('kv_pos')),
               kv_valid_BxS=_opt(kw.get('kv_valid')), q_segments_BxT=_opt(kw.get('q_seg')),
-              kv_segments_BxS=_opt(kw.get('kv_seg')))
+              kv_segments_BxS=_opt(kw.get('kv_seg')), shared_segment=kw.get('shared'))
   return mask, kw, t, s
 
 
 CASES = ['none', 'causal', 'causal_window3', 'window3', 'padding', 'causal_padding',
-         'segments', 'time_window', 'cross', 'cross_time_window']
+         'segments', 'shared_prefix', 'time_window', 'cross', 'cross_time_window']
 
 
 def _qkv(rng, b, t, s, n, kv, h, dtype=jnp.float32):

@@ -28,7 +28,9 @@ class Mask:
   causal: key position <= query position. window: additionally
   query position - key position < window (positions default to token index;
   pass times for a window in seconds). kv_valid: False marks key padding.
-  Segments: a query sees only keys of its own segment id.
+  Segments: a query sees only keys of its own segment id, and keys of
+  `shared_segment` when set (a shared prefix that many independent
+  continuations attend to, e.g. one context and many parallel queries).
   """
   causal: bool = False
   window: float | None = None
@@ -37,6 +39,7 @@ class Mask:
   kv_valid_BxS: jax.Array | None = None
   q_segments_BxT: jax.Array | None = None
   kv_segments_BxS: jax.Array | None = None
+  shared_segment: int | None = None
 
   @property
   def is_plain(self) -> bool:
@@ -59,12 +62,15 @@ class Mask:
     if self.kv_valid_BxS is not None:
       mask &= self.kv_valid_BxS[:, None, :]
     if self.q_segments_BxT is not None:
-      mask &= self.q_segments_BxT[:, :, None] == self.kv_segments_BxS[:, None, :]
+      same_BxTxS = self.q_segments_BxT[:, :, None] == self.kv_segments_BxS[:, None, :]
+      if self.shared_segment is not None:
+        same_BxTxS |= (self.kv_segments_BxS == self.shared_segment)[:, None, :]
+      mask &= same_BxTxS
     return mask
 
 
 jax.tree_util.register_dataclass(
-    Mask, meta_fields=['causal', 'window'],
+    Mask, meta_fields=['causal', 'window', 'shared_segment'],
     data_fields=['q_pos_BxT', 'kv_pos_BxS', 'kv_valid_BxS', 'q_segments_BxT', 'kv_segments_BxS'])
 
 

@@ -42,9 +42,13 @@ def parameter_rows(config, mesh_sizes: dict) -> list[tuple]:
 
 
 def describe(config, num_devices: int | None = None) -> str:
-  """The describe report as text."""
+  """The describe report as text (for the experiment's cluster when it has one)."""
+  num_nodes = 1
+  if num_devices is None and 'cluster' in config:
+    num_nodes = config.cluster.nodes
+    num_devices = num_nodes * config.cluster.gpus_per_node
   num_devices = num_devices or jax.device_count()
-  dcn, ici = parallel.mesh_shape(config.mesh, num_devices, 1)
+  dcn, ici = parallel.mesh_shape(config.mesh, num_devices, num_nodes)
   sizes = {a: dcn[a] * ici[a] for a in parallel.AXES}
   rows = parameter_rows(config, sizes)
   task = get_task(config)

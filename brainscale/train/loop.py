@@ -187,11 +187,36 @@ def make_eval_step(setup: Setup):
 
 
 def evaluate_params(setup: Setup, params) -> dict[str, float]:
-  """Mean eval metrics of this process's eval batches."""
+  """Mean eval metrics of this process's eval batches, then the task's own evaluation."""
   eval_step = make_eval_step(setup)
   batches = setup.task.eval_data(jax.process_index(), jax.process_count())
   results = [jax.device_get(eval_step(params, global_batch(setup, b))) for b in batches]
-  return report.average(results)
+  model = nnx.merge(setup.graphdef, _cast(params, setup.config.model.compute_dtype))
+  with parallel.axis_rules(setup.mesh, setup.rules):
+    extra = setup.task.evaluate(model)
+  return {**report.average(results), **extra}
+
+
+def prerequisite_params(setup: Setup, workdir: str) -> dict:
+  """Trains (or resumes) each prerequisite run and returns its final params by subtree name."""
+  params = {}
+  for name, (config, run_dir) in setup.task.prerequisites(workdir).items():
+    if name not in setup.abstract_state['params']:
+      raise ValueError(f'prerequisite {name!r} of {setup.config.experiment} is not a top-level '
+                       f'parameter of its model; those are {sorted(setup.abstract_state["params"])}')
+    report.log(f'prerequisite {name}: {config.experiment} in {run_dir}')
+    train(config, run_dir)
+    pre = build(config, setup.mesh)
+    checkpoints = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
+    restored = checkpoints.restore(checkpoints.latest(), pre.abstract_state)['params']
+    checkpoints.close()
+    target = setup.abstract_state['params'][name]
+    if jax.tree.structure(restored) != jax.tree.structure(target):
+      raise ValueError(f'prerequisite {name!r}: the params of {config.experiment} do not match '
+                       f'{setup.config.experiment}/{name}')
+    params[name] = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
+                                restored, target)
+  return params
 
 
 class NonFiniteError(FloatingPointError):
@@ -221,6 +246,7 @@ def train(config, workdir: str) -> dict:
   start = checkpoints.latest()
   if start is None:
     state = init_state(setup)
+    state['params'].update(prerequisite_params(setup, workdir))
     step = 0
     report.log(f'starting {c.experiment} from scratch in {workdir}')
   else:

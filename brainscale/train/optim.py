@@ -2,7 +2,8 @@
 
 Groups come from `config.train.groups`: each names a regex on the parameter
 path ('blocks/layers/attn/w_q_DxNxH') with its own learning-rate scale and
-weight decay. The first group that matches wins; the rest use the defaults.
+weight decay; lr_scale 0 freezes the group (no update, no optimizer state).
+The first group that matches wins; the rest use the defaults.
 """
 
 import re
@@ -41,6 +42,8 @@ def make(c) -> optax.GradientTransformation:
   lr = schedule(c)
 
   def adamw(lr_scale: float, weight_decay: float):
+    if lr_scale == 0:  # frozen: no update and no optimizer state
+      return optax.set_to_zero()
     return optax.adamw(lambda step: lr(step) * lr_scale, b1=t.b1, b2=t.b2,
                        weight_decay=weight_decay)
 

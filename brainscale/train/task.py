@@ -46,19 +46,38 @@ class Task(abc.ABC):
   def activation_bytes(self, examples_per_device: int) -> int:
     """Analytic activation memory of a train step on one device."""
 
+  def prerequisites(self, workdir: str) -> dict[str, tuple]:
+    """Runs this task starts from: {top-level param name: (config, workdir)}.
+
+    Before training from scratch, the trainer trains (or resumes, or finds
+    finished) each run and copies its final params into that subtree, e.g. a
+    frozen tokenizer inside a world model. Freeze it with a group of lr_scale 0.
+    """
+    del workdir
+    return {}
+
+  def evaluate(self, model: nnx.Module) -> dict[str, float]:
+    """Metrics beyond the loss (generation, probes), from this process's eval data."""
+    del model
+    return {}
+
   def batch_axes(self, batch: dict) -> dict:
     """Logical axes of each batch entry; by default only dim 0 ('batch') is sharded."""
     return {k: ('batch',) + (None,) * (v.ndim - 1) for k, v in batch.items()}
 
 
 def get_task(config) -> Task:
-  """The Task of `config.task`: brainscale/<task>/task.py:Task."""
+  """The Task of `config.task` = 'family' or 'family.Class': brainscale/<family>/task.py:Class."""
   if not config.task:
     raise ConfigError('config.task is empty; an experiment must name its task family')
+  family, _, name = config.task.partition('.')
   try:
-    module = importlib.import_module(f'brainscale.{config.task}.task')
+    module = importlib.import_module(f'brainscale.{family}.task')
   except ModuleNotFoundError as e:
-    if e.name and e.name.startswith(f'brainscale.{config.task}'):
-      raise ConfigError(f'config.task={config.task!r} has no brainscale/{config.task}/task.py') from e
+    if e.name and e.name.startswith(f'brainscale.{family}'):
+      raise ConfigError(f'config.task={config.task!r} has no brainscale/{family}/task.py') from e
     raise
-  return module.Task(config)
+  name = name or 'Task'
+  if not isinstance(getattr(module, name, None), type):
+    raise ConfigError(f'config.task={config.task!r}: brainscale/{family}/task.py has no class {name}')
+  return getattr(module, name)(config)

@@ -1,0 +1,260 @@
+"""Counterfactual probes of a trained world model, ready for a notebook.
+
+  predict_frame  frame 1 from frame 0 plus any revealed frame-1 patches; the
+                 hidden patches are decoded in parallel (each sees only the
+                 context) or sequentially (each also sees those before it).
+  move_patch     intervention: reveal a frame-0 patch at a new place in frame 1.
+  perturb        intervention: change the pixels of a frame around points.
+  kl_flow        flow of points by KL-tracing: perturb frame 0 at a point and
+                 find where frame 1's predicted distributions change most.
+
+Everything takes uint8 frames [B, 2, H, W, 3] (or codes) and returns arrays
+ready to plot: images in [0, 1], flows in pixels (dx, dy), maps on the code
+grid. Patch ids are row-major within a frame. Call under jax.jit for speed;
+the functions are pure given the model.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from brainscale import nn
+from brainscale.cwm import sequence
+from brainscale.cwm.model import WorldModel
+
+
+def _choose(logits_BxQxV, mode: str, key) -> jax.Array:
+  if mode == 'sample':
+    return jax.random.categorical(key, logits_BxQxV).astype(jnp.int32)
+  return jnp.argmax(logits_BxQxV, -1).astype(jnp.int32)
+
+
+def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax.Array,
+                   queries_BxQ: jax.Array, *, sequential: bool = False, choose: str = 'argmax',
+                   teacher_BxQx4: jax.Array | None = None, key: jax.Array | None = None):
+  """Predicts the content codes of the `queries` patches after the `context` patches.
+
+  Returns (tokens [B, Q, 4] chosen for conditioning, log-probs [B, Q, 4, codes]).
+  Parallel: query k sees the context and its own earlier tokens (one shared
+  prefix, 4 passes). Sequential: query k also sees queries 0..k-1 with their
+  chosen tokens (4 Q passes). `teacher` forces the conditioning tokens, so two
+  runs on different inputs give comparable distributions.
+  """
+  layout = model.layout
+  b, c = context_BxC.shape
+  q = queries_BxQ.shape[1]
+  key = jax.random.key(0) if key is None else key
+  seq = sequence.build(codes_BxFxhxw, jnp.concatenate([context_BxC, queries_BxQ], 1), layout)
+  start = 5 * c
+  segments_BxL = jnp.concatenate([jnp.zeros((b, start), jnp.int32),
+                                  jnp.repeat(jnp.arange(1, q + 1, dtype=jnp.int32), 5)[None]
+                                  .repeat(b, 0)], 1)
+  mask = (nn.Mask(causal=True) if sequential else
+          nn.Mask(causal=True, q_segments_BxT=segments_BxL, kv_segments_BxS=segments_BxL,
+                  shared_segment=0))
+
+  def step(tokens_BxL, read_BxR, j, k):
+    """One pass: logits at `read` positions, write the chosen code after each."""
+    x_BxLxD = model.features(tokens_BxL, seq.pos_BxLx3, mask)
+    x_BxRxD = jnp.take_along_axis(x_BxLxD, read_BxR[..., None], 1)
+    logits_BxRxV = model.content_logits(x_BxRxD)
+    chosen_BxR = _choose(logits_BxRxV, choose, jax.random.fold_in(key, k * 4 + j))
+    if teacher_BxQx4 is not None:
+      chosen_BxR = jax.lax.dynamic_slice_in_dim(teacher_BxQx4[..., j], k, read_BxR.shape[1], 1)
+    rows = jnp.arange(b)[:, None]
+    tokens_BxL = tokens_BxL.at[rows, read_BxR + 1].set(chosen_BxR)
+    return tokens_BxL, chosen_BxR, jax.nn.log_softmax(logits_BxRxV, -1)
+
+  first_BxQ = jnp.broadcast_to(start + 5 * jnp.arange(q) , (b, q))
+  if not sequential:
+    tokens_BxL, chosen, logps = seq.tokens_BxL, [], []
+    for j in range(4):
+      tokens_BxL, c_BxQ, lp_BxQxV = step(tokens_BxL, first_BxQ + j, j, 0)
+      chosen.append(c_BxQ)
+      logps.append(lp_BxQxV)
+    return jnp.stack(chosen, 2), jnp.stack(logps, 2)
+
+  def one_patch(k, carry):
+    tokens_BxL, chosen_BxQx4, logp_BxQx4xV = carry
+    for j in range(4):
+      read_Bx1 = jax.lax.dynamic_slice_in_dim(first_BxQ, k, 1, 1) + j
+      tokens_BxL, c_Bx1, lp_Bx1xV = step(tokens_BxL, read_Bx1, j, k)
+      chosen_BxQx4 = chosen_BxQx4.at[:, k, j].set(c_Bx1[:, 0])
+      logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(lp_Bx1xV[:, 0])
+    return tokens_BxL, chosen_BxQx4, logp_BxQx4xV
+
+  init = (seq.tokens_BxL, jnp.zeros((b, q, 4), jnp.int32),
+          jnp.zeros((b, q, 4, layout.codes), jnp.float32))
+  _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
+  return chosen_BxQx4, logp_BxQx4xV
+
+
+def _to_grid(per_patch_BxPx4xK: jax.Array, layout: sequence.Layout) -> jax.Array:
+  """Per-patch values of the 2x2 codes -> the code grid [B, h, w, K] of one frame."""
+  b, _, _, k = per_patch_BxPx4xK.shape
+  gh, gw = layout.grid
+  x = per_patch_BxPx4xK.reshape(b, gh, gw, 2, 2, k).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, 2 * gh, 2 * gw, k)
+
+
+def hidden_patches(revealed_BxR: jax.Array, patches: int) -> jax.Array:
+  """The frame-1 patches not in `revealed`, ascending: [B, P - R]."""
+  b, r = revealed_BxR.shape
+  shown_BxP = jnp.zeros((b, patches), bool).at[jnp.arange(b)[:, None], revealed_BxR].set(True)
+  return jnp.argsort(shown_BxP, axis=1, stable=True)[:, :patches - r].astype(jnp.int32)
+
+
+def predict_codes(model: WorldModel, codes_Bx2xhxw: jax.Array, revealed_BxR: jax.Array, *,
+                  sequential: bool = False, decode: str = 'mean',
+                  key: jax.Array | None = None) -> dict:
+  """Frame 1 predicted from frame 0's codes and the revealed frame-1 patches.
+
+  decode: 'mean' decodes the expected latent of each predicted code (the
+  minimum-squared-error image), 'argmax' the most likely codes, 'sample' a
+  sample. Returns image [B, H, W, 3] in [0, 1], codes [B, h, w] (chosen),
+  hidden [B, H, W] (pixels that were predicted, not revealed).
+  """
+  layout, tok = model.layout, model.tokenizer
+  b, p = codes_Bx2xhxw.shape[0], layout.patches
+  revealed_BxR = jnp.asarray(revealed_BxR, jnp.int32)
+  hidden_BxQ = hidden_patches(revealed_BxR, p)
+  context_BxC = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), p + revealed_BxR], 1)
+  choose = 'sample' if decode == 'sample' else 'argmax'
+  chosen_BxQx4, logp_BxQx4xV = decode_patches(
+      model, codes_Bx2xhxw, context_BxC, p + hidden_BxQ, sequential=sequential, choose=choose,
+      key=key)
+  rows = jnp.arange(b)[:, None]
+  content_BxPx4 = sequence.patchify(codes_Bx2xhxw, layout)[:, p:]
+  content_BxPx4 = content_BxPx4.at[rows, hidden_BxQ].set(chosen_BxQx4)
+  latent_BxPx4xK = tok.codes_to_latent(content_BxPx4)
+  if decode == 'mean':
+    expected_BxQx4xK = tok.expected_latent(jnp.exp(logp_BxQx4xV))
+    latent_BxPx4xK = latent_BxPx4xK.at[rows, hidden_BxQ].set(
+        expected_BxQx4xK.astype(latent_BxPx4xK.dtype))
+  image_BxHxWx3 = tok.decode(_to_grid(latent_BxPx4xK, layout))
+  hidden_BxP = jnp.ones((b, p), bool).at[rows, revealed_BxR].set(False)
+  gh, gw = layout.grid
+  hidden_BxHxW = jnp.repeat(jnp.repeat(hidden_BxP.reshape(b, gh, gw), layout.patch, 1),
+                            layout.patch, 2)
+  codes_Bxhxw = _to_grid(content_BxPx4[..., None], layout)[..., 0]
+  return {'image': image_BxHxWx3, 'codes': codes_Bxhxw, 'hidden': hidden_BxHxW}
+
+
+def predict_frame(model: WorldModel, frames_Bx2xHxWx3: jax.Array, revealed_BxR: jax.Array,
+                  **kwargs) -> dict:
+  """`predict_codes` from uint8 frames (tokenized by the model's own tokenizer)."""
+  return predict_codes(model, model.tokenize(frames_Bx2xHxWx3), revealed_BxR, **kwargs)
+
+
+def move_patch(model: WorldModel, frames_Bx2xHxWx3: jax.Array, src_patch_B: jax.Array,
+               dst_patch_B: jax.Array, revealed_BxR: jax.Array, **kwargs) -> dict:
+  """"What if patch `src` of frame 0 were at `dst` in frame 1?"
+
+  Reveals frame 0's src content at dst in frame 1 (besides `revealed`, which
+  should not contain dst) and predicts the rest of frame 1.
+  """
+  layout = model.layout
+  codes_Bx2xhxw = model.tokenize(frames_Bx2xHxWx3)
+  content_BxNx4 = sequence.patchify(codes_Bx2xhxw, layout)
+  rows = jnp.arange(codes_Bx2xhxw.shape[0])
+  moved_Bx4 = content_BxNx4[rows, src_patch_B]
+  content_BxNx4 = content_BxNx4.at[rows, layout.patches + dst_patch_B].set(moved_Bx4)
+  codes_Bx2xhxw = sequence.unpatchify(content_BxNx4, layout)
+  revealed = jnp.concatenate([jnp.asarray(revealed_BxR, jnp.int32), dst_patch_B[:, None]], 1)
+  return predict_codes(model, codes_Bx2xhxw, revealed, **kwargs)
+
+
+def perturb(frames_BxHxWx3: jax.Array, points_BxKx2: jax.Array, *, size: int = 4) -> jax.Array:
+  """Inverts the colours of the size x size cell (aligned to `size`) holding each point (x, y).
+
+  Returns [B, K, H, W, 3]: one perturbed copy of each frame per point.
+  """
+  _, h, w, _ = frames_BxHxWx3.shape
+  cell_BxKx2 = (points_BxKx2 // size).astype(jnp.int32)
+  ys, xs = jnp.arange(h) // size, jnp.arange(w) // size
+  inside_BxKxHxW = ((ys[None, None, :, None] == cell_BxKx2[..., 1, None, None]) &
+                    (xs[None, None, None, :] == cell_BxKx2[..., 0, None, None]))
+  frames_BxKxHxWx3 = jnp.broadcast_to(frames_BxHxWx3[:, None], inside_BxKxHxW.shape + (3,))
+  return jnp.where(inside_BxKxHxW[..., None], 255 - frames_BxKxHxWx3, frames_BxKxHxWx3)
+
+
+def _window(patch_yx_Bx2: jax.Array, grid: tuple[int, int], radius: int) -> jax.Array:
+  """Row-major ids of the (2r+1)^2 patches around each patch, shifted to stay in the grid."""
+  gh, gw = grid
+  side = 2 * radius + 1
+  y0 = jnp.clip(patch_yx_Bx2[:, 0] - radius, 0, gh - side)
+  x0 = jnp.clip(patch_yx_Bx2[:, 1] - radius, 0, gw - side)
+  dy, dx = jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing='ij')
+  return ((y0[:, None] + dy.reshape(-1)) * gw + x0[:, None] + dx.reshape(-1)).astype(jnp.int32)
+
+
+def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Array, *,
+            radius: int = 1, top: float = 0.5) -> dict:
+  """Optical flow of points (x, y) of frame 0 by KL-tracing.
+
+  For each point: invert the colours of its 4x4 code cell in frame 0; hide the
+  (2r+1)^2 frame-1 patches around it and reveal the rest; predict the hidden
+  patches with and without the perturbation (conditioning on the same clean
+  codes) and take KL(perturbed || clean) of every hidden code. The flow is the
+  KL-weighted centre of the codes whose KL is at least `top` x the largest,
+  minus the centre of the perturbed cell. Returns flow [B, K, 2] (pixels),
+  kl [B, K, h, w] (zero outside the window) and cell centres [B, K, 2].
+  """
+  layout = model.layout
+  b, k = points_BxKx2.shape[:2]
+  side = 2 * radius + 1
+  gh, gw = layout.grid
+  if side > min(gh, gw):
+    raise ValueError(f'kl_flow radius={radius} hides {side}x{side} patches; the frame has '
+                     f'{gh}x{gw}')
+  frames_NxFxHxWx3 = jnp.repeat(frames_Bx2xHxWx3, k, axis=0)
+  points_Nx2 = points_BxKx2.reshape(b * k, 2)
+  clean_Nx2xhxw = model.tokenize(frames_NxFxHxWx3)
+  pert0_NxHxWx3 = perturb(frames_NxFxHxWx3[:, 0], points_Nx2[:, None], size=layout.code)[:, 0]
+  pert0_Nxhxw = model.tokenize(pert0_NxHxWx3[:, None])[:, 0]
+  pert_Nx2xhxw = clean_Nx2xhxw.at[:, 0].set(pert0_Nxhxw)
+
+  cell_Nx2 = (points_Nx2 // layout.code).astype(jnp.int32)              # (cx, cy) code cell
+  patch_yx_Nx2 = jnp.stack([cell_Nx2[:, 1] // 2, cell_Nx2[:, 0] // 2], -1)
+  hidden_NxQ = _window(patch_yx_Nx2, layout.grid, radius)
+  p = layout.patches
+  revealed_NxR = hidden_patches(hidden_NxQ, p)                         # the complement
+  context_NxC = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b * k, p)), p + revealed_NxR], 1)
+  clean_tok, clean_lp = decode_patches(model, clean_Nx2xhxw, context_NxC, p + hidden_NxQ)
+  _, pert_lp = decode_patches(model, pert_Nx2xhxw, context_NxC, p + hidden_NxQ,
+                              teacher_BxQx4=clean_tok)
+  kl_NxQx4 = jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1)
+
+  kl_NxPx4 = jnp.zeros((b * k, p, 4), jnp.float32).at[jnp.arange(b * k)[:, None],
+                                                       hidden_NxQ].set(kl_NxQx4)
+  kl_Nxhxw = _to_grid(kl_NxPx4[..., None], layout)[..., 0]
+  weight_Nxhxw = jnp.where(kl_Nxhxw >= top * kl_Nxhxw.max((1, 2), keepdims=True), kl_Nxhxw, 0)
+  weight_Nxhxw = weight_Nxhxw / jnp.maximum(weight_Nxhxw.sum((1, 2), keepdims=True), 1e-12)
+  centre_h = layout.code * jnp.arange(kl_Nxhxw.shape[1]) + (layout.code - 1) / 2
+  centre_w = layout.code * jnp.arange(kl_Nxhxw.shape[2]) + (layout.code - 1) / 2
+  to_x = jnp.einsum('nhw,w->n', weight_Nxhxw, centre_w)
+  to_y = jnp.einsum('nhw,h->n', weight_Nxhxw, centre_h)
+  from_Nx2 = layout.code * cell_Nx2 + (layout.code - 1) / 2
+  flow_Nx2 = jnp.stack([to_x, to_y], -1) - from_Nx2
+  return {'flow': flow_Nx2.reshape(b, k, 2), 'kl': kl_Nxhxw.reshape((b, k) + kl_Nxhxw.shape[1:]),
+          'cell_centre': from_Nx2.reshape(b, k, 2)}
+
+
+def masked_psnr(pred_BxHxWx3: jax.Array, target_BxHxWx3: jax.Array,
+                mask_BxHxW: jax.Array) -> jax.Array:
+  """PSNR (dB) per image over the masked pixels; images in [0, 1]."""
+  err = (pred_BxHxWx3.astype(jnp.float32) - target_BxHxWx3.astype(jnp.float32)) ** 2
+  m = mask_BxHxW[..., None].astype(jnp.float32)
+  mse_B = (err * m).sum((1, 2, 3)) / jnp.maximum(3 * m.sum((1, 2, 3)), 1)
+  return -10 * jnp.log10(jnp.maximum(mse_B, 1e-10))
+
+
+def cell_flow(flow_BxHxWx2: np.ndarray, cell_centre_BxKx2: np.ndarray, size: int = 4) -> np.ndarray:
+  """Mean ground-truth flow over the size x size cell at each centre: [B, K, 2]."""
+  flow = np.asarray(flow_BxHxWx2)
+  out = np.zeros(cell_centre_BxKx2.shape, np.float32)
+  for bi in range(flow.shape[0]):
+    for ki, (cx, cy) in enumerate(np.asarray(cell_centre_BxKx2[bi])):
+      x0, y0 = int(round(cx - (size - 1) / 2)), int(round(cy - (size - 1) / 2))
+      out[bi, ki] = flow[bi, y0:y0 + size, x0:x0 + size].reshape(-1, 2).mean(0)
+  return out

@@ -1,0 +1,76 @@
+"""CWM's data: imported video shards, and the synthetic physics videos made on first use.
+
+`config.data.directory` names an imported folder (see
+brainscale/data/importers/videos.py); empty means the embedded default, the
+synthetic clips of `config.data.synthetic`, rendered and imported once into
+$BRAINSCALE_DATA (default ~/.cache/brainscale) under a name that hashes their
+spec, so every experiment that asks for the same clips shares them.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+import jax
+
+from brainscale.data import video
+from brainscale.data.importers import videos as importer
+from brainscale.data.synthetic import physics
+
+
+def data_root() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('BRAINSCALE_DATA') or
+                      pathlib.Path.home() / '.cache' / 'brainscale')
+
+
+def synthetic_spec(s) -> physics.Spec:
+  """The physics.Spec of a config section (tuples from lists)."""
+  fields = {f.name for f in dataclasses.fields(physics.Spec)}
+  values = {k: tuple(v) if isinstance(v, (list, tuple)) else v
+            for k, v in s.to_dict().items() if k in fields}
+  return physics.Spec(**values)
+
+
+def synthetic_shards(s, workers: int = 1) -> str:
+  """The imported shards of synthetic section `s` (count, seed, spec), made on first use.
+
+  Process 0 renders and imports; the others wait for it.
+  """
+  spec = synthetic_spec(s)
+  key = json.dumps({'spec': dataclasses.asdict(spec), 'count': s.count, 'seed': s.seed},
+                   sort_keys=True)
+  name = f'cwm_synthetic_{hashlib.sha1(key.encode()).hexdigest()[:12]}'
+  root = data_root() / name
+  shards = root / 'shards'
+  if jax.process_index() == 0 and not (shards / 'index.json').exists():
+    print(f'brainscale: rendering {s.count} synthetic clips into {root} (once)', flush=True)
+    physics.generate(root / 'videos', count=s.count, seed=s.seed, spec=spec, workers=workers)
+    report = importer.import_videos(root / 'videos', shards, max_side=0, workers=workers,
+                                    clip_seconds=max(60.0, spec.frames / spec.fps + 1),
+                                    progress=False)
+    if report.skipped:
+      raise RuntimeError(f'synthetic clips failed to import: {report.summary()}')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(f'synthetic data {name}')
+  return str(shards)
+
+
+def train_directory(c) -> str:
+  return c.data.directory or synthetic_shards(c.data.synthetic, max(c.data.workers, 1))
+
+
+def eval_directory(c) -> str:
+  return c.data.eval_directory or synthetic_shards(c.data.eval_synthetic, max(c.data.workers, 1))
+
+
+def pipeline(c, directory: str, *, frames: int, train: bool, seed: int, batch_size: int,
+             process_index: int, process_count: int, with_flow: bool = False):
+  """The Grain pipeline of config `c` over `directory`."""
+  return video.pipeline(
+      directory, seed=seed, batch_size=batch_size, process_index=process_index,
+      process_count=process_count, size=c.data.size, frames=frames, gap_ms=c.data.gap_ms,
+      train=train, workers=c.data.workers if train else 0, prefetch=c.data.prefetch,
+      scale=tuple(c.data.scale), with_flow=with_flow)

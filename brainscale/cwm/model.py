@@ -1,0 +1,56 @@
+"""The world model: a causal transformer over pointer + content tokens, with its tokenizer.
+
+Pre-RMSNorm blocks without biases, full multi-head attention, GELU MLP, 3D
+rotary embeddings on (x, y, t), untied output head (LRAS/PSI). The frozen
+tokenizer is a submodule, so a checkpoint holds everything needed to turn
+frames into tokens and predictions back into pixels.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from brainscale import nn, parallel
+from brainscale.cwm.sequence import Layout
+from brainscale.cwm.tokenizer import Tokenizer
+
+
+class WorldModel(nnx.Module):
+
+  def __init__(self, c, tokenizer_config, layout: Layout, *, rngs: nnx.Rngs):
+    if c.vocab < layout.vocab:
+      raise ValueError(f'model.vocab={c.vocab} is smaller than the {layout.vocab} tokens this '
+                       f'layout needs ({layout.codes} codes + {layout.vocab - layout.codes} '
+                       'pointers)')
+    self.tokenizer = Tokenizer(tokenizer_config, rngs=rngs)
+    if self.tokenizer.vocab != layout.codes:
+      raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects {layout.codes}')
+    self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)
+    self.blocks = nn.Stack(
+        lambda r: nn.Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, mlp='gelu',
+                           qk_norm=c.qk_norm, backend=c.attention, rngs=r),
+        c.layers, remat=c.remat, rngs=rngs)
+    self.norm = nn.RMSNorm(c.dim, rngs=rngs)
+    self.head = nn.Head(c.dim, c.vocab, rngs=rngs)
+    self.head_dim = c.head_dim
+    self.rope_base = c.rope_base
+    self.layout = layout
+
+  def tokenize(self, frames_BxFxHxWx3: jax.Array) -> jax.Array:
+    """uint8 frames -> codes [B, F, H/4, W/4] (no gradient into the tokenizer)."""
+    b, f = frames_BxFxHxWx3.shape[:2]
+    codes = self.tokenizer.tokenize(frames_BxFxHxWx3.reshape((b * f,) + frames_BxFxHxWx3.shape[2:]))
+    return jax.lax.stop_gradient(codes).reshape((b, f) + codes.shape[1:])
+
+  def features(self, tokens_BxT: jax.Array, pos_BxTx3: jax.Array,
+               mask: nn.Mask = nn.Mask(causal=True)) -> jax.Array:
+    """Final normalised hidden states [B, T, D] (causal unless told otherwise)."""
+    x_BxTxD = parallel.constrain(self.embed(tokens_BxT), ('batch', 'length', 'act_embed'))
+    rope = nn.rope_nd(pos_BxTx3, self.head_dim, split=(6, 6, 4), base=self.rope_base)
+    x_BxTxD = self.blocks(x_BxTxD, mask=mask, rope_q=rope, rope_k=rope)
+    return self.norm(x_BxTxD)
+
+  def content_logits(self, x_BxQxD: jax.Array) -> jax.Array:
+    """Logits over the content codes only (pointers and padding excluded), fp32."""
+    w_DxC = self.head.w_DxV[:, :self.layout.codes]
+    return jnp.einsum('bqd,dc->bqc', x_BxQxD, w_DxC, preferred_element_type=jnp.float32)

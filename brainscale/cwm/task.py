@@ -1,0 +1,213 @@
+"""Task seams of the CWM family: the tokenizer (`cwm.TokenizerTask`) and the world model (`cwm`).
+
+The world model trains on frame pairs: its frozen tokenizer (a prerequisite
+run, see `Task.prerequisites`) turns them into codes on the device, the codes
+become a pointer/content sequence in a fresh random patch order, and the loss
+is next-token cross-entropy on the content tokens. Its evaluation adds the
+counterfactual probes: next-frame prediction against the copy-frame baseline
+and KL-traced flow against ground truth on held-out synthetic clips.
+"""
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from brainscale import config as config_lib
+from brainscale import nn
+from brainscale.cwm import counterfactual, data, sequence
+from brainscale.cwm.model import WorldModel
+from brainscale.cwm.tokenizer import Tokenizer, psnr
+from brainscale.train import task
+
+
+def _weights(module: nnx.Module) -> int:
+  """Matmul/conv weights (ndim >= 2) of a module built under eval_shape."""
+  return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param))
+             if len(v.shape) >= 2)
+
+
+def _skipped(batch) -> dict:
+  return {'data_skipped': jnp.sum(batch['skipped']).astype(jnp.float32)} if 'skipped' in batch else {}
+
+
+class _VideoTask(task.Task):
+  """Train/eval data of a video task; `frames` per example."""
+  frames = 2
+
+  def _data(self, directory, *, train, seed, batch_size, process_index, process_count,
+            with_flow=False):
+    return data.pipeline(self.config, directory, frames=self.frames, train=train, seed=seed,
+                         batch_size=batch_size, process_index=process_index,
+                         process_count=process_count, with_flow=with_flow)
+
+  def train_data(self, process_index, process_count):
+    c = self.config
+    return iter(self._data(data.train_directory(c), train=True, seed=c.seed,
+                           batch_size=c.train.batch_size, process_index=process_index,
+                           process_count=process_count))
+
+  def eval_data(self, process_index, process_count):
+    c = self.config
+    it = iter(self._data(data.eval_directory(c), train=False, seed=c.seed + 1,
+                         batch_size=c.train.batch_size, process_index=process_index,
+                         process_count=process_count))
+    return [next(it) for _ in range(c.train.eval_batches)]
+
+
+class TokenizerTask(_VideoTask):
+  """The local patch quantizer, trained on single frames to reconstruct them."""
+  frames = 1
+
+  def model(self, rngs):
+    return Tokenizer(self.config.model, rngs=rngs)
+
+  def loss(self, model, batch, rng, train):
+    del rng, train
+    loss, metrics = model.loss(batch['frames'][:, 0])
+    return loss, {**metrics, **_skipped(batch)}
+
+  def flops_per_example(self) -> float:
+    model = nnx.eval_shape(lambda: self.model(nnx.Rngs(0)))
+    positions = (self.config.data.size // self.config.model.patch) ** 2
+    return 6 * _weights(model) * positions
+
+  def activation_bytes(self, examples_per_device: int) -> int:
+    m = self.config.model
+    positions = examples_per_device * (self.config.data.size // m.patch) ** 2
+    return positions * m.channels * (4 * m.depth + 4) * 4
+
+
+class Task(_VideoTask):
+  """The pointer-token world model on frame pairs."""
+
+  def __init__(self, config):
+    super().__init__(config)
+    c = config
+    self.layout = sequence.Layout(c.data.size, c.data.size, codes=2 ** c.tokenizer.model.bits,
+                                  patch=c.sequence.patch, code=c.tokenizer.model.patch)
+
+  def model(self, rngs):
+    return WorldModel(self.config.model, self.config.tokenizer.model, self.layout, rngs=rngs)
+
+  def prerequisites(self, workdir):
+    t = self.config.tokenizer
+    if not t.experiment:
+      return {}
+    tok_config = config_lib.resolve(t.experiment, list(t.overrides))
+    if tok_config.model.to_dict() != t.model.to_dict():
+      raise config_lib.ConfigError(
+          f'tokenizer.model of {self.config.experiment} differs from the model of '
+          f'tokenizer.experiment={t.experiment}: {t.model.to_dict()} vs {tok_config.model.to_dict()}')
+    return {'tokenizer': (tok_config, t.workdir or os.path.join(workdir, 'tokenizer'))}
+
+  def loss(self, model, batch, rng, train):
+    c, layout = self.config, self.layout
+    codes_BxFxhxw = model.tokenize(batch['frames'])
+    order_BxN = sequence.random_order(rng, codes_BxFxhxw.shape[0], layout)
+    seq = sequence.build(codes_BxFxhxw, order_BxN, layout)
+    x_BxTxD = model.features(seq.tokens_BxL[:, :-1], seq.pos_BxLx3[:, :-1])
+    nll_BxT = nn.chunked_cross_entropy(x_BxTxD, model.head.w_DxV[...], seq.tokens_BxL[:, 1:],
+                                       chunk=c.model.loss_chunk)
+    w_BxT = sequence.loss_weights(seq, layout, frame0_weight=c.sequence.frame0_weight)[:, 1:]
+    loss = jnp.sum(nll_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
+    content_BxT, frame_BxT = seq.content_BxL[:, 1:], seq.frame_BxL[:, 1:]
+    metrics = {'loss': loss,
+               'nll_frame0': nn.masked_mean(nll_BxT, content_BxT & (frame_BxT == 0)),
+               'nll_frame1': nn.masked_mean(nll_BxT, content_BxT & (frame_BxT == 1)),
+               **_skipped(batch)}
+    return loss, metrics
+
+  def evaluate(self, model):
+    """Probes on held-out synthetic clips with ground-truth flow (see module docstring)."""
+    c = self.config
+    if not c.probe.clips:
+      return {}
+    it = iter(self._data(data.eval_directory(c), train=False, seed=c.seed + 2,
+                         batch_size=c.probe.batch * jax.process_count(),
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         with_flow=True))
+    rng = np.random.default_rng(c.seed)
+    results = []
+    for _ in range(max(c.probe.clips // c.probe.batch, 1)):
+      batch = next(it)
+      results.append(self._probe(model, batch, rng))
+    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+
+  def _probe(self, model, batch, rng) -> dict:
+    c, layout = self.config, self.layout
+    frames = jnp.asarray(batch['frames'])
+    b, p = frames.shape[0], layout.patches
+    reveal = int(round(c.probe.reveal * p))
+    revealed_BxR = np.stack([rng.permutation(p)[:reveal] for _ in range(b)]).astype(np.int32)
+    out = _probe_frames(model, frames, jnp.asarray(revealed_BxR))
+    points_BxKx2 = _flow_points(np.asarray(batch['flow']), batch.get('visible'),
+                                c.probe.flow_points, layout, rng)
+    flow = _kl_flow(model, frames, jnp.asarray(points_BxKx2), c.probe.flow_radius)
+    gt_BxKx2 = counterfactual.cell_flow(batch['flow'], np.asarray(flow['cell_centre']),
+                                        layout.code)
+    epe = np.linalg.norm(np.asarray(flow['flow']) - gt_BxKx2, axis=-1)
+    return {**{k: float(np.mean(v)) for k, v in jax.device_get(out).items()},
+            'flow_epe': float(epe.mean()),
+            'zero_flow_epe': float(np.linalg.norm(gt_BxKx2, axis=-1).mean())}
+
+  def flops_per_example(self) -> float:
+    c, layout = self.config, self.layout
+    m = c.model
+    model = nnx.eval_shape(lambda: self.model(nnx.Rngs(0)))
+    t = layout.length - 1
+    matmuls = _weights(model.blocks) + _weights(model.head)
+    attention = 6 * m.layers * t * t * m.heads * m.head_dim  # causal: half of 12 L T^2 d
+    tokenizer = 2 * _weights(model.tokenizer) * layout.frames * (c.data.size // layout.code) ** 2
+    return 6 * matmuls * t + attention + tokenizer
+
+  def activation_bytes(self, examples_per_device: int) -> int:
+    m, t = self.config.model, self.layout.length - 1
+    return nn.stack_activation_bytes(
+        layers=m.layers, tokens=examples_per_device * t, dim=m.dim, mlp_hidden=m.mlp_hidden,
+        heads=m.heads, seq=t, remat=m.remat, dense_scores=m.attention == 'xla')
+
+
+@nnx.jit
+def _probe_frames(model, frames_Bx2xHxWx3, revealed_BxR):
+  """tokenizer_psnr, copy_frame_psnr and next_frame_psnr (hidden pixels) per clip."""
+  target_BxHxWx3 = frames_Bx2xHxWx3[:, 1].astype(jnp.float32) / 255
+  codes_Bx2xhxw = model.tokenize(frames_Bx2xHxWx3)
+  tok = model.tokenizer
+  pred = counterfactual.predict_codes(model, codes_Bx2xhxw, revealed_BxR, decode='mean')
+  copy_BxHxWx3 = tok.detokenize(codes_Bx2xhxw[:, 0])
+  return {'tokenizer_psnr': psnr(tok.detokenize(codes_Bx2xhxw[:, 1]), target_BxHxWx3),
+          'copy_frame_psnr': counterfactual.masked_psnr(copy_BxHxWx3, target_BxHxWx3,
+                                                        pred['hidden']),
+          'next_frame_psnr': counterfactual.masked_psnr(pred['image'], target_BxHxWx3,
+                                                        pred['hidden'])}
+
+
+@functools.partial(nnx.jit, static_argnums=3)
+def _kl_flow(model, frames, points, radius):
+  return counterfactual.kl_flow(model, frames, points, radius=radius)
+
+
+def _flow_points(flow_BxHxWx2, visible_BxHxW, k: int, layout, rng) -> np.ndarray:
+  """k points per clip at code-cell centres, preferring cells that move (|flow| >= 1 px).
+
+  Cells whose ground truth is occluded (when `visible` is known) are not used.
+  """
+  b, h, w, _ = flow_BxHxWx2.shape
+  s = layout.code
+  cell_flow = flow_BxHxWx2.reshape(b, h // s, s, w // s, s, 2).mean((2, 4))
+  moving = np.linalg.norm(cell_flow, axis=-1) >= 1.0
+  if visible_BxHxW is not None:
+    moving &= np.asarray(visible_BxHxW).reshape(b, h // s, s, w // s, s).all((2, 4))
+  points = np.zeros((b, k, 2), np.float32)
+  for i in range(b):
+    cells = np.argwhere(moving[i])
+    if len(cells) == 0:
+      cells = np.argwhere(np.ones_like(moving[i]))
+    pick = cells[rng.choice(len(cells), k, replace=len(cells) < k)]
+    points[i] = np.stack([s * pick[:, 1] + (s - 1) / 2, s * pick[:, 0] + (s - 1) / 2], -1)
+  return points

@@ -1,0 +1,1 @@
+"""Grain sources and transforms for video and neural data; importers; synthetic generators."""

@@ -1,0 +1,1 @@
+"""Importers: turn data in its native layout into brainscale's shards and stores."""

@@ -1,0 +1,1 @@
+"""Synthetic data with ground truth: physics videos with true optical flow."""

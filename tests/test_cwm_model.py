@@ -1,0 +1,110 @@
+"""CWM world model: sizes by describe, sharded forward/backward, frozen tokenizer, prerequisites."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from brainscale import config as config_lib
+from brainscale import parallel
+from brainscale.cwm import sequence
+from brainscale.train import describe, loop
+
+SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
+         '--config.model.head_dim=16', '--config.model.mlp_hidden=256',
+         '--config.train.batch_size=8', '--config.model.remat=full']
+
+
+def _params_line(text: str) -> int:
+  return int(re.search(r'^params: (\d+)', text, re.M).group(1))
+
+
+@pytest.mark.parametrize('name,low,high', [('cwm_80b', 78e9, 82e9), ('cwm_1b', 0.8e9, 1.3e9)])
+def test_describe_sizes_without_allocating(name, low, high):
+  c = config_lib.resolve(name, [])
+  text = describe.describe(c)
+  n = _params_line(text)
+  assert low <= n <= high, n
+  if name == 'cwm_80b':
+    assert "mesh: {'data': 3, 'fsdp': 8, 'tensor': 8} over 192 devices" in text
+    # every sharded dimension divides: the spec table printed without IndivisibleError
+    assert 'blocks/layers/mlp' in text
+
+
+def test_cwm_80b_shape_matches_reference():
+  c = config_lib.resolve('cwm_80b', [])
+  m = c.model
+  assert (m.layers, m.dim, m.heads, m.head_dim, m.mlp_hidden, m.vocab) == (
+      96, 8192, 64, 128, 32768, 131072)
+  layout = sequence.Layout(c.data.size, c.data.size, codes=2 ** c.tokenizer.model.bits)
+  assert layout.length == 10_240 and layout.vocab <= m.vocab
+
+
+def _batch(rng, b, size=64):
+  return {'frames': rng.integers(0, 256, (b, 2, size, size, 3), dtype=np.uint8),
+          'skipped': np.zeros((b,), np.int32)}
+
+
+def _train_steps(config, mesh, batch, steps=2):
+  setup = loop.build(config, mesh)
+  state = loop.init_state(setup)
+  before = jax.device_get(state['params'])
+  step = loop.make_train_step(setup, batch)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, loop.global_batch(setup, batch))
+    losses.append(float(metrics['loss']))
+  return setup, before, jax.device_get(state['params']), losses, metrics
+
+
+def test_forward_backward_sharded_fsdp_tensor_matches_one_device():
+  """8 simulated devices (data 2 x fsdp 2 x tensor 2) give the losses of 1 device."""
+  c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
+  batch = _batch(np.random.default_rng(0), 8)
+  c.mesh.ici.update(dict(data=2, fsdp=2, tensor=2))
+  mesh8 = parallel.make_mesh(c.mesh)
+  setup8, _, after8, losses8, metrics = _train_steps(c, mesh8, batch)
+  # parameters really are sharded over fsdp and tensor
+  w_q = setup8.abstract_state['params']['blocks']['layers']['attn']['w_q_DxNxH']
+  assert set(a for a in w_q.sharding.spec if a) == {'fsdp', 'tensor'}
+  c1 = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
+  c1.mesh.ici.update(dict(data=1, fsdp=1, tensor=1))
+  mesh1 = parallel.make_mesh(c1.mesh, devices=jax.devices()[:1])
+  _, _, after1, losses1, _ = _train_steps(c1, mesh1, batch)
+  np.testing.assert_allclose(losses8, losses1, rtol=2e-5)
+  assert np.isfinite(losses8).all() and losses8[1] < losses8[0] + 1.0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
+               after8, after1)
+  assert {'nll_frame0', 'nll_frame1', 'grad_norm', 'data_skipped'} <= set(metrics)
+
+
+def test_tokenizer_is_frozen_and_the_rest_trains():
+  c = config_lib.resolve('cwm_tiny', SMALL)
+  c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
+  _, before, after, _, _ = _train_steps(c, parallel.make_mesh(c.mesh), _batch(
+      np.random.default_rng(1), 8))
+  jax.tree.map(np.testing.assert_array_equal, before['tokenizer'], after['tokenizer'])
+  moved = jax.tree.map(lambda a, b: bool(np.any(a != b)), before['blocks'], after['blocks'])
+  assert all(jax.tree.leaves(moved))
+
+
+def test_model_logits_are_causal_and_depend_on_positions():
+  c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
+  from brainscale.cwm.task import Task  # noqa: PLC0415
+  task = Task(c)
+  model = task.model(nnx.Rngs(0))
+  rng = np.random.default_rng(2)
+  codes = rng.integers(0, task.layout.codes, (1, 2, 16, 16)).astype(np.int32)
+  seq = sequence.build(jnp.asarray(codes), sequence.random_order(jax.random.key(0), 1,
+                                                                 task.layout), task.layout)
+  x = model.features(seq.tokens_BxL, seq.pos_BxLx3)
+  tokens2 = seq.tokens_BxL.at[0, 100].set((seq.tokens_BxL[0, 100] + 1) % task.layout.codes)
+  x2 = model.features(tokens2, seq.pos_BxLx3)
+  np.testing.assert_allclose(x[:, :100], x2[:, :100], atol=1e-5)   # the past is untouched
+  assert not np.allclose(x[:, 100:], x2[:, 100:])
+  x3 = model.features(seq.tokens_BxL, seq.pos_BxLx3 + jnp.array([1.0, 0, 0]) * (
+      jnp.arange(seq.tokens_BxL.shape[1]) % 2)[None, :, None])
+  assert not np.allclose(x, x3)                                    # 3D RoPE is in use
