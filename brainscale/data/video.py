@@ -1,0 +1,277 @@
+"""Encoded-video clips in ArrayRecord shards, decoded by PyAV inside Grain workers.
+
+A folder made by `python -m brainscale.data.importers.videos SOURCE OUT` holds
+shard-*.array_record files (one record per clip: H.264 mp4 bytes + a JSON header
++ optional raw arrays such as ground-truth flow) and index.json. Example i of a
+pipeline is a pure function of (seed, i), so batches do not depend on the
+number of workers and an iterator's state is just its position.
+"""
+
+import dataclasses
+import io
+import json
+import math
+import pathlib
+import struct
+
+import av
+import grain
+import numpy as np
+
+MAGIC = b'BSV1'
+IMPORT_COMMAND = 'python -m brainscale.data.importers.videos SOURCE OUT'
+_PRIME = 1_000_003   # record r that fails is replaced by r + k * _PRIME (mod records)
+_TRIES = 8           # records tried per example before the pipeline gives up
+
+
+# ---------------------------------------------------------------- records
+
+def encode_record(header: dict, video: bytes, arrays: dict[str, np.ndarray] | None = None) -> bytes:
+  """b'BSV1' + uint32 header length + JSON header + video bytes + raw little-endian arrays."""
+  entries, blobs, offset = [], [], len(video)
+  for name, array in (arrays or {}).items():
+    array = np.ascontiguousarray(array)
+    array = array.astype(array.dtype.newbyteorder('<'), copy=False)
+    entries.append({'name': name, 'dtype': array.dtype.str, 'shape': list(array.shape),
+                    'offset': offset, 'nbytes': array.nbytes})
+    blobs.append(array.tobytes())
+    offset += array.nbytes
+  header = {**header, 'video_bytes': len(video), 'arrays': entries}
+  header_bytes = json.dumps(header, sort_keys=True).encode()
+  return b''.join([MAGIC, struct.pack('<I', len(header_bytes)), header_bytes, video, *blobs])
+
+
+def decode_header(record: bytes) -> dict:
+  """The JSON header of a record written by encode_record (the payload is not read)."""
+  if record[:4] != MAGIC:
+    raise ValueError(f'brainscale: not a video record: starts with {bytes(record[:4])!r}, '
+                     f'expected {MAGIC!r}')
+  if len(record) < 8:
+    raise ValueError(f'brainscale: video record truncated: {len(record)} bytes, no header length')
+  (header_len,) = struct.unpack('<I', record[4:8])
+  if len(record) < 8 + header_len:
+    raise ValueError(f'brainscale: video record truncated: header needs {header_len} bytes, '
+                     f'{len(record) - 8} present')
+  try:
+    return json.loads(record[8:8 + header_len])
+  except ValueError as e:
+    raise ValueError(f'brainscale: video record header is not valid JSON ({e})') from None
+
+
+def decode_record(record: bytes) -> tuple[dict, bytes, dict[str, np.ndarray]]:
+  """(header, video bytes, arrays) of a record written by encode_record."""
+  header = decode_header(record)
+  (header_len,) = struct.unpack('<I', record[4:8])
+  payload = memoryview(record)[8 + header_len:]
+  ends = [header['video_bytes']] + [a['offset'] + a['nbytes'] for a in header['arrays']]
+  if len(payload) < max(ends):
+    raise ValueError(f'brainscale: video record truncated: payload needs {max(ends)} bytes, '
+                     f'{len(payload)} present')
+  arrays = {}
+  for a in header['arrays']:
+    chunk = payload[a['offset']:a['offset'] + a['nbytes']]
+    arrays[a['name']] = np.frombuffer(chunk, a['dtype']).reshape(a['shape']).copy()
+  return header, bytes(payload[:header['video_bytes']]), arrays
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_frames(video: bytes, frame_indices: list[int], *, width: int | None = None,
+                  height: int | None = None, gop: int | None = None) -> np.ndarray:
+  """Frames [F, H, W, 3] uint8 at the given indices of a constant-rate clip, resized if asked.
+
+  Seeks to the keyframe before the first wanted frame and decodes forward. With
+  `gop` (the clip's keyframe interval) it seeks again wherever a keyframe lies
+  between the decoder's position and the next wanted frame.
+  """
+  wanted = sorted(set(int(i) for i in frame_indices))
+  if not wanted or wanted[0] < 0:
+    raise ValueError(f'brainscale: frame indices must be non-negative, got {list(frame_indices)}')
+  found, position = {}, 0   # position: index of the frame the decoder returns next
+  with av.open(io.BytesIO(video), mode='r') as container:
+    stream = container.streams.video[0]
+    stream.codec_context.thread_count = 1
+    start, step = stream.start_time or 0, 1 / (stream.average_rate * stream.time_base)
+    frames = container.decode(stream)
+    for target in wanted:
+      if target > position and (position == 0 or gop and target // gop * gop > position):
+        container.seek(start + math.floor(target * step), stream=stream)
+        frames = container.decode(stream)
+      for frame in frames:
+        position = round((frame.pts - start) / step) + 1
+        if position - 1 >= target:
+          break
+      if position - 1 == target:
+        found[target] = _rgb(frame, width, height)
+      else:
+        raise ValueError(f'brainscale: frame {target} is not in this clip '
+                         f'(decoding reached frame {position - 1})')
+  return np.stack([found[int(i)] for i in frame_indices])
+
+
+def _rgb(frame: av.VideoFrame, width: int | None, height: int | None) -> np.ndarray:
+  """The frame as RGB [H, W, 3], resized if asked (one thread: a new scaler per call is cheap)."""
+  return frame.reformat(width=width, height=height, format='rgb24', threads=1).to_ndarray()
+
+
+def resize_flow(flow_HxWx2: np.ndarray, height: int, width: int) -> np.ndarray:
+  """Flow (dx, dy in pixels) bilinearly resampled onto a height x width grid, values rescaled."""
+  h, w = flow_HxWx2.shape[:2]
+  flow_HxWx2 = np.asarray(flow_HxWx2, np.float32)
+  if (h, w) == (height, width):
+    return flow_HxWx2
+  y0, y1, fy = _taps(h, height)
+  x0, x1, fx = _taps(w, width)
+  rows = flow_HxWx2[y0] * (1 - fy)[:, None, None] + flow_HxWx2[y1] * fy[:, None, None]
+  out_hxwx2 = rows[:, x0] * (1 - fx)[None, :, None] + rows[:, x1] * fx[None, :, None]
+  return out_hxwx2 * np.array([width / w, height / h], np.float32)
+
+
+def _taps(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Source neighbours and weights for resampling n pixel centres onto m (half-pixel aligned)."""
+  x = np.clip((np.arange(m) + 0.5) * (n / m) - 0.5, 0, n - 1)
+  lo = np.floor(x).astype(np.int64)
+  return lo, np.minimum(lo + 1, n - 1), (x - lo).astype(np.float32)
+
+
+# ---------------------------------------------------------------- Grain source
+
+class ClipSource:
+  """Random access to every clip record of an imported video folder; `.index` is index.json."""
+
+  def __init__(self, directory):
+    self.directory = pathlib.Path(directory)
+    index_path = self.directory / 'index.json'
+    if not index_path.is_file():
+      raise FileNotFoundError(f'brainscale: {self.directory} is not an imported video folder '
+                              f'(no index.json); run {IMPORT_COMMAND}')
+    self.index = json.loads(index_path.read_text())
+    if not self.index['clips']:
+      raise ValueError(f'brainscale: {self.directory} holds no clips; see its report.json')
+    paths = [f'{self.directory / s["name"]}[0:{s["records"]}]' for s in self.index['shards']]
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, record_index: int) -> bytes:
+    return self._records[record_index]
+
+  def __repr__(self) -> str:
+    return f'ClipSource({str(self.directory)!r}, clips={len(self)})'
+
+
+# ---------------------------------------------------------------- pipeline
+
+def gap_frames(gap_ms: float, fps: float) -> int:
+  """The gap in frames nearest to gap_ms at this frame rate (halves round up), at least 1."""
+  return max(1, math.floor(gap_ms * fps / 1000 + 0.5))
+
+
+class _SettingsError(ValueError):
+  """The pipeline's settings do not fit the data: raised at once, never skipped."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Examples:
+  """Example i of the pipeline, made from record r (or a replacement if r fails to decode)."""
+  source: ClipSource
+  seed: int
+  size: int
+  frames: int
+  gap_ms: float
+  train: bool
+  scale: tuple[float, float]
+  with_flow: bool
+  process_index: int
+  process_count: int
+
+  def __call__(self, local_index: int, record_index: int) -> dict:
+    index = local_index * self.process_count + self.process_index   # same on any process count
+    rng = np.random.default_rng([self.seed, index])
+    errors = []
+    for k in range(_TRIES):
+      r = (record_index + k * _PRIME) % len(self.source)
+      try:
+        return {**self.example(self.source[r], rng), 'skipped': np.int32(k)}
+      except _SettingsError:
+        raise
+      except Exception as e:  # a broken record is replaced, counted in 'skipped'
+        errors.append(f'record {r}: {type(e).__name__}: {e}')
+    raise RuntimeError(f'brainscale: example {index}: {_TRIES} records in a row failed to decode '
+                       f'in {self.source.directory}; last: {errors[-1]}')
+
+  def example(self, record: bytes, rng: np.random.Generator) -> dict:
+    """Frames gap apart from a uniform start, resized (short side size * s) and cropped."""
+    header, video, arrays = decode_record(record)
+    gap = gap_frames(self.gap_ms, header['fps'])
+    if self.with_flow:
+      self.check_flow(header, gap)
+    span = (self.frames - 1) * gap + 1
+    if header['frames'] < span:
+      raise ValueError(f'clip has {header["frames"]} frames; {self.frames} frames {gap} apart '
+                       f'need {span}')
+    start = int(rng.integers(0, header['frames'] - span + 1))
+    width, height, y0, x0 = self.geometry(header['width'], header['height'], rng)
+    crop = (slice(y0, y0 + self.size), slice(x0, x0 + self.size))
+    frames_FxHxWx3 = decode_frames(video, list(range(start, start + span, gap)), width=width,
+                                   height=height, gop=header.get('gop'))
+    example = {'frames': np.ascontiguousarray(frames_FxHxWx3[:, crop[0], crop[1]])}
+    if self.with_flow:
+      flow_HxWx2 = resize_flow(arrays['flow'][start], height, width)
+      example['flow'] = np.ascontiguousarray(flow_HxWx2[crop])
+    return example
+
+  def geometry(self, w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(width, height) to resize a w x h clip to (short side size * s), and the crop's (y0, x0)."""
+    s = rng.uniform(*self.scale) if self.train else 1.0
+    short = max(self.size, round(self.size * s))
+    width = max(self.size, round(w * short / min(w, h)))
+    height = max(self.size, round(h * short / min(w, h)))
+    if not self.train:
+      return width, height, (height - self.size) // 2, (width - self.size) // 2
+    y0 = int(rng.integers(0, height - self.size + 1))
+    return width, height, y0, int(rng.integers(0, width - self.size + 1))
+
+  def check_flow(self, header: dict, gap: int):
+    """Raises unless the record carries flow over exactly the sampled gap."""
+    where = f'{header["source"]} clip {header["clip"]}'
+    if 'flow_gap_frames' not in header:
+      raise _SettingsError(f'brainscale: with_flow=True but {where} has no ground-truth flow '
+                           '(import videos with X.flow.npy and X.json sidecars)')
+    if header['flow_gap_frames'] != gap:
+      fps, flow_gap = header['fps'], header['flow_gap_frames']
+      raise _SettingsError(
+          f'brainscale: gap_ms={self.gap_ms} at {fps:g} fps is a gap of {gap} frames, but the '
+          f'ground-truth flow of {where} spans {flow_gap} frames; '
+          f'use gap_ms={flow_gap * 1000 / fps:g}')
+
+
+def pipeline(directory, *, seed: int, batch_size: int, process_index: int, process_count: int,
+             size: int, frames: int = 2, gap_ms: float = 150.0, train: bool = True,
+             workers: int = 0, prefetch: int = 2, scale: tuple[float, float] = (1.0, 1.25),
+             with_flow: bool = False, num_epochs: int | None = None) -> grain.IterDataset:
+  """Batches of this process: {'frames' uint8 [b, frames, size, size, 3], 'skipped' int32 [b]}.
+
+  b = batch_size // process_count; process p takes examples p, p + P, ... of the
+  (shuffled, when train) repeated clip list. with_flow adds 'flow' float32
+  [b, size, size, 2], the ground-truth flow from frame 0 to frame 1.
+  """
+  if batch_size % process_count:
+    raise ValueError(f'brainscale: batch_size={batch_size} does not split over '
+                     f'{process_count} processes')
+  if with_flow and frames != 2:
+    raise ValueError(f'brainscale: with_flow=True needs frames=2, got frames={frames}')
+  source = ClipSource(directory)
+  make = _Examples(source, seed=seed, size=size, frames=frames, gap_ms=gap_ms, train=train,
+                   scale=tuple(scale), with_flow=with_flow, process_index=process_index,
+                   process_count=process_count)
+  ds = grain.MapDataset.range(len(source))
+  if train:
+    ds = ds.seed(seed).shuffle()   # reshuffled every epoch by the repeat below
+  ds = ds.repeat(num_epochs)[process_index::process_count]
+  ds = ds.map_with_index(make).batch(batch_size // process_count, drop_remainder=True)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+  if workers > 0:
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+  return it
