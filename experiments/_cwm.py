@@ -72,13 +72,14 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
 
   c.sequence = ml_collections.ConfigDict()
   c.sequence.patch = 8                 # pixels per patch side: 1 pointer + 2x2 codes
-  c.sequence.frame0_weight = 1.0       # loss weight of frame-0 content (frame 1 has 1)
+  c.sequence.frame0_weight = 0.1       # loss weight of frame-0 content (frame 1 has 1)
 
   c.probe = ml_collections.ConfigDict()
   c.probe.clips = 16                   # held-out clips the eval probes (0: none)
   c.probe.batch = 4
   c.probe.reveal = 0.25                # fraction of frame-1 patches shown to next-frame prediction
   c.probe.flow_points = 4              # KL-traced points per clip
+  c.probe.min_motion = 3.0             # ... on cells whose true flow is at least this (pixels)
   c.probe.flow_radius = 1              # hidden (2r+1)^2 patches around each traced point
 
   c.train.groups.tokenizer = dict(pattern=r'^tokenizer/', lr_scale=0.0, weight_decay=0.0)

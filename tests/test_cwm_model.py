@@ -43,7 +43,7 @@ def test_cwm_80b_shape_matches_reference():
   assert layout.length == 10_240 and layout.vocab <= m.vocab
 
 
-def _batch(rng, b, size=64):
+def _batch(rng, b, size=48):
   return {'frames': rng.integers(0, 256, (b, 2, size, size, 3), dtype=np.uint8),
           'skipped': np.zeros((b,), np.int32)}
 
@@ -81,6 +81,15 @@ def test_forward_backward_sharded_fsdp_tensor_matches_one_device():
   assert {'nll_frame0', 'nll_frame1', 'grad_norm', 'data_skipped'} <= set(metrics)
 
 
+def test_frames_of_another_size_are_a_clear_error():
+  c = config_lib.resolve('cwm_tiny', SMALL)
+  c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
+  setup = loop.build(c, parallel.make_mesh(c.mesh))
+  batch = _batch(np.random.default_rng(3), 8, size=64)
+  with pytest.raises(ValueError, match=r'frames of 64x64.*data.size=48'):
+    loop.make_train_step(setup, batch)(loop.init_state(setup), loop.global_batch(setup, batch))
+
+
 def test_tokenizer_is_frozen_and_the_rest_trains():
   c = config_lib.resolve('cwm_tiny', SMALL)
   c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
@@ -97,14 +106,15 @@ def test_model_logits_are_causal_and_depend_on_positions():
   task = Task(c)
   model = task.model(nnx.Rngs(0))
   rng = np.random.default_rng(2)
-  codes = rng.integers(0, task.layout.codes, (1, 2, 16, 16)).astype(np.int32)
+  h, w = task.layout.height // 4, task.layout.width // 4
+  codes = rng.integers(0, task.layout.codes, (1, 2, h, w)).astype(np.int32)
   seq = sequence.build(jnp.asarray(codes), sequence.random_order(jax.random.key(0), 1,
                                                                  task.layout), task.layout)
   x = model.features(seq.tokens_BxL, seq.pos_BxLx3)
-  tokens2 = seq.tokens_BxL.at[0, 100].set((seq.tokens_BxL[0, 100] + 1) % task.layout.codes)
+  tokens2 = seq.tokens_BxL.at[0, 101].set((seq.tokens_BxL[0, 101] + 1) % task.layout.codes)
   x2 = model.features(tokens2, seq.pos_BxLx3)
-  np.testing.assert_allclose(x[:, :100], x2[:, :100], atol=1e-5)   # the past is untouched
-  assert not np.allclose(x[:, 100:], x2[:, 100:])
+  np.testing.assert_allclose(x[:, :101], x2[:, :101], atol=1e-5)   # the past is untouched
+  assert not np.allclose(x[:, 101:], x2[:, 101:])
   x3 = model.features(seq.tokens_BxL, seq.pos_BxLx3 + jnp.array([1.0, 0, 0]) * (
       jnp.arange(seq.tokens_BxL.shape[1]) % 2)[None, :, None])
   assert not np.allclose(x, x3)                                    # 3D RoPE is in use

@@ -197,7 +197,8 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   patches with and without the perturbation (conditioning on the same clean
   codes) and take KL(perturbed || clean) of every hidden code. The flow is the
   KL-weighted centre of the codes whose KL is at least `top` x the largest,
-  minus the centre of the perturbed cell. Returns flow [B, K, 2] (pixels),
+  minus the centre of the perturbed cell (points outside the frame are clipped
+  to its edge cells). Returns flow [B, K, 2] (pixels),
   kl [B, K, h, w] (zero outside the window) and cell centres [B, K, 2].
   """
   layout = model.layout
@@ -210,11 +211,12 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   frames_NxFxHxWx3 = jnp.repeat(frames_Bx2xHxWx3, k, axis=0)
   points_Nx2 = points_BxKx2.reshape(b * k, 2)
   clean_Nx2xhxw = model.tokenize(frames_NxFxHxWx3)
-  pert0_NxHxWx3 = perturb(frames_NxFxHxWx3[:, 0], points_Nx2[:, None], size=layout.code)[:, 0]
+  grid_max = jnp.array([layout.width // layout.code - 1, layout.height // layout.code - 1])
+  cell_Nx2 = jnp.clip((points_Nx2 // layout.code).astype(jnp.int32), 0, grid_max)  # (cx, cy)
+  pert0_NxHxWx3 = perturb(frames_NxFxHxWx3[:, 0], layout.code * cell_Nx2[:, None],
+                          size=layout.code)[:, 0]
   pert0_Nxhxw = model.tokenize(pert0_NxHxWx3[:, None])[:, 0]
   pert_Nx2xhxw = clean_Nx2xhxw.at[:, 0].set(pert0_Nxhxw)
-
-  cell_Nx2 = (points_Nx2 // layout.code).astype(jnp.int32)              # (cx, cy) code cell
   patch_yx_Nx2 = jnp.stack([cell_Nx2[:, 1] // 2, cell_Nx2[:, 0] // 2], -1)
   hidden_NxQ = _window(patch_yx_Nx2, layout.grid, radius)
   p = layout.patches

@@ -107,6 +107,9 @@ class Task(_VideoTask):
 
   def loss(self, model, batch, rng, train):
     c, layout = self.config, self.layout
+    if batch['frames'].shape[2:4] != (layout.height, layout.width):
+      h, w = batch['frames'].shape[2:4]
+      raise ValueError(f'frames of {h}x{w} pixels; this model is built for data.size={c.data.size}')
     codes_BxFxhxw = model.tokenize(batch['frames'])
     order_BxN = sequence.random_order(rng, codes_BxFxhxw.shape[0], layout)
     seq = sequence.build(codes_BxFxhxw, order_BxN, layout)
@@ -146,7 +149,7 @@ class Task(_VideoTask):
     revealed_BxR = np.stack([rng.permutation(p)[:reveal] for _ in range(b)]).astype(np.int32)
     out = _probe_frames(model, frames, jnp.asarray(revealed_BxR))
     points_BxKx2 = _flow_points(np.asarray(batch['flow']), batch.get('visible'),
-                                c.probe.flow_points, layout, rng)
+                                c.probe.flow_points, c.probe.min_motion, layout, rng)
     flow = _kl_flow(model, frames, jnp.asarray(points_BxKx2), c.probe.flow_radius)
     gt_BxKx2 = counterfactual.cell_flow(batch['flow'], np.asarray(flow['cell_centre']),
                                         layout.code)
@@ -192,22 +195,24 @@ def _kl_flow(model, frames, points, radius):
   return counterfactual.kl_flow(model, frames, points, radius=radius)
 
 
-def _flow_points(flow_BxHxWx2, visible_BxHxW, k: int, layout, rng) -> np.ndarray:
-  """k points per clip at code-cell centres, preferring cells that move (|flow| >= 1 px).
+def _flow_points(flow_BxHxWx2, visible_BxHxW, k: int, min_motion: float, layout,
+                 rng) -> np.ndarray:
+  """k points per clip at code-cell centres, among cells that move >= `min_motion` pixels.
 
   Cells whose ground truth is occluded (when `visible` is known) are not used.
   """
   b, h, w, _ = flow_BxHxWx2.shape
   s = layout.code
   cell_flow = flow_BxHxWx2.reshape(b, h // s, s, w // s, s, 2).mean((2, 4))
-  moving = np.linalg.norm(cell_flow, axis=-1) >= 1.0
+  moving = np.linalg.norm(cell_flow, axis=-1) >= min_motion
   if visible_BxHxW is not None:
     moving &= np.asarray(visible_BxHxW).reshape(b, h // s, s, w // s, s).all((2, 4))
   points = np.zeros((b, k, 2), np.float32)
   for i in range(b):
     cells = np.argwhere(moving[i])
-    if len(cells) == 0:
-      cells = np.argwhere(np.ones_like(moving[i]))
+    if len(cells) == 0:  # nothing moves that far: the fastest cells
+      speed = np.linalg.norm(cell_flow[i], axis=-1)
+      cells = np.argwhere(speed >= np.sort(speed.reshape(-1))[-k])
     pick = cells[rng.choice(len(cells), k, replace=len(cells) < k)]
     points[i] = np.stack([s * pick[:, 1] + (s - 1) / 2, s * pick[:, 0] + (s - 1) / 2], -1)
   return points

@@ -1,0 +1,187 @@
+"""CWM end to end on a tiny trained model: prerequisite tokenizer, training, eval, probes."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from brainscale import config as config_lib
+from brainscale.cwm import counterfactual, sequence
+from brainscale.train import loop
+from brainscale.train.checkpoint import Checkpoints
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATA = ['--config.data.synthetic.count=12', '--config.data.eval_synthetic.count=4',
+        '--config.data.workers=0', '--config.train.batch_size=4', '--config.train.eval_batches=1',
+        '--config.checkpoint.every_steps=1000', '--config.train.log_every=5']
+TOKENIZER = DATA + ['--config.train.steps=30']
+WORLD = DATA + ['--config.train.steps=12', '--config.model.layers=2', '--config.model.dim=64',
+                '--config.model.heads=4', '--config.model.head_dim=16',
+                '--config.model.mlp_hidden=256', '--config.probe.clips=4',
+                '--config.probe.batch=2', '--config.probe.flow_points=2']
+
+
+def run_cli(*args, env=None, timeout=900):
+  return subprocess.run([sys.executable, str(ROOT / 'launch' / 'run.py'), *args],
+                        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def _config():
+  return config_lib.resolve('cwm_tiny', WORLD + [
+      f'--config.tokenizer.overrides={tuple(TOKENIZER)!r}'])
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+  """cwm_tiny shrunk: trains its tokenizer first, then the world model, then evaluates."""
+  tmp = tmp_path_factory.mktemp('cwm')
+  env = {**os.environ, 'BRAINSCALE_DATA': str(tmp / 'data'), 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': ''}
+  workdir = tmp / 'run'
+  overrides = [a for a in WORLD] + [f'--config.tokenizer.overrides={tuple(TOKENIZER)!r}']
+  out = run_cli('--experiment=cwm_tiny', f'--workdir={workdir}', *overrides, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out.stdout + out.stderr, env, overrides
+
+
+def _model(workdir):
+  c = _config()
+  setup = loop.build(c)
+  checkpoints = Checkpoints(str(workdir), keep=3, async_save=False)
+  state = checkpoints.restore(checkpoints.latest(), setup.abstract_state)
+  checkpoints.close()
+  return nnx.merge(setup.graphdef, state['params']), setup
+
+
+@pytest.mark.slow
+def test_trains_tokenizer_first_then_world_model_with_it_frozen(trained):
+  workdir, log, env, overrides = trained
+  assert 'prerequisite tokenizer: cwm_tokenizer_tiny' in log
+  assert 'rendering 12 synthetic clips' in log
+  assert (workdir / 'tokenizer' / 'checkpoints' / '30').is_dir()
+  assert (workdir / 'checkpoints' / '12').is_dir()
+  # The world model's tokenizer is the prerequisite's final tokenizer, unchanged by training.
+  tok_config = config_lib.resolve('cwm_tokenizer_tiny', list(eval(overrides[-1].split('=', 1)[1])))
+  tok_setup = loop.build(tok_config)
+  ck = Checkpoints(str(workdir / 'tokenizer'), keep=3, async_save=False)
+  tok_params = ck.restore(30, tok_setup.abstract_state)['params']
+  ck.close()
+  model, _ = _model(workdir)
+  _, wm_tok = nnx.split(model.tokenizer, nnx.Param)
+  wm_tok = loop.param_tree(wm_tok, lambda v: v[...])
+  jax.tree.map(np.testing.assert_array_equal, wm_tok, jax.device_get(tok_params))
+  # eval prints every probe metric
+  out = run_cli('--experiment=cwm_tiny', f'--workdir={workdir}', '--mode=eval', *overrides,
+                env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  line = next(l for l in (out.stdout + out.stderr).splitlines() if l.startswith('eval step'))
+  for name in ('next_frame_psnr', 'copy_frame_psnr', 'tokenizer_psnr', 'flow_epe',
+               'zero_flow_epe', 'nll_frame1'):
+    assert f'{name} ' in line, line
+  rows = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert any('eval/flow_epe' in r for r in rows)
+
+
+@pytest.fixture(scope='module')
+def probe_inputs(trained):
+  workdir, _, env, _ = trained
+  os.environ['BRAINSCALE_DATA'] = env['BRAINSCALE_DATA']
+  model, setup = _model(workdir)
+  batch = setup.task.eval_data(0, 1)[0]
+  return model, jnp.asarray(batch['frames'][:2])
+
+
+@pytest.mark.slow
+def test_parallel_decoding_equals_one_query_at_a_time(probe_inputs):
+  """The shared-prefix mask: each query sees the context and itself, nothing else."""
+  model, frames = probe_inputs
+  layout = model.layout
+  p = layout.patches
+  codes = model.tokenize(frames)
+  context = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (2, p)),
+                             p + jnp.broadcast_to(jnp.arange(0, p, 2), (2, p // 2))], 1)
+  queries = p + jnp.broadcast_to(jnp.array([1, 7, 13]), (2, 3))
+  tok, logp = counterfactual.decode_patches(model, codes, context, queries)
+  for k in range(3):
+    tok_k, logp_k = counterfactual.decode_patches(model, codes, context, queries[:, k:k + 1])
+    np.testing.assert_array_equal(tok[:, k], tok_k[:, 0])
+    np.testing.assert_allclose(logp[:, k], logp_k[:, 0], atol=2e-4)
+  # Sequential: the first query sees only the context (same as parallel); later ones differ.
+  tok_s, logp_s = counterfactual.decode_patches(model, codes, context, queries, sequential=True)
+  np.testing.assert_allclose(logp_s[:, 0], logp[:, 0], atol=2e-4)
+  assert not np.allclose(logp_s[:, 2], logp[:, 2], atol=1e-4)
+  # Teacher forcing: conditioning on given tokens reproduces a chosen run exactly.
+  _, logp_t = counterfactual.decode_patches(model, codes, context, queries, teacher_BxQx4=tok)
+  np.testing.assert_allclose(logp_t, logp, atol=2e-4)
+  assert np.allclose(np.exp(logp).sum(-1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_predict_frame_keeps_revealed_patches_and_returns_images(probe_inputs):
+  model, frames = probe_inputs
+  layout = model.layout
+  revealed = jnp.asarray(np.stack([np.arange(0, layout.patches, 3)] * 2), jnp.int32)
+  codes = model.tokenize(frames)
+  for decode in ('mean', 'argmax', 'sample'):
+    out = counterfactual.predict_frame(model, frames, revealed, decode=decode,
+                                       key=jax.random.key(1))
+    image = np.asarray(out['image'])
+    assert image.shape == (2, layout.height, layout.width, 3)
+    assert image.min() >= 0 and image.max() <= 1
+    content = np.asarray(sequence.patchify(out['codes'][:, None], sequence.Layout(
+        layout.height, layout.width, layout.codes, frames=1)))
+    truth = np.asarray(sequence.patchify(codes, layout))[:, layout.patches:]
+    np.testing.assert_array_equal(content[:, np.asarray(revealed[0])],
+                                  truth[:, np.asarray(revealed[0])])
+    hidden = np.asarray(out['hidden'])
+    assert hidden.mean() == pytest.approx(1 - revealed.shape[1] / layout.patches)
+  seq = counterfactual.predict_frame(model, frames, revealed, sequential=True, decode='argmax')
+  assert seq['image'].shape == (2, layout.height, layout.width, 3)
+
+
+@pytest.mark.slow
+def test_move_patch_and_perturb(probe_inputs):
+  model, frames = probe_inputs
+  layout = model.layout
+  out = counterfactual.move_patch(model, frames, jnp.array([9, 9]), jnp.array([27, 30]),
+                                  jnp.asarray([[0, 1, 2]] * 2, jnp.int32), decode='argmax')
+  codes0 = np.asarray(sequence.patchify(model.tokenize(frames), layout))[:, 9]
+  got = np.asarray(sequence.patchify(out['codes'][:, None], sequence.Layout(
+      layout.height, layout.width, layout.codes, frames=1)))
+  np.testing.assert_array_equal(got[0, 27], codes0[0])
+  np.testing.assert_array_equal(got[1, 30], codes0[1])
+  pert = np.asarray(counterfactual.perturb(frames[:, 0], jnp.array([[[5.0, 9.0]]] * 2)))
+  assert pert.shape == (2, 1, layout.height, layout.width, 3)
+  diff = pert[:, 0] != np.asarray(frames[:, 0])
+  assert not diff[:, :8].any() and not diff[:, 12:].any() and not diff[:, :, 8:].any()
+  np.testing.assert_array_equal(pert[:, 0, 8:12, 4:8], 255 - np.asarray(frames[:, 0, 8:12, 4:8]))
+
+
+@pytest.mark.slow
+def test_kl_flow_maps_and_flow(probe_inputs):
+  model, frames = probe_inputs
+  layout = model.layout
+  w = layout.width
+  points = jnp.array([[[10.0, 30.0], [w - 4.0, 2.0]], [[33.0, 33.0], [1.0, 1.0]]])
+  out = counterfactual.kl_flow(model, frames, points, radius=1)
+  kl = np.asarray(out['kl'])
+  assert kl.shape == (2, 2, layout.height // 4, layout.width // 4)
+  assert (kl >= -1e-5).all()
+  # zero outside the 3 x 3 patch window (6 x 6 codes) around each point
+  assert ((kl > 0).sum((2, 3)) <= 36).all()
+  # the window of a corner point stays inside the frame
+  assert (kl[1, 1, 6:, :] == 0).all() and (kl[1, 1, :, 6:] == 0).all()
+  np.testing.assert_allclose(np.asarray(out['cell_centre'])[0, 0], [9.5, 29.5])
+  flow = np.asarray(out['flow'])
+  assert flow.shape == (2, 2, 2) and np.isfinite(flow).all()
+  assert np.abs(flow).max() <= 24 + 4   # within the window
+  # a point off the frame is clipped to the edge cell
+  off = counterfactual.kl_flow(model, frames[:1], jnp.array([[[w + 50.0, -9.0]]]), radius=1)
+  np.testing.assert_allclose(np.asarray(off['cell_centre'])[0, 0], [w - 2.5, 1.5])
