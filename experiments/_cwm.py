@@ -73,6 +73,8 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.sequence = ml_collections.ConfigDict()
   c.sequence.patch = 8                 # pixels per patch side: 1 pointer + 2x2 codes
   c.sequence.frame0_weight = 0.1       # loss weight of frame-0 content (frame 1 has 1)
+  c.sequence.reveal = 0.0              # up to this fraction of frame-1 patches come first
+                                       # as 'revealed' (no loss), like a probe's context
 
   c.probe = ml_collections.ConfigDict()
   c.probe.clips = 16                   # held-out clips the eval probes (0: none)

@@ -61,3 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.process_id = -1
   c.mesh.init_timeout_s = 1800
   return c
+
+
+def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, gpu: str = 'H100-SXM-80GB',
+            hbm_gib: int = 80) -> ml_collections.ConfigDict:
+  """The `cluster` section of a large experiment: what its SLURM job asks for."""
+  return ml_collections.ConfigDict(dict(
+      nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu, hbm_gib=hbm_gib,
+      time_limit=time_limit, partition='', account=''))

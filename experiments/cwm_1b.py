@@ -24,7 +24,5 @@ def get_config():
   c.checkpoint.every_steps = 1000
 
   c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=8, sequence=1, tensor=1))
-  c.cluster = ml_collections.ConfigDict(dict(
-      nodes=1, gpus_per_node=8, gpu='H100-SXM-80GB', hbm_gib=80, time_limit='7-00:00:00',
-      partition='', account=''))
+  c.cluster = base.cluster(nodes=1, time_limit='7-00:00:00')
   return c

@@ -32,7 +32,5 @@ def get_config():
 
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=3, fsdp=8, sequence=1, tensor=1))
   c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=8))
-  c.cluster = ml_collections.ConfigDict(dict(
-      nodes=24, gpus_per_node=8, gpu='H100-SXM-80GB', hbm_gib=80, time_limit='30-00:00:00',
-      partition='', account=''))
+  c.cluster = base.cluster(nodes=24, time_limit='30-00:00:00')
   return c

@@ -1,8 +1,6 @@
 # python launch/run.py --experiment=cwm_tokenizer --config.data.directory=/data/videos_imported
 """The 2^16-code local patch quantizer for 256x256 frames (cwm_1b, cwm_80b)."""
 
-import ml_collections
-
 from experiments import _cwm, base
 
 
@@ -24,7 +22,5 @@ def get_config():
   c.train.log_every = 100
   c.checkpoint.every_steps = 2000
 
-  c.cluster = ml_collections.ConfigDict(dict(
-      nodes=1, gpus_per_node=8, gpu='H100-SXM-80GB', hbm_gib=80, time_limit='2-00:00:00',
-      partition='', account=''))
+  c.cluster = base.cluster(nodes=1, time_limit='2-00:00:00')
   return c

@@ -3,9 +3,24 @@
 import os
 import pathlib
 import sys
+import zlib
+
+import numpy as np
+import pytest
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture
+def seed(request) -> int:
+  """A seed of this test's own (its node id hashed): reproducible, different per test."""
+  return zlib.crc32(request.node.nodeid.encode()) % (1 << 20)
+
+
+@pytest.fixture
+def rng(seed) -> np.random.Generator:
+  return np.random.default_rng(seed)

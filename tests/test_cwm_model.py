@@ -81,6 +81,21 @@ def test_forward_backward_sharded_fsdp_tensor_matches_one_device():
   assert {'nll_frame0', 'nll_frame1', 'grad_norm', 'data_skipped'} <= set(metrics)
 
 
+def test_revealed_frame1_patches_carry_no_loss():
+  """sequence.reveal: the first k frame-1 patches are context; the loss is on the rest."""
+  from brainscale.cwm.task import Task  # noqa: PLC0415
+  batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(4), 4).items()}
+  losses = {}
+  for reveal in (0.0, 1.0):
+    c = config_lib.resolve('cwm_tiny', SMALL + [f'--config.sequence.reveal={reveal}',
+                                                '--config.sequence.frame0_weight=0.0'])
+    task = Task(c)
+    model = task.model(nnx.Rngs(0))
+    losses[reveal] = float(task.loss(model, batch, jax.random.key(7), True)[0])
+  # same model, same order: revealing patches drops them from the mean, so the loss changes
+  assert losses[0.0] != losses[1.0]
+
+
 def test_frames_of_another_size_are_a_clear_error():
   c = config_lib.resolve('cwm_tiny', SMALL)
   c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))

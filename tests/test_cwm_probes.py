@@ -92,9 +92,16 @@ def test_trains_tokenizer_first_then_world_model_with_it_frozen(trained):
 @pytest.fixture(scope='module')
 def probe_inputs(trained):
   workdir, _, env, _ = trained
-  os.environ['BRAINSCALE_DATA'] = env['BRAINSCALE_DATA']
-  model, setup = _model(workdir)
-  batch = setup.task.eval_data(0, 1)[0]
+  saved = os.environ.get('BRAINSCALE_DATA')
+  os.environ['BRAINSCALE_DATA'] = env['BRAINSCALE_DATA']   # the clips the run rendered
+  try:
+    model, setup = _model(workdir)
+    batch = setup.task.eval_data(0, 1)[0]
+  finally:
+    if saved is None:
+      del os.environ['BRAINSCALE_DATA']
+    else:
+      os.environ['BRAINSCALE_DATA'] = saved
   return model, jnp.asarray(batch['frames'][:2])
 
 

@@ -7,7 +7,6 @@ compiled code is shared between tests.
 """
 
 import functools
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -22,16 +21,6 @@ from brainscale.cwm import tokenizer as tok
 EXACT = dict(rtol=0, atol=0)
 FP32 = dict(rtol=1e-5, atol=1e-6)
 FSQ_VALUES = np.array([-1.0, -1.0 / 3.0, 1.0 / 3.0, 1.0], np.float32)   # as the model stores them
-
-
-@pytest.fixture
-def seed(request) -> int:
-  return zlib.crc32(request.node.nodeid.encode()) % (1 << 20)
-
-
-@pytest.fixture
-def rng(seed) -> np.random.Generator:
-  return np.random.default_rng(seed)
 
 
 def config(**overrides) -> ml_collections.ConfigDict:

@@ -9,7 +9,6 @@ compiles every primitive separately and is several times slower on CPU).
 
 import functools
 import math
-import zlib
 
 import jax
 import jax.numpy as jnp
@@ -28,16 +27,6 @@ FP32_DEEP = dict(rtol=1e-4, atol=2e-5)   # several layers / scans / gradients of
 BF16 = dict(rtol=2e-2, atol=2e-2)        # bf16 outputs (8 mantissa bits: ~4e-3 relative)
 BF16_LOSS = dict(rtol=2e-2, atol=3e-2)   # chunked CE, bf16 x and w: grads rounded to bf16
 EXACT = dict(rtol=0, atol=0)
-
-
-@pytest.fixture
-def seed(request) -> int:
-  return zlib.crc32(request.node.nodeid.encode()) % (1 << 20)
-
-
-@pytest.fixture
-def rng(seed) -> np.random.Generator:
-  return np.random.default_rng(seed)
 
 
 def normal(rng, *shape, dtype=jnp.float32, scale=1.0):

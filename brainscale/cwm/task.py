@@ -111,12 +111,18 @@ class Task(_VideoTask):
       h, w = batch['frames'].shape[2:4]
       raise ValueError(f'frames of {h}x{w} pixels; this model is built for data.size={c.data.size}')
     codes_BxFxhxw = model.tokenize(batch['frames'])
-    order_BxN = sequence.random_order(rng, codes_BxFxhxw.shape[0], layout)
+    b = codes_BxFxhxw.shape[0]
+    order_key, reveal_key = jax.random.split(rng)
+    order_BxN = sequence.random_order(order_key, b, layout)
     seq = sequence.build(codes_BxFxhxw, order_BxN, layout)
     x_BxTxD = model.features(seq.tokens_BxL[:, :-1], seq.pos_BxLx3[:, :-1])
     nll_BxT = nn.chunked_cross_entropy(x_BxTxD, model.head.w_DxV[...], seq.tokens_BxL[:, 1:],
                                        chunk=c.model.loss_chunk)
-    w_BxT = sequence.loss_weights(seq, layout, frame0_weight=c.sequence.frame0_weight)[:, 1:]
+    most = int(c.sequence.reveal * layout.patches)
+    revealed_B = jax.random.randint(reveal_key, (b,), 0, most + 1) if most else None
+    w_BxL = sequence.loss_weights(seq, layout, frame0_weight=c.sequence.frame0_weight,
+                                  revealed_B=revealed_B)
+    w_BxT = w_BxL[:, 1:]
     loss = jnp.sum(nll_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
     content_BxT, frame_BxT = seq.content_BxL[:, 1:], seq.frame_BxL[:, 1:]
     metrics = {'loss': loss,
