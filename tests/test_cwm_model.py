@@ -28,6 +28,8 @@ def test_describe_sizes_without_allocating(name, low, high):
   text = describe.describe(c)
   n = _params_line(text)
   assert low <= n <= high, n
+  total_gib = float(re.search(r'^  total\s+([\d.]+) GiB', text, re.M).group(1))
+  assert total_gib < c.cluster.hbm_gib, f'analytic memory {total_gib} GiB per device'
   if name == 'cwm_80b':
     assert "mesh: {'data': 3, 'fsdp': 8, 'tensor': 8} over 192 devices" in text
     # every sharded dimension divides: the spec table printed without IndivisibleError
