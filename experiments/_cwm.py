@@ -60,6 +60,7 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.model.vocab = vocab
   c.model.loss_chunk = loss_chunk
   c.model.rope_base = 100.0
+  c.model.latent_embed = True          # content tokens also embed their LFQ latent (bits)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.experiment = tokenizer   # trained first (a prerequisite run), then frozen

@@ -135,3 +135,21 @@ def test_model_logits_are_causal_and_depend_on_positions():
   x3 = model.features(seq.tokens_BxL, seq.pos_BxLx3 + jnp.array([1.0, 0, 0]) * (
       jnp.arange(seq.tokens_BxL.shape[1]) % 2)[None, :, None])
   assert not np.allclose(x, x3)                                    # 3D RoPE is in use
+
+
+def test_content_tokens_also_embed_their_latent_pointers_do_not():
+  from brainscale.cwm.task import Task  # noqa: PLC0415
+  c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
+  task = Task(c)
+  model = task.model(nnx.Rngs(0))
+  assert model.w_latent_kxD.shape == (model.tokenizer.latent, c.model.dim)
+  pos = jnp.zeros((1, 2, 3))
+  pointer = jnp.array([[task.layout.codes, task.layout.codes + 1]])
+  content = jnp.array([[5, 6]])
+  before = [model.features(t, pos) for t in (pointer, content)]
+  model.w_latent_kxD[...] = model.w_latent_kxD[...] + 1.0
+  after = [model.features(t, pos) for t in (pointer, content)]
+  np.testing.assert_array_equal(before[0], after[0])
+  assert not np.allclose(before[1], after[1])
+  off = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.latent_embed=False'])
+  assert Task(off).model(nnx.Rngs(0)).w_latent_kxD is None

@@ -26,6 +26,11 @@ class WorldModel(nnx.Module):
     if self.tokenizer.vocab != layout.codes:
       raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects {layout.codes}')
     self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)
+    # Codes are not arbitrary symbols: a content token also enters through its
+    # quantized latent (LFQ bits), so similar patches start with similar embeddings.
+    k = self.tokenizer.latent
+    self.w_latent_kxD = (nn.param(rngs, (k, c.dim), (None, 'embed'), fan_in=k)
+                         if c.latent_embed else None)
     self.blocks = nn.Stack(
         lambda r: nn.Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, mlp='gelu',
                            qk_norm=c.qk_norm, backend=c.attention, rngs=r),
@@ -45,7 +50,13 @@ class WorldModel(nnx.Module):
   def features(self, tokens_BxT: jax.Array, pos_BxTx3: jax.Array,
                mask: nn.Mask = nn.Mask(causal=True)) -> jax.Array:
     """Final normalised hidden states [B, T, D] (causal unless told otherwise)."""
-    x_BxTxD = parallel.constrain(self.embed(tokens_BxT), ('batch', 'length', 'act_embed'))
+    x_BxTxD = self.embed(tokens_BxT)
+    if self.w_latent_kxD is not None:
+      content_BxT = tokens_BxT < self.layout.codes
+      latent_BxTxk = self.tokenizer.codes_to_latent(jnp.where(content_BxT, tokens_BxT, 0))
+      x_BxTxD = x_BxTxD + jnp.where(content_BxT[..., None], jnp.einsum(
+          'btk,kd->btd', latent_BxTxk.astype(x_BxTxD.dtype), self.w_latent_kxD[...]), 0)
+    x_BxTxD = parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
     rope = nn.rope_nd(pos_BxTx3, self.head_dim, split=(6, 6, 4), base=self.rope_base)
     x_BxTxD = self.blocks(x_BxTxD, mask=mask, rope_q=rope, rope_k=rope)
     return self.norm(x_BxTxD)
