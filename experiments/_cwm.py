@@ -66,8 +66,7 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.tokenizer.experiment = tokenizer   # trained first (a prerequisite run), then frozen
   c.tokenizer.overrides = ()           # '--config.KEY=VALUE' for that run
   c.tokenizer.workdir = ''             # '' = WORKDIR/tokenizer
-  c.tokenizer.model = tok.model.to_dict()
-  c.tokenizer.model = ml_collections.ConfigDict(c.tokenizer.model)
+  c.tokenizer.model = ml_collections.ConfigDict(tok.model.to_dict())  # an unlocked copy
   c.data = tok.data
   c.data.unlock()
 

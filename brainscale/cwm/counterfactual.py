@@ -65,7 +65,7 @@ def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax
     tokens_BxL = tokens_BxL.at[rows, read_BxR + 1].set(chosen_BxR)
     return tokens_BxL, chosen_BxR, jax.nn.log_softmax(logits_BxRxV, -1)
 
-  first_BxQ = jnp.broadcast_to(start + 5 * jnp.arange(q) , (b, q))
+  first_BxQ = jnp.broadcast_to(start + 5 * jnp.arange(q), (b, q))
   if not sequential:
     tokens_BxL, chosen, logps = seq.tokens_BxL, [], []
     for j in range(4):

@@ -42,10 +42,10 @@ class WorldModel(nnx.Module):
     self.layout = layout
 
   def tokenize(self, frames_BxFxHxWx3: jax.Array) -> jax.Array:
-    """uint8 frames -> codes [B, F, H/4, W/4] (no gradient into the tokenizer)."""
+    """uint8 frames -> codes [B, F, H/4, W/4] (tokenize stops the gradient)."""
     b, f = frames_BxFxHxWx3.shape[:2]
     codes = self.tokenizer.tokenize(frames_BxFxHxWx3.reshape((b * f,) + frames_BxFxHxWx3.shape[2:]))
-    return jax.lax.stop_gradient(codes).reshape((b, f) + codes.shape[1:])
+    return codes.reshape((b, f) + codes.shape[1:])
 
   def features(self, tokens_BxT: jax.Array, pos_BxTx3: jax.Array,
                mask: nn.Mask = nn.Mask(causal=True)) -> jax.Array:

@@ -44,18 +44,18 @@ def encode_record(header: dict, video: bytes, arrays: dict[str, np.ndarray] | No
 def decode_header(record: bytes) -> dict:
   """The JSON header of a record written by encode_record (the payload is not read)."""
   if record[:4] != MAGIC:
-    raise ValueError(f'brainscale: not a video record: starts with {bytes(record[:4])!r}, '
+    raise ValueError(f'not a video record: starts with {bytes(record[:4])!r}, '
                      f'expected {MAGIC!r}')
   if len(record) < 8:
-    raise ValueError(f'brainscale: video record truncated: {len(record)} bytes, no header length')
+    raise ValueError(f'video record truncated: {len(record)} bytes, no header length')
   (header_len,) = struct.unpack('<I', record[4:8])
   if len(record) < 8 + header_len:
-    raise ValueError(f'brainscale: video record truncated: header needs {header_len} bytes, '
+    raise ValueError(f'video record truncated: header needs {header_len} bytes, '
                      f'{len(record) - 8} present')
   try:
     return json.loads(record[8:8 + header_len])
   except ValueError as e:
-    raise ValueError(f'brainscale: video record header is not valid JSON ({e})') from None
+    raise ValueError(f'video record header is not valid JSON ({e})') from None
 
 
 def decode_record(record: bytes) -> tuple[dict, bytes, dict[str, np.ndarray]]:
@@ -65,7 +65,7 @@ def decode_record(record: bytes) -> tuple[dict, bytes, dict[str, np.ndarray]]:
   payload = memoryview(record)[8 + header_len:]
   ends = [header['video_bytes']] + [a['offset'] + a['nbytes'] for a in header['arrays']]
   if len(payload) < max(ends):
-    raise ValueError(f'brainscale: video record truncated: payload needs {max(ends)} bytes, '
+    raise ValueError(f'video record truncated: payload needs {max(ends)} bytes, '
                      f'{len(payload)} present')
   arrays = {}
   for a in header['arrays']:
@@ -86,7 +86,7 @@ def decode_frames(video: bytes, frame_indices: list[int], *, width: int | None =
   """
   wanted = sorted(set(int(i) for i in frame_indices))
   if not wanted or wanted[0] < 0:
-    raise ValueError(f'brainscale: frame indices must be non-negative, got {list(frame_indices)}')
+    raise ValueError(f'frame indices must be non-negative, got {list(frame_indices)}')
   found, position = {}, 0   # position: index of the frame the decoder returns next
   with av.open(io.BytesIO(video), mode='r') as container:
     stream = container.streams.video[0]
@@ -104,7 +104,7 @@ def decode_frames(video: bytes, frame_indices: list[int], *, width: int | None =
       if position - 1 == target:
         found[target] = _rgb(frame, width, height)
       else:
-        raise ValueError(f'brainscale: frame {target} is not in this clip '
+        raise ValueError(f'frame {target} is not in this clip '
                          f'(decoding reached frame {position - 1})')
   return np.stack([found[int(i)] for i in frame_indices])
 
@@ -143,11 +143,11 @@ class ClipSource:
     self.directory = pathlib.Path(directory)
     index_path = self.directory / 'index.json'
     if not index_path.is_file():
-      raise FileNotFoundError(f'brainscale: {self.directory} is not an imported video folder '
+      raise FileNotFoundError(f'{self.directory} is not an imported video folder '
                               f'(no index.json); run {IMPORT_COMMAND}')
     self.index = json.loads(index_path.read_text())
     if not self.index['clips']:
-      raise ValueError(f'brainscale: {self.directory} holds no clips; see its report.json')
+      raise ValueError(f'{self.directory} holds no clips; see its report.json')
     paths = [f'{self.directory / s["name"]}[0:{s["records"]}]' for s in self.index['shards']]
     self._records = grain.sources.ArrayRecordDataSource(paths)
 
@@ -198,7 +198,7 @@ class _Examples:
         raise
       except Exception as e:  # a broken record is replaced, counted in 'skipped'
         errors.append(f'record {r}: {type(e).__name__}: {e}')
-    raise RuntimeError(f'brainscale: example {index}: {_TRIES} records in a row failed to decode '
+    raise RuntimeError(f'example {index}: {_TRIES} records in a row failed to decode '
                        f'in {self.source.directory}; last: {errors[-1]}')
 
   def example(self, record: bytes, rng: np.random.Generator) -> dict:
@@ -237,12 +237,12 @@ class _Examples:
     """Raises unless the record carries flow over exactly the sampled gap."""
     where = f'{header["source"]} clip {header["clip"]}'
     if 'flow_gap_frames' not in header:
-      raise _SettingsError(f'brainscale: with_flow=True but {where} has no ground-truth flow '
+      raise _SettingsError(f'with_flow=True but {where} has no ground-truth flow '
                            '(import videos with X.flow.npy and X.json sidecars)')
     if header['flow_gap_frames'] != gap:
       fps, flow_gap = header['fps'], header['flow_gap_frames']
       raise _SettingsError(
-          f'brainscale: gap_ms={self.gap_ms} at {fps:g} fps is a gap of {gap} frames, but the '
+          f'gap_ms={self.gap_ms} at {fps:g} fps is a gap of {gap} frames, but the '
           f'ground-truth flow of {where} spans {flow_gap} frames; '
           f'use gap_ms={flow_gap * 1000 / fps:g}')
 
@@ -258,10 +258,10 @@ def pipeline(directory, *, seed: int, batch_size: int, process_index: int, proce
   [b, size, size, 2], the ground-truth flow from frame 0 to frame 1.
   """
   if batch_size % process_count:
-    raise ValueError(f'brainscale: batch_size={batch_size} does not split over '
+    raise ValueError(f'batch_size={batch_size} does not split over '
                      f'{process_count} processes')
   if with_flow and frames != 2:
-    raise ValueError(f'brainscale: with_flow=True needs frames=2, got frames={frames}')
+    raise ValueError(f'with_flow=True needs frames=2, got frames={frames}')
   source = ClipSource(directory)
   make = _Examples(source, seed=seed, size=size, frames=frames, gap_ms=gap_ms, train=train,
                    scale=tuple(scale), with_flow=with_flow, process_index=process_index,

@@ -344,10 +344,10 @@ def _check_out_dir(out_dir: pathlib.Path, overwrite: bool):
     return
   if (out_dir / 'index.json').is_file():
     if not overwrite:
-      raise FileExistsError(f'brainscale: {out_dir} already holds imported videos (index.json); '
+      raise FileExistsError(f'{out_dir} already holds imported videos (index.json); '
                             'pass overwrite=True (--overwrite) to import again')
   elif not out_dir.is_dir() or any(out_dir.iterdir()):
-    raise FileExistsError(f'brainscale: {out_dir} exists and is not an imported video folder; '
+    raise FileExistsError(f'{out_dir} exists and is not an imported video folder; '
                           'choose another OUT')
 
 
@@ -363,7 +363,7 @@ def import_videos(source_dir, out_dir, *, clip_seconds: float = 10.0, max_side: 
   """
   source_dir, out_dir = pathlib.Path(source_dir), pathlib.Path(out_dir)
   if not source_dir.is_dir():
-    raise FileNotFoundError(f'brainscale: video source {source_dir} is not a folder')
+    raise FileNotFoundError(f'video source {source_dir} is not a folder')
   _check_out_dir(out_dir, overwrite)
   files = sorted((p for p in source_dir.rglob('*') if p.is_file()),
                  key=lambda p: p.relative_to(source_dir).as_posix())
@@ -378,7 +378,7 @@ def import_videos(source_dir, out_dir, *, clip_seconds: float = 10.0, max_side: 
              options) for i, p in enumerate(videos)]
     index = _write_shards(staging, jobs, report, records_per_shard, workers, progress)
     if not index['clips']:
-      raise ValueError(f'brainscale: no readable video in {source_dir}: {report.summary()}')
+      raise ValueError(f'no readable video in {source_dir}: {report.summary()}')
     index.update(videos=len(report.imported), options=dataclasses.asdict(options))
     shutil.rmtree(staging / 'parts')
     (staging / 'report.json').write_text(json.dumps(dataclasses.asdict(report), indent=1))
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                            workers=args.workers, crf=args.crf, gop=args.gop,
                            progress=not args.quiet, overwrite=args.overwrite)
   except (OSError, ValueError) as e:
-    print(e, file=sys.stderr)
+    print(f'brainscale: {e}', file=sys.stderr)
     return 1
   for skipped in report.skipped:
     print(f'skipped {skipped["path"]}: {skipped["reason"]}', file=sys.stderr)

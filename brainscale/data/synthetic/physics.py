@@ -43,7 +43,7 @@ class Spec:
     for name in ('objects', 'object_size', 'speed', 'texture_period'):
       object.__setattr__(self, name, tuple(getattr(self, name)))
     for problem in _problems(self):
-      raise ValueError(f'brainscale: Spec.{problem}')
+      raise ValueError(f'Spec.{problem}')
 
 
 def _problems(s: Spec) -> list[str]:
@@ -402,10 +402,10 @@ def write_video(path, frames_TxHxWx3, fps, *, codec='libx264', crf=16) -> None:
   """Encodes uint8 RGB frames as yuv420p video; the container follows the suffix (.mp4, .mkv)."""
   frames = np.asarray(frames_TxHxWx3)
   if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-    raise ValueError(f'brainscale: frames are {frames.dtype} {frames.shape}; need uint8 [T, H, W, 3]')
+    raise ValueError(f'frames are {frames.dtype} {frames.shape}; need uint8 [T, H, W, 3]')
   height, width = frames.shape[1:3]
   if height % 2 or width % 2:
-    raise ValueError(f'brainscale: yuv420p needs even frame sides, got {width}x{height}')
+    raise ValueError(f'yuv420p needs even frame sides, got {width}x{height}')
   rate = fractions.Fraction(fps).limit_denominator(1001)
   with av.open(str(path), mode='w') as container:
     stream = container.add_stream(codec, rate=rate)
@@ -458,11 +458,11 @@ def _is_complete(directory: pathlib.Path, manifest: dict, paths) -> bool:
   except (OSError, ValueError):
     found = None
   if found != manifest:
-    raise ValueError(f'brainscale: {directory} holds another dataset ({_differences(found, manifest)}); '
+    raise ValueError(f'{directory} holds another dataset ({_differences(found, manifest)}); '
                      'delete it or choose another directory')
   missing = [p.name for p in paths if not p.is_file()]
   if missing:
-    raise ValueError(f'brainscale: {directory} lacks {missing[0]} and {len(missing) - 1} other clips; '
+    raise ValueError(f'{directory} lacks {missing[0]} and {len(missing) - 1} other clips; '
                      'delete it or choose another directory')
   return True
 
