@@ -310,6 +310,18 @@ def test_parameter_groups_get_their_own_learning_rate():
   assert np.all(np.asarray(new['attn']['w_q']) < 1.0)
 
 
+def test_a_frozen_group_wins_over_a_group_that_also_matches():
+  """Freezing a subtree freezes its norms too, though no_decay also names them."""
+  c = smoke()
+  with c.unlocked():
+    c.train.groups.frozen = dict(pattern=r'^tower/', lr_scale=0.0, weight_decay=0.0)
+  params = {'tower': {'norm': {'scale_D': np.ones(3, np.float32)}},
+            'head': {'norm': {'scale_D': np.ones(3, np.float32)}}}
+  labels = optim.group_labels(params, c.train.groups)
+  assert labels == {'tower': {'norm': {'scale_D': 'frozen'}},
+                    'head': {'norm': {'scale_D': 'no_decay'}}}
+
+
 def test_metrics_jsonl_survives_a_line_cut_short(tmp_path):
   path = tmp_path / 'metrics.jsonl'
   path.write_text('{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/lo')

@@ -74,7 +74,7 @@ def describe(config, num_devices: int | None = None) -> str:
       'compute-dtype params': shard_elems * compute_bytes,
       f'activations ({examples} examples/device)': task.activation_bytes(examples),
   }
-  lines += ['', f'params: {n}  ({_human(n)})',
+  lines += ['', f'params: {n}  ({_human(n)})', *task.describe_lines(rows),
             f'flops_per_step: {flops:.4g}  (model FLOPs fwd+bwd, batch {batch})',
             f'mesh: {per_device or "1 device"} over {num_devices} devices',
             'memory per device (analytic):']

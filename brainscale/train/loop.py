@@ -200,7 +200,7 @@ def evaluate_params(setup: Setup, params) -> dict[str, float]:
 def prerequisite_params(setup: Setup, workdir: str) -> dict:
   """Trains (or resumes) each prerequisite run and returns its final params by subtree name."""
   params = {}
-  for name, (config, run_dir) in setup.task.prerequisites(workdir).items():
+  for name, (config, run_dir, *source) in setup.task.prerequisites(workdir).items():
     if name not in setup.abstract_state['params']:
       raise ValueError(f'prerequisite {name!r} of {setup.config.experiment} is not a top-level '
                        f'parameter of its model; those are {sorted(setup.abstract_state["params"])}')
@@ -210,6 +210,8 @@ def prerequisite_params(setup: Setup, workdir: str) -> dict:
     checkpoints = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
     restored = checkpoints.restore(checkpoints.latest(), pre.abstract_state)['params']
     checkpoints.close()
+    if source:
+      restored = restored[source[0]]
     target = setup.abstract_state['params'][name]
     if jax.tree.structure(restored) != jax.tree.structure(target):
       raise ValueError(f'prerequisite {name!r}: the params of {config.experiment} do not match '

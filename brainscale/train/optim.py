@@ -3,7 +3,9 @@
 Groups come from `config.train.groups`: each names a regex on the parameter
 path ('blocks/layers/attn/w_q_DxNxH') with its own learning-rate scale and
 weight decay; lr_scale 0 freezes the group (no update, no optimizer state).
-The first group that matches wins; the rest use the defaults.
+Frozen groups are matched first, so freezing a subtree also freezes the
+parameters of it that another group names (e.g. the norms of a frozen
+tokenizer); otherwise the first matching group wins. The rest use the defaults.
 """
 
 import re
@@ -27,7 +29,8 @@ def path_name(path) -> str:
 
 def group_labels(params, groups) -> dict:
   """The group name of every parameter ('default' when no pattern matches)."""
-  compiled = [(name, re.compile(g.pattern)) for name, g in groups.items()]
+  ordered = sorted(groups.items(), key=lambda item: item[1].lr_scale != 0)  # frozen first
+  compiled = [(name, re.compile(g.pattern)) for name, g in ordered]
 
   def label(path, _):
     name = path_name(path)

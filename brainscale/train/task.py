@@ -47,11 +47,13 @@ class Task(abc.ABC):
     """Analytic activation memory of a train step on one device."""
 
   def prerequisites(self, workdir: str) -> dict[str, tuple]:
-    """Runs this task starts from: {top-level param name: (config, workdir)}.
+    """Runs this task starts from: {top-level param name: (config, workdir[, subtree])}.
 
     Before training from scratch, the trainer trains (or resumes, or finds
-    finished) each run and copies its final params into that subtree, e.g. a
-    frozen tokenizer inside a world model. Freeze it with a group of lr_scale 0.
+    finished) each run and copies its final params (or their top-level
+    `subtree`) into that name, e.g. a frozen tokenizer inside a world model or
+    a trained core under a new session's embeddings. Freeze it with a group
+    of lr_scale 0.
     """
     del workdir
     return {}
@@ -60,6 +62,11 @@ class Task(abc.ABC):
     """Metrics beyond the loss (generation, probes), from this process's eval data."""
     del model
     return {}
+
+  def describe_lines(self, rows: list[tuple]) -> list[str]:
+    """Extra `--mode=describe` lines from the parameter rows (path, shape, axes, spec, count, shards)."""
+    del rows
+    return []
 
   def batch_axes(self, batch: dict) -> dict:
     """Logical axes of each batch entry; by default only dim 0 ('batch') is sharded."""
