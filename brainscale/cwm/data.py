@@ -8,21 +8,10 @@ spec, so every experiment that asks for the same clips shares them.
 """
 
 import dataclasses
-import hashlib
-import json
-import os
-import pathlib
 
-import jax
-
-from brainscale.data import video
+from brainscale.data import cache, video
 from brainscale.data.importers import videos as importer
 from brainscale.data.synthetic import physics
-
-
-def data_root() -> pathlib.Path:
-  return pathlib.Path(os.environ.get('BRAINSCALE_DATA') or
-                      pathlib.Path.home() / '.cache' / 'brainscale')
 
 
 def synthetic_spec(s) -> physics.Spec:
@@ -34,28 +23,22 @@ def synthetic_spec(s) -> physics.Spec:
 
 
 def synthetic_shards(s, workers: int = 1) -> str:
-  """The imported shards of synthetic section `s` (count, seed, spec), made on first use.
-
-  Process 0 renders and imports; the others wait for it.
-  """
+  """The imported shards of synthetic section `s` (count, seed, spec), made on first use."""
   spec = synthetic_spec(s)
-  key = json.dumps({'spec': dataclasses.asdict(spec), 'count': s.count, 'seed': s.seed},
-                   sort_keys=True)
-  name = f'cwm_synthetic_{hashlib.sha1(key.encode()).hexdigest()[:12]}'
-  root = data_root() / name
-  shards = root / 'shards'
-  if jax.process_index() == 0 and not (shards / 'index.json').exists():
+  root = cache.named('cwm_synthetic', {'spec': dataclasses.asdict(spec), 'count': s.count,
+                                       'seed': s.seed})
+
+  def make():
     print(f'brainscale: rendering {s.count} synthetic clips into {root} (once)', flush=True)
     physics.generate(root / 'videos', count=s.count, seed=s.seed, spec=spec, workers=workers)
-    report = importer.import_videos(root / 'videos', shards, max_side=0, workers=workers,
+    report = importer.import_videos(root / 'videos', root / 'shards', max_side=0,
+                                    workers=workers,
                                     clip_seconds=max(60.0, spec.frames / spec.fps + 1),
                                     progress=False)
     if report.skipped:
       raise RuntimeError(f'synthetic clips failed to import: {report.summary()}')
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
-    multihost_utils.sync_global_devices(f'synthetic data {name}')
-  return str(shards)
+
+  return str(cache.make_once(root, 'shards/index.json', make) / 'shards')
 
 
 def train_directory(c) -> str:

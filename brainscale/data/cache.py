@@ -1,0 +1,33 @@
+"""Where generated data lives ($BRAINSCALE_DATA, default ~/.cache/brainscale), made once.
+
+Synthetic datasets are named by a hash of their spec, so every experiment that
+asks for the same data shares one copy. Process 0 makes it; the others wait.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+
+import jax
+
+
+def root() -> pathlib.Path:
+  return pathlib.Path(os.environ.get('BRAINSCALE_DATA') or
+                      pathlib.Path.home() / '.cache' / 'brainscale')
+
+
+def named(prefix: str, spec: dict) -> pathlib.Path:
+  """root()/prefix_<12 hex digits of the spec's hash>."""
+  key = json.dumps(spec, sort_keys=True)
+  return root() / f'{prefix}_{hashlib.sha1(key.encode()).hexdigest()[:12]}'
+
+
+def make_once(directory: pathlib.Path, done: str, make) -> pathlib.Path:
+  """Calls make() on process 0 unless directory/done exists; every process waits for it."""
+  if jax.process_index() == 0 and not (directory / done).exists():
+    make()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+    multihost_utils.sync_global_devices(f'data {directory.name}')
+  return directory
