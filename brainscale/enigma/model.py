@@ -1,0 +1,169 @@
+"""Enigma: a PerceiverIO-style transformer over neurons, stimulus and behaviour.
+
+Latents read the neuron tokens by cross-attention; video and behaviour tokens
+join the latents in a tower of shared Blocks (RoPE on time, RMSNorm, QK-norm,
+SwiGLU, local sliding-window layers with a global one every `global_every`);
+a decoder answers neuron and behaviour queries by cross-attention. All shared
+weights live under `core`; per-neuron, per-session and per-animal embeddings
+sit beside it, so a new session is fitted with the core frozen.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from brainscale import nn, parallel
+from brainscale.enigma import tokens
+from brainscale.enigma.masking import Masks
+
+
+class _Group(nnx.Module):
+  """`size` Blocks: local attention in all but the last, which is global."""
+
+  def __init__(self, make_block, size: int, rngs: nnx.Rngs):
+    self.blocks = nnx.List([make_block(rngs) for _ in range(size)])
+
+  def __call__(self, x_BxTxD, *, local: nn.Mask, global_: nn.Mask, rope: nn.Rotary):
+    for i, block in enumerate(self.blocks):
+      mask = global_ if i == len(self.blocks) - 1 else local
+      x_BxTxD = block(x_BxTxD, mask=mask, rope_q=rope, rope_k=rope)
+    return x_BxTxD
+
+
+class Core(nnx.Module):
+  """Everything shared across neurons, sessions and animals."""
+
+  def __init__(self, c, *, window: int, rate: float, channels: int, frame_shape: tuple,
+               rngs: nnx.Rngs):
+    if c.layers % c.global_every:
+      raise ValueError(f'model.layers={c.layers} is not a multiple of '
+                       f'model.global_every={c.global_every}')
+    if window % c.decode_stride or window % c.latent_stride:
+      raise ValueError(f'a window of {window} samples does not split into '
+                       f'decode_stride={c.decode_stride} / latent_stride={c.latent_stride} bins')
+
+    def block(r, kv_dim=0):
+      return nn.Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, mlp='swiglu', qk_norm=c.qk_norm,
+                      kv_dim=kv_dim, backend=c.attention, rngs=r)
+
+    self.neuron_tokens = tokens.NeuronTokens(c.dim, c.neuron_dim, kernel=c.neuron_kernel,
+                                             stride=c.neuron_stride, rngs=rngs)
+    self.video_tokens = tokens.VideoTokens(c.dim, frame_shape, tuple(c.video_patch), rngs=rngs)
+    self.behavior_tokens = tokens.BehaviorTokens(c.dim, channels, window, rngs=rngs)
+    self.video = nn.Stack(block, c.video_layers, remat=c.remat, rngs=rngs)
+    latents = (window // c.latent_stride) * c.latents_per_step
+    self.latents_LxD = nn.param(rngs, (latents, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.read = block(rngs)
+    self.tower = nn.Stack(lambda r: _Group(block, c.global_every, r),
+                          c.layers // c.global_every, remat=c.remat, rngs=rngs)
+    self.norm = nn.RMSNorm(c.dim, rngs=rngs)
+    self.w_query_ExD = nn.param(rngs, (c.neuron_dim, c.dim), (None, 'embed'))
+    self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.decoder = nn.Stack(block, c.decoder_layers, remat=c.remat, rngs=rngs)
+    self.decoder_norm = nn.RMSNorm(c.dim, rngs=rngs)
+    # Readouts: a neuron's weights are a shared part plus one made from its embedding,
+    # so each neuron reads its own features (as a per-neuron linear readout would).
+    self.w_rate_DxS = nn.param(rngs, (c.dim, c.decode_stride), ('embed', None))
+    self.w_rate_ExDxS = nn.param(rngs, (c.neuron_dim, c.dim, c.decode_stride),
+                                 (None, 'embed', None), fan_in=c.neuron_dim * c.dim)
+    self.w_bias_ExS = nn.param(rngs, (c.neuron_dim, c.decode_stride), (None, None))
+    self.w_behavior_CxDxS = nn.param(rngs, (channels, c.dim, c.decode_stride),
+                                     (None, 'embed', None), fan_in=c.dim)
+    self.bins = window // c.decode_stride
+    self.local_window = c.local_window * rate  # seconds -> samples
+    self.c = c
+
+  def _rope(self, times_BxT):
+    return nn.rope_1d(times_BxT, self.c.head_dim, base=self.c.rope_base)
+
+  def encode(self, batch: dict, masks: Masks, identity_BxMxE, context_BxD):
+    """Tower output [B, X, D], its validity [B, X] and times [X] (samples)."""
+    c = self.c
+    b = batch['frames'].shape[0]
+    neuron_BxNxD, neuron_ok_BxN, neuron_t_N = self.neuron_tokens(
+        batch['responses'], masks.neuron_in_BxWxM, identity_BxMxE)
+    neuron_BxNxD = neuron_BxNxD + context_BxD[:, None]
+    video_BxVxD, video_ok_BxV, video_t_V = self.video_tokens(batch['frames'],
+                                                             batch['frames_mask'])
+    video_rope = self._rope(jnp.broadcast_to(video_t_V, video_ok_BxV.shape))
+    video_BxVxD = self.video(video_BxVxD, mask=nn.Mask(kv_valid_BxS=video_ok_BxV),
+                             rope_q=video_rope, rope_k=video_rope)
+    behav_BxCxD, behav_ok_BxC, behav_t_C = self.behavior_tokens(batch['behavior'],
+                                                                masks.behavior_in_BxWxC)
+
+    latents = self.latents_LxD.shape[0]
+    steps = latents // c.latents_per_step
+    latent_t_L = jnp.repeat(c.latent_stride * jnp.arange(steps) + (c.latent_stride - 1) / 2,
+                            c.latents_per_step).astype(jnp.float32)
+    x_BxLxD = jnp.broadcast_to(self.latents_LxD[...], (b,) + self.latents_LxD.shape)
+    x_BxLxD = x_BxLxD + context_BxD[:, None].astype(x_BxLxD.dtype)
+    x_BxLxD = self.read(x_BxLxD, neuron_BxNxD.astype(x_BxLxD.dtype),
+                        mask=nn.Mask(kv_valid_BxS=neuron_ok_BxN),
+                        rope_q=self._rope(jnp.broadcast_to(latent_t_L, (b, latents))),
+                        rope_k=self._rope(jnp.broadcast_to(neuron_t_N, neuron_ok_BxN.shape)))
+
+    x_BxXxD = jnp.concatenate([x_BxLxD, video_BxVxD.astype(x_BxLxD.dtype),
+                               behav_BxCxD.astype(x_BxLxD.dtype)], 1)
+    x_BxXxD = parallel.constrain(x_BxXxD, ('batch', 'length', 'act_embed'))
+    ok_BxX = jnp.concatenate([jnp.ones((b, latents), bool), video_ok_BxV, behav_ok_BxC], 1)
+    t_X = jnp.concatenate([latent_t_L, video_t_V, behav_t_C])
+    t_BxX = jnp.broadcast_to(t_X, ok_BxX.shape)
+    local = nn.Mask(window=self.local_window, q_pos_BxT=t_BxX, kv_pos_BxS=t_BxX,
+                    kv_valid_BxS=ok_BxX)
+    x_BxXxD = self.tower(x_BxXxD, local=local, global_=nn.Mask(kv_valid_BxS=ok_BxX),
+                         rope=self._rope(t_BxX))
+    return self.norm(x_BxXxD), ok_BxX, t_X
+
+  def decode(self, x_BxXxD, ok_BxX, t_X, queries_BxKxD):
+    """Features [B, K, bins, D] answering each query row (a neuron or a channel) at each bin."""
+    c = self.c
+    b, k = queries_BxKxD.shape[:2]
+    bins_T = c.decode_stride * jnp.arange(self.bins) + (c.decode_stride - 1) / 2
+    q_BxQxD = jnp.repeat(queries_BxKxD, self.bins, axis=1).astype(x_BxXxD.dtype)
+    q_t_BxQ = jnp.broadcast_to(jnp.tile(bins_T.astype(jnp.float32), k), q_BxQxD.shape[:2])
+    y_BxQxD = self.decoder(q_BxQxD, x_BxXxD, mask=nn.Mask(kv_valid_BxS=ok_BxX),
+                           rope_q=self._rope(q_t_BxQ),
+                           rope_k=self._rope(jnp.broadcast_to(t_X, ok_BxX.shape)))
+    return self.decoder_norm(y_BxQxD).reshape(b, k, self.bins, -1)
+
+  def __call__(self, batch: dict, masks: Masks, identity_BxMxE, context_BxD):
+    """Rates [B, W, M] (softplus with slope `softplus_beta`) and behaviour [B, W, C]."""
+    x_BxXxD, ok_BxX, t_X = self.encode(batch, masks, identity_BxMxE, context_BxD)
+    dtype = x_BxXxD.dtype
+    b, m = identity_BxMxE.shape[:2]
+    identity_BxMxE, context_BxD = identity_BxMxE.astype(dtype), context_BxD.astype(dtype)
+    neuron_BxMxD = jnp.einsum('bme,ed->bmd', identity_BxMxE,
+                              self.w_query_ExD[...]) + context_BxD[:, None]
+    channel_BxCxD = self.w_channel_CxD[...][None] + context_BxD[:, None]
+    y_BxMxTxD = self.decode(x_BxXxD, ok_BxX, t_X, neuron_BxMxD)
+    w_BxMxDxS = self.w_rate_DxS[...] + jnp.einsum('bme,eds->bmds', identity_BxMxE,
+                                                  self.w_rate_ExDxS[...])
+    drive_BxMxTxS = (jnp.einsum('bmtd,bmds->bmts', y_BxMxTxD, w_BxMxDxS,
+                                preferred_element_type=jnp.float32) +
+                     jnp.einsum('bme,es->bms', identity_BxMxE, self.w_bias_ExS[...],
+                                preferred_element_type=jnp.float32)[:, :, None])
+    y_BxCxTxD = self.decode(x_BxXxD, ok_BxX, t_X, channel_BxCxD)
+    behavior_BxCxTxS = jnp.einsum('bctd,cds->bcts', y_BxCxTxD, self.w_behavior_CxDxS[...],
+                                  preferred_element_type=jnp.float32)
+    beta = self.c.softplus_beta
+    rates_BxMxW = jax.nn.softplus(beta * drive_BxMxTxS.reshape(b, m, -1)) / beta
+    behavior_BxCxW = behavior_BxCxTxS.reshape(b, behavior_BxCxTxS.shape[1], -1)
+    return rates_BxMxW.transpose(0, 2, 1), behavior_BxCxW.transpose(0, 2, 1)
+
+
+class Enigma(nnx.Module):
+  """The core plus per-neuron, per-session and per-animal embeddings."""
+
+  def __init__(self, c, *, neurons: int, sessions: int, animals: int, window: int, rate: float,
+               channels: int, frame_shape: tuple, rngs: nnx.Rngs):
+    self.core = Core(c, window=window, rate=rate, channels=channels, frame_shape=frame_shape,
+                     rngs=rngs)
+    self.neuron_NxE = nn.param(rngs, (neurons, c.neuron_dim), ('neurons', None), fan_in=1)
+    self.session_SxD = nn.param(rngs, (sessions, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.animal_AxD = nn.param(rngs, (animals, c.dim), (None, 'embed'), fan_in=c.dim)
+
+  def __call__(self, batch: dict, masks: Masks):
+    identity_BxMxE = jnp.take(self.neuron_NxE[...], batch['neurons'], axis=0)
+    context_BxD = (jnp.take(self.session_SxD[...], batch['session'], axis=0) +
+                   jnp.take(self.animal_AxD[...], batch['animal'], axis=0))
+    return self.core(batch, masks, identity_BxMxE, context_BxD)

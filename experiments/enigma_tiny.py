@@ -1,0 +1,29 @@
+# python launch/run.py --experiment=enigma_tiny
+"""A tiny Enigma on the simulated V1 population; trains on a 2-core CPU.
+
+Generates the population on first use, trains on every session but one (kept
+for `enigma_tiny_adapt`), and evaluates on the held-out repeated trials.
+"""
+
+from experiments import _enigma
+
+
+def get_config():
+  c = _enigma.enigma(dim=128, layers=4, heads=4, mlp_hidden=256, global_every=2,
+                     video_layers=1, decoder_layers=1, neuron_dim=32, max_neurons=64)
+  c.data.holdout = ('a2s1',)
+  c.model.latents_per_step = 2
+  c.model.video_patch = (5, 9, 16)   # 4 x 4 tubelets per 5 frames
+  c.model.decode_stride = 10
+  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls ~2.5x slower than fp32
+  c.model.remat = 'none'
+  c.train.steps = 600
+  c.train.batch_size = 16
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 50
+  c.train.weight_decay = 0.05
+  c.train.log_every = 100
+  c.train.eval_batches = 2
+  c.checkpoint.every_steps = 300
+  c.train.eval_every = 300
+  return c
