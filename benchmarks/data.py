@@ -1,13 +1,16 @@
-# python benchmarks/data.py [--size=256] [--clips=32] [--examples=256] [--workers=0,2]
-"""Video pipeline throughput: decoded frame pairs per second per worker, against the GPU's appetite.
+# python benchmarks/data.py [--experiment=cwm_1b|enigma_1b] [--examples=256] [--workers=0,2]
+"""Input pipeline throughput per worker against what one GPU consumes at 45% MFU.
 
-Renders `--clips` synthetic physics clips at a short side a bit above the
-training size (as real video imported with max_side=320 would be), imports
-them, and times the Grain pipeline of the CWM experiments (PyAV decode of two
-frames `gap_ms` apart, random resize and crop, batching). workers=0 decodes in
-this process: that is the per-worker rate. The appetite is what `cwm_1b`
-consumes per GPU at 45% MFU: 0.45 x peak / (model FLOPs of one example).
-The ratio of the two is how many decode workers one GPU needs.
+Video (a CWM experiment): renders `--clips` synthetic physics clips at a short
+side a bit above the training size (as real video imported with max_side=320
+would be), imports them, and times the Grain pipeline (PyAV decode of two
+frames `gap_ms` apart, random resize and crop, batching).
+Neural (an Enigma experiment): simulates a V1 store with `--neurons` per
+session and times windows (tensorstore reads of every modality, a random
+neuron subset up to data.max_neurons, normalisation, batching).
+workers=0 runs in this process: that is the per-worker rate. The appetite is
+0.45 x peak / (model FLOPs of one example); appetite / rate is how many
+workers one GPU needs.
 """
 
 import pathlib
@@ -25,7 +28,8 @@ flags.DEFINE_integer('examples', 256, 'frame pairs timed per measurement (after 
 flags.DEFINE_list('workers', ['0', '2'], 'Grain worker processes to measure (0 = in process)')
 flags.DEFINE_float('mfu', 0.45, 'model FLOPs utilisation assumed for the appetite')
 flags.DEFINE_string('experiment', 'cwm_1b', 'whose appetite (examples per GPU per second)')
-flags.DEFINE_string('data', '', 'an imported video folder to use instead of synthetic clips')
+flags.DEFINE_string('data', '', 'an imported folder / neural store to use instead of synthetic data')
+flags.DEFINE_integer('neurons', 1024, 'neurons per simulated session (neural benchmark)')
 FLAGS = flags.FLAGS
 
 
@@ -41,21 +45,40 @@ def dataset(tmp: pathlib.Path) -> str:
   return str(tmp / 'shards')
 
 
-def pairs_per_s(directory: str, workers: int, config) -> float:
+def neural_store(tmp: pathlib.Path) -> str:
+  from brainscale.data.synthetic import v1  # noqa: PLC0415
+  spec = v1.Spec(animals=1, sessions_per_animal=2, neurons=FLAGS.neurons, train_trials=12)
+  start = time.perf_counter()
+  v1.generate(tmp / 'store', spec)
+  print(f'simulated 2 sessions x {FLAGS.neurons} neurons in {time.perf_counter() - start:.1f}s')
+  return str(tmp / 'store')
+
+
+def video_pipeline(directory: str, workers: int, config, batch: int):
   from brainscale.data import video  # noqa: PLC0415
+  return video.pipeline(directory, seed=0, batch_size=batch, process_index=0, process_count=1,
+                        size=FLAGS.size, frames=2, gap_ms=config.data.gap_ms, train=True,
+                        workers=workers, prefetch=4, scale=tuple(config.data.scale))
+
+
+def neural_pipeline(root: str, workers: int, config, batch: int):
+  from brainscale.data import neural  # noqa: PLC0415
+  d = config.data
+  return neural.pipeline(root, seed=0, batch_size=batch, process_index=0, process_count=1,
+                         window=d.window, stride=d.stride, tiers=('train',),
+                         max_neurons=d.max_neurons, min_neurons=d.min_neurons, train=True,
+                         workers=workers, prefetch=4)
+
+
+def examples_per_s(pipeline, workers: int) -> float:
   batch = 8
-  it = iter(video.pipeline(directory, seed=0, batch_size=batch, process_index=0,
-                           process_count=1, size=FLAGS.size, frames=2,
-                           gap_ms=config.data.gap_ms, train=True, workers=workers,
-                           prefetch=4, scale=tuple(config.data.scale)))
-  for _ in range(max(2, workers * 2)):   # warm-up: worker start, first decodes
+  it = iter(pipeline(workers, batch))
+  for _ in range(max(2, workers * 2)):   # warm-up: worker start, first reads
     next(it)
   start = time.perf_counter()
   for _ in range(FLAGS.examples // batch):
-    b = next(it)
-  elapsed = time.perf_counter() - start
-  assert b['frames'].shape == (batch, 2, FLAGS.size, FLAGS.size, 3)
-  return FLAGS.examples // batch * batch / elapsed
+    next(it)
+  return FLAGS.examples // batch * batch / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -67,14 +90,18 @@ def main(argv):
   task = get_task(config)
   flops = task.flops_per_example()
   appetite = FLAGS.mfu * config.train.peak_tflops * 1e12 / flops
-  print(f'{FLAGS.experiment}: {flops:.3g} model FLOPs per frame pair; at {FLAGS.mfu:.0%} MFU of '
-        f'{config.train.peak_tflops:g} TFLOP/s one GPU consumes {appetite:.2f} pairs/s')
+  neural = config.task.startswith('enigma')
+  unit = 'windows' if neural else 'pairs'
+  print(f'{FLAGS.experiment}: {flops:.3g} model FLOPs per example ({unit[:-1]}); at '
+        f'{FLAGS.mfu:.0%} MFU of {config.train.peak_tflops:g} TFLOP/s one GPU consumes '
+        f'{appetite:.2f} {unit}/s')
   with tempfile.TemporaryDirectory() as tmp:
-    directory = FLAGS.data or dataset(pathlib.Path(tmp))
+    make, pipeline = (neural_store, neural_pipeline) if neural else (dataset, video_pipeline)
+    directory = FLAGS.data or make(pathlib.Path(tmp))
     for workers in map(int, FLAGS.workers):
-      rate = pairs_per_s(directory, workers, config)
+      rate = examples_per_s(lambda w, b: pipeline(directory, w, config, b), workers)
       per_worker = rate / max(workers, 1)
-      print(f'workers={workers}: {rate:.1f} pairs/s ({per_worker:.1f} per worker) = '
+      print(f'workers={workers}: {rate:.1f} {unit}/s ({per_worker:.1f} per worker) = '
             f'{per_worker / appetite:.1f}x one GPU\'s appetite per worker; '
             f'{appetite / per_worker:.2f} workers per GPU needed')
 
