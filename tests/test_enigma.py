@@ -28,6 +28,7 @@ def _batch(rng, b=4, m=16, real=None) -> dict:
       'responses_mask': (rng.random((b, W, m)) > 0.1) & neuron_mask,
       'neurons': np.where(neuron_mask, rng.integers(1, 200, (b, m)), 0).astype(np.int32),
       'neuron_mask': np.broadcast_to(neuron_mask, (b, m)).copy(),
+      'positions': (rng.normal(size=(b, m, 3)) * neuron_mask[:, None]).astype(np.float32),
       'session': rng.integers(0, 4, b).astype(np.int32),
       'animal': rng.integers(0, 2, b).astype(np.int32),
       'frames': rng.integers(0, 256, (b, W, H, WD), dtype=np.uint8),
@@ -143,8 +144,8 @@ def test_hidden_and_padding_inputs_do_not_change_the_predictions(rng):
   wide = {k: v for k, v in batch.items()}
   for k in ('responses', 'responses_mask'):
     wide[k] = np.concatenate([batch[k], np.zeros((4, W, 8), batch[k].dtype)], 2)
-  for k in ('neurons', 'neuron_mask'):
-    wide[k] = np.concatenate([batch[k], np.zeros((4, 8), batch[k].dtype)], 1)
+  for k in ('neurons', 'neuron_mask', 'positions'):
+    wide[k] = np.concatenate([batch[k], np.zeros((4, 8) + batch[k].shape[2:], batch[k].dtype)], 1)
   np.testing.assert_allclose(forward(model, wide, 'behavior')[0][..., :16], r_dec,
                              rtol=1e-4, atol=1e-5)
 

@@ -448,7 +448,7 @@ def test_pipeline_batches_match_the_data_written(store):
   batches = take(iter(make(root, seed=11, batch_size=8)), 6)
   shapes = {'responses': ((8, 16, 16), np.float32), 'responses_mask': ((8, 16, 16), bool),
             'neurons': ((8, 16), np.int32), 'neuron_mask': ((8, 16), bool),
-            'session': ((8,), np.int32), 'animal': ((8,), np.int32),
+            'positions': ((8, 16, 3), np.float32), 'session': ((8,), np.int32), 'animal': ((8,), np.int32),
             'frames': ((8, 16, 6, 8), np.uint8), 'frames_mask': ((8, 16), bool),
             'behavior': ((8, 16, 5), np.float32), 'behavior_mask': ((8, 16, 5), bool),
             'times': ((8, 16), np.float32), 'trial': ((8,), np.int32), 'start': ((8,), np.int32)}
@@ -464,6 +464,21 @@ def test_pipeline_batches_match_the_data_written(store):
   assert not stacked['responses_mask'][~real_BxWxM].any()   # and padding
   assert not stacked['behavior_mask'].all() and stacked['behavior_mask'].any()
   assert (batches[0]['responses'] >= 0).all()
+
+
+def test_positions_are_in_stds_of_their_session_and_zero_for_padding(store):
+  root, _ = store
+  st = neural.Store(root)
+  for name in st.session_names:
+    session = st.session(name)
+    pos_Nx3 = session.positions
+    ok = np.isfinite(pos_Nx3)
+    mean, std = np.nanmean(pos_Nx3, 0), np.nanstd(pos_Nx3, 0)
+    expected = np.where(ok & (std > 1e-6), (pos_Nx3 - mean) / np.where(std > 1e-6, std, 1), 0)
+    n = session.num_neurons
+    example = neural.example(session, 0, 4, neurons=np.arange(n), max_neurons=n + 2)
+    np.testing.assert_allclose(example['positions'][:n], expected, rtol=1e-5, atol=1e-5)
+    assert (example['positions'][n:] == 0).all()
 
 
 def test_eval_pipeline_takes_the_first_neurons_of_windows_in_order(store):

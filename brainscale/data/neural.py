@@ -437,6 +437,7 @@ class Session:
     self.num_neurons = len(self.unit_ids)
     self.neuron_index = np.array(meta['neuron_index'], np.int32)
     self.positions = np.array(meta['positions'], np.float64).reshape(self.num_neurons, 3)
+    self.positions_scaled = _standardised(self.positions)
     self.areas = list(meta['areas'])
     self.trials = {k: np.array(meta['trials'][k], np.int64) for k in ('start', 'stop', 'stimulus')}
     self.trials['tier'] = np.array(meta['trials']['tier'], str)
@@ -496,6 +497,17 @@ class Session:
   def __repr__(self) -> str:
     return (f'Session({self.name!r}, animal={self.animal!r}, samples={self.num_samples}, '
             f'neurons={self.num_neurons}, trials={len(self.trials["start"])})')
+
+
+def _standardised(positions_Nx3: np.ndarray) -> np.ndarray:
+  """Positions in stds of the session's own spread per axis (mean 0); missing -> 0."""
+  finite_Nx3 = np.isfinite(positions_Nx3)
+  count_3 = np.maximum(finite_Nx3.sum(0), 1)
+  x_Nx3 = np.where(finite_Nx3, positions_Nx3, 0)
+  mean_3 = x_Nx3.sum(0) / count_3
+  std_3 = np.sqrt((np.where(finite_Nx3, x_Nx3 - mean_3, 0) ** 2).sum(0) / count_3)
+  scaled_Nx3 = (x_Nx3 - mean_3) / np.maximum(std_3, 1e-6)
+  return np.where(finite_Nx3 & (std_3 > 1e-6), scaled_Nx3, 0).astype(np.float32)
 
 
 def _tiers(tiers) -> list[str]:
@@ -584,11 +596,13 @@ def example(session: Session, start: int, window: int, *, neurons, max_neurons: 
   responses_mask_WxM[:, :n] = finite_Wxn
   neurons_M = np.zeros(m, np.int32)
   neurons_M[:n] = session.neuron_index[neurons_n]
+  positions_Mx3 = np.zeros((m, 3), np.float32)
+  positions_Mx3[:n] = session.positions_scaled[neurons_n]
   behavior_WxC = (data['behavior'] - session.behavior_mean) / session.behavior_std
   behavior_mask_WxC = np.isfinite(behavior_WxC)
   trial = session.trial_at(start) if trial is None else trial
   return {'responses': responses_WxM, 'responses_mask': responses_mask_WxM,
-          'neurons': neurons_M, 'neuron_mask': np.arange(m) < n,
+          'neurons': neurons_M, 'neuron_mask': np.arange(m) < n, 'positions': positions_Mx3,
           'session': np.int32(session.index), 'animal': np.int32(session.animal_index),
           'frames': data['frames'], 'frames_mask': data['frame_valid'],
           'behavior': np.where(behavior_mask_WxC, behavior_WxC, 0).astype(np.float32),
@@ -642,7 +656,8 @@ def pipeline(root, *, seed: int, batch_size: int, process_index: int, process_co
 
   Keys and shapes (W = window, M = max_neurons, C channels): responses [b, W, M] float32
   (divided by each neuron's std, NaN -> 0, clipped at 0), responses_mask [b, W, M],
-  neurons / neuron_mask [b, M], session, animal, trial, start [b] int32, frames
+  neurons / neuron_mask [b, M], positions [b, M, 3] (cortical x, y, z in stds of the
+  session's spread; 0 when unknown), session, animal, trial, start [b] int32, frames
   [b, W, H, Wd] uint8, frames_mask [b, W], behavior (z-scored) / behavior_mask [b, W, C],
   times [b, W] float32. Process p takes examples p, p + P, ... of the (shuffled, when
   train) repeated window list.

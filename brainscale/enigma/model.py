@@ -17,6 +17,17 @@ from brainscale.enigma import tokens
 from brainscale.enigma.masking import Masks
 
 
+PLACE_FREQUENCIES = (0.25, 0.5, 1.0)  # cycles per std of a session's neuron positions
+
+
+def place_features(positions_BxMx3: jax.Array) -> jax.Array:
+  """sin and cos of 2 pi f x for each frequency f and axis: [B, M, 6 F]."""
+  f_F = jnp.asarray(PLACE_FREQUENCIES, jnp.float32)
+  angle_BxMx3xF = 2 * jnp.pi * positions_BxMx3.astype(jnp.float32)[..., None] * f_F
+  b, m = positions_BxMx3.shape[:2]
+  return jnp.concatenate([jnp.sin(angle_BxMx3xF), jnp.cos(angle_BxMx3xF)], -1).reshape(b, m, -1)
+
+
 class _Group(nnx.Module):
   """`size` Blocks: local attention in all but the last, which is global."""
 
@@ -58,6 +69,9 @@ class Core(nnx.Module):
                           c.layers // c.global_every, remat=c.remat, rngs=rngs)
     self.norm = nn.RMSNorm(c.dim, rngs=rngs)
     self.w_query_ExD = nn.param(rngs, (c.neuron_dim, c.dim), (None, 'embed'))
+    # Where a neuron sits in cortex says where its receptive field is (retinotopy):
+    # Fourier features of its position enter its query, one map shared by all neurons.
+    self.w_place_PxD = nn.param(rngs, (6 * len(PLACE_FREQUENCIES), c.dim), (None, 'embed'))
     self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, 'embed'), fan_in=c.dim)
     self.decoder = nn.Stack(block, c.decoder_layers, remat=c.remat, rngs=rngs)
     self.decoder_norm = nn.RMSNorm(c.dim, rngs=rngs)
@@ -132,8 +146,10 @@ class Core(nnx.Module):
     dtype = x_BxXxD.dtype
     b, m = identity_BxMxE.shape[:2]
     identity_BxMxE, context_BxD = identity_BxMxE.astype(dtype), context_BxD.astype(dtype)
-    neuron_BxMxD = jnp.einsum('bme,ed->bmd', identity_BxMxE,
-                              self.w_query_ExD[...]) + context_BxD[:, None]
+    place_BxMxP = place_features(batch['positions']).astype(dtype)
+    neuron_BxMxD = (jnp.einsum('bme,ed->bmd', identity_BxMxE, self.w_query_ExD[...]) +
+                    jnp.einsum('bmp,pd->bmd', place_BxMxP, self.w_place_PxD[...]) +
+                    context_BxD[:, None])
     channel_BxCxD = self.w_channel_CxD[...][None] + context_BxD[:, None]
     y_BxMxTxD = self.decode(x_BxXxD, ok_BxX, t_X, neuron_BxMxD)
     w_BxMxDxS = self.w_rate_DxS[...] + jnp.einsum('bme,eds->bmds', identity_BxMxE,
