@@ -49,6 +49,8 @@ def enigma(*, dim: int, layers: int, heads: int, mlp_hidden: int, global_every: 
   d.synthetic = synthetic()
   d.sessions = ()                    # sessions to train on; () = all but holdout
   d.holdout = ()                     # sessions kept out (e.g. for adaptation)
+  d.eval_tiers = ('validation', 'test')  # eval-loss windows (Sensorium imports have no
+                                         # validation tier; its test trials serve)
   d.rate = 30.0                      # Hz; the store must match
   d.frame_shape = (36, 64)
   d.window = 60                      # samples per window (2 s)

@@ -132,3 +132,8 @@ def test_imported_sensorium_and_nwb_sessions_train(tmp_path):
                                                 '--config.data.holdout=()'])
   m = loop.train(c, str(tmp_path / 'run'))
   assert np.isfinite(m['loss']) and 'eval_loss' in m
+  # a Sensorium store alone has test trials but no validation tier: its eval loss still runs
+  only = config_lib.resolve('enigma_tiny', FAST + [f'--config.data.root={store}',
+                                                   '--config.data.holdout=()',
+                                                   "--config.data.sessions=('mouse0',)"])
+  assert 'eval_loss' in loop.train(only, str(tmp_path / 'run_sensorium'))

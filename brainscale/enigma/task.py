@@ -105,7 +105,7 @@ class Task(task.Task):
 
   def eval_data(self, process_index, process_count):
     c = self.config
-    it = iter(self._pipeline(tiers=('validation',), train=False, seed=c.seed + 1,
+    it = iter(self._pipeline(tiers=tuple(c.data.eval_tiers), train=False, seed=c.seed + 1,
                              batch_size=c.train.batch_size, process_index=process_index,
                              process_count=process_count))
     return [next(it) for _ in range(c.train.eval_batches)]
