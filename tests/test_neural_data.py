@@ -281,7 +281,8 @@ BAD = {
     'store rate': (lambda d: {'rate': 60.0}, r"rate=60.0 Hz differs from the store's 30.0 Hz"),
     'store frames': (lambda d: {'frames_FxHxW': d['frames_FxHxW'][:, :5]},
                      r'frames are \(5, 8\); the store .* holds frames \(6, 8\)'),
-    'exists': (lambda d: {'name': 'first'}, r"session 'first' exists in .*; pass overwrite=True"),
+    'exists': (lambda d: {'name': 'first'},
+               r"session 'first' already exists in .*; pass overwrite=True"),
 }
 
 
@@ -448,7 +449,8 @@ def test_pipeline_batches_match_the_data_written(store):
   batches = take(iter(make(root, seed=11, batch_size=8)), 6)
   shapes = {'responses': ((8, 16, 16), np.float32), 'responses_mask': ((8, 16, 16), bool),
             'neurons': ((8, 16), np.int32), 'neuron_mask': ((8, 16), bool),
-            'positions': ((8, 16, 3), np.float32), 'session': ((8,), np.int32), 'animal': ((8,), np.int32),
+            'positions': ((8, 16, 3), np.float32),
+            'session': ((8,), np.int32), 'animal': ((8,), np.int32),
             'frames': ((8, 16, 6, 8), np.uint8), 'frames_mask': ((8, 16), bool),
             'behavior': ((8, 16, 5), np.float32), 'behavior_mask': ((8, 16, 5), bool),
             'times': ((8, 16), np.float32), 'trial': ((8,), np.int32), 'start': ((8,), np.int32)}

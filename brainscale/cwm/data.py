@@ -14,17 +14,9 @@ from brainscale.data.importers import videos as importer
 from brainscale.data.synthetic import physics
 
 
-def synthetic_spec(s) -> physics.Spec:
-  """The physics.Spec of a config section (tuples from lists)."""
-  fields = {f.name for f in dataclasses.fields(physics.Spec)}
-  values = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-            for k, v in s.to_dict().items() if k in fields}
-  return physics.Spec(**values)
-
-
 def synthetic_shards(s, workers: int = 1) -> str:
   """The imported shards of synthetic section `s` (count, seed, spec), made on first use."""
-  spec = synthetic_spec(s)
+  spec = cache.spec_of(s, physics.Spec)
   root = cache.named('cwm_synthetic', {'spec': dataclasses.asdict(spec), 'count': s.count,
                                        'seed': s.seed})
 

@@ -4,6 +4,7 @@ Synthetic datasets are named by a hash of their spec, so every experiment that
 asks for the same data shares one copy. Process 0 makes it; the others wait.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,6 +16,13 @@ import jax
 def root() -> pathlib.Path:
   return pathlib.Path(os.environ.get('BRAINSCALE_DATA') or
                       pathlib.Path.home() / '.cache' / 'brainscale')
+
+
+def spec_of(section, spec_class):
+  """The frozen dataclass `spec_class` from a config section's matching keys (lists -> tuples)."""
+  fields = {f.name for f in dataclasses.fields(spec_class)}
+  return spec_class(**{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                       for k, v in section.to_dict().items() if k in fields})
 
 
 def named(prefix: str, spec: dict) -> pathlib.Path:

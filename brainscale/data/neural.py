@@ -20,6 +20,8 @@ import grain
 import numpy as np
 import tensorstore as ts
 
+from brainscale.data import batches
+
 CHANNELS = ('pupil_x', 'pupil_y', 'pupil_size', 'pupil_size_change', 'running_speed')
 TIERS = ('train', 'validation', 'test', 'repeats')   # repeats: held-out repeated stimuli
 TRIAL_KEYS = ('start', 'stop', 'tier', 'stimulus')
@@ -161,27 +163,41 @@ def _frames(frames_FxHxW) -> np.ndarray:
 
 def _check_session(root, name, catalog, *, animal, rate, start_time, frame_shape, overwrite):
   """Raises unless name, animal, rate and frame shape fit this store."""
+  if not isinstance(animal, str) or not animal:
+    raise ValueError(f'animal {animal!r} must be a non-empty string')
+  if not math.isfinite(start_time):
+    raise ValueError(f'start_time={start_time!r}; expected finite seconds')
+  _check_fit(root, name, catalog, rate=rate, frame_shape=frame_shape, overwrite=overwrite)
+
+
+def _check_fit(root, name, catalog, *, rate, frame_shape, overwrite):
   if not isinstance(name, str) or not _NAME.fullmatch(name) or name == CATALOG:
     raise ValueError(f'session name {name!r} is not a plain folder name; expected letters, '
                      'digits and _.+- not starting with a dot')
-  if not isinstance(animal, str) or not animal:
-    raise ValueError(f'animal {animal!r} must be a non-empty string')
   if not (isinstance(rate, numbers.Real) and math.isfinite(rate) and rate > 0):
     raise ValueError(f'rate={rate!r}; expected a positive number of samples per second')
-  if not math.isfinite(start_time):
-    raise ValueError(f'start_time={start_time!r}; expected finite seconds')
   exists = (root / name).exists() or catalog is not None and name in [
       s['name'] for s in catalog['sessions']]
   if exists and not overwrite:
-    raise ValueError(f'session {name!r} exists in {root}; pass overwrite=True to replace it')
+    raise ValueError(f'session {name!r} already exists in {root}; pass overwrite=True '
+                     '(--overwrite) to replace it, or another name')
   if catalog is None:
     return
   if not math.isclose(rate, catalog['rate'], rel_tol=1e-9):
     raise ValueError(f'rate={rate} Hz differs from the store\'s {catalog["rate"]} Hz '
-                     f'({root}); every session of a store shares one rate')
+                     f'({root}); every session of a store shares one rate (--rate)')
   if list(frame_shape) != catalog['frame_shape']:
+    h, w = catalog['frame_shape']
     raise ValueError(f'frames are {tuple(frame_shape)}; the store {root} holds frames '
-                     f'{tuple(catalog["frame_shape"])}')
+                     f'{(h, w)}: expected frame_shape={(h, w)} (--frame_shape {h},{w})')
+
+
+def check_fits(root, name: str, *, rate: float, frame_shape, overwrite: bool = False) -> None:
+  """Raises where write_session would refuse session `name` of this rate and frame shape;
+  importers call it before their long read."""
+  root = pathlib.Path(root)
+  catalog = _read_catalog(root) if (root / CATALOG).is_file() else None
+  _check_fit(root, name, catalog, rate=rate, frame_shape=frame_shape, overwrite=overwrite)
 
 
 def _unit_ids(unit_ids, num_neurons: int) -> list[str]:
@@ -662,9 +678,7 @@ def pipeline(root, *, seed: int, batch_size: int, process_index: int, process_co
   times [b, W] float32. Process p takes examples p, p + P, ... of the (shuffled, when
   train) repeated window list.
   """
-  if batch_size % process_count or batch_size < process_count:
-    raise ValueError(f'batch_size={batch_size} does not split over '
-                     f'{process_count} processes')
+  batches.check_split(batch_size, process_count)
   if not 1 <= min_neurons <= max_neurons:
     raise ValueError(f'min_neurons={min_neurons}, max_neurons={max_neurons}; expected '
                      '1 <= min_neurons <= max_neurons')
@@ -676,12 +690,6 @@ def pipeline(root, *, seed: int, batch_size: int, process_index: int, process_co
   make = _Examples(store.root, index, seed=seed, max_neurons=max_neurons,
                    min_neurons=min_neurons, train=train, process_index=process_index,
                    process_count=process_count)
-  ds = grain.MapDataset.range(len(index))
-  if train:
-    ds = ds.seed(seed).shuffle()   # reshuffled every epoch by the repeat below
-  ds = ds.repeat(num_epochs)[process_index::process_count]
-  ds = ds.map_with_index(make).batch(batch_size // process_count, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it
+  return batches.batched(make, len(index), seed=seed, batch_size=batch_size,
+                         process_index=process_index, process_count=process_count, train=train,
+                         num_epochs=num_epochs, prefetch=prefetch, workers=workers)

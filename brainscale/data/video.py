@@ -18,6 +18,8 @@ import av
 import grain
 import numpy as np
 
+from brainscale.data import batches
+
 MAGIC = b'BSV1'
 IMPORT_COMMAND = 'python -m brainscale.data.importers.videos SOURCE OUT'
 _PRIME = 1_000_003   # record r that fails is replaced by r + k * _PRIME (mod records)
@@ -257,21 +259,13 @@ def pipeline(directory, *, seed: int, batch_size: int, process_index: int, proce
   (shuffled, when train) repeated clip list. with_flow adds 'flow' float32
   [b, size, size, 2], the ground-truth flow from frame 0 to frame 1.
   """
-  if batch_size % process_count:
-    raise ValueError(f'batch_size={batch_size} does not split over '
-                     f'{process_count} processes')
+  batches.check_split(batch_size, process_count)
   if with_flow and frames != 2:
     raise ValueError(f'with_flow=True needs frames=2, got frames={frames}')
   source = ClipSource(directory)
   make = _Examples(source, seed=seed, size=size, frames=frames, gap_ms=gap_ms, train=train,
                    scale=tuple(scale), with_flow=with_flow, process_index=process_index,
                    process_count=process_count)
-  ds = grain.MapDataset.range(len(source))
-  if train:
-    ds = ds.seed(seed).shuffle()   # reshuffled every epoch by the repeat below
-  ds = ds.repeat(num_epochs)[process_index::process_count]
-  ds = ds.map_with_index(make).batch(batch_size // process_count, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it
+  return batches.batched(make, len(source), seed=seed, batch_size=batch_size,
+                         process_index=process_index, process_count=process_count, train=train,
+                         num_epochs=num_epochs, prefetch=prefetch, workers=workers)

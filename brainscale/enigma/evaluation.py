@@ -37,8 +37,9 @@ def _stack(examples: list[dict]) -> dict:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
-def predict_trial(model, session, trial: int, c, task: str) -> tuple[np.ndarray, np.ndarray]:
-  """Predicted rates [T, N] (all neurons, normalised units) and behaviour [T, C] of one trial."""
+def predict_trial(model, session, trial: int, c) -> tuple[np.ndarray, np.ndarray]:
+  """One trial's rates [T, N] by encoding (all neurons, normalised units) and behaviour [T, C]
+  by behaviour decoding, from the same windows."""
   d = c.data
   start, stop = (int(session.trials[k][trial]) for k in ('start', 'stop'))
   n = session.num_neurons
@@ -50,7 +51,8 @@ def predict_trial(model, session, trial: int, c, task: str) -> tuple[np.ndarray,
     chunk = jobs[i:i + c.evaluation.batch]
     batch = _stack([neural.example(session, start + s, d.window, neurons=g,
                                    max_neurons=d.max_neurons) for s, _, g in chunk])
-    rates_BxWxM, behavior_BxWxC = jax.device_get(_forward(model, batch, task))
+    rates_BxWxM = jax.device_get(_forward(model, batch, 'encoding')[0])
+    behavior_BxWxC = jax.device_get(_forward(model, batch, 'behavior')[1])
     for (s, keep, g), r_WxM, b_WxC in zip(chunk, rates_BxWxM, behavior_BxWxC):
       rates_TxN[s + keep:s + d.window, g] = r_WxM[keep:, :len(g)]
       behavior_TxC[s + keep:s + d.window] = b_WxC[keep:]
@@ -62,13 +64,12 @@ def _trial_data(session, trial: int) -> dict:
   return session.read(start, stop)
 
 
-def _ln_baseline(session, repeats: np.ndarray, c) -> list[np.ndarray]:
-  """LN predictions of the repeated trials, fitted on the session's train trials."""
-  train = session.trials_of(('train',))
-  data = [_trial_data(session, t) for t in train]
-  ln = baselines.fit_ln([x['frames'] for x in data], [x['responses'] for x in data],
+def _ln_baseline(session, frames: list[np.ndarray], c) -> list[np.ndarray]:
+  """LN predictions for these trials' frames, fitted on the session's train trials."""
+  train = [_trial_data(session, t) for t in session.trials_of(('train',))]
+  ln = baselines.fit_ln([x['frames'] for x in train], [x['responses'] for x in train],
                         lags=c.evaluation.ln_lags, pool=c.evaluation.ln_pool, seed=c.seed)
-  return ln.predict([_trial_data(session, t)['frames'] for t in repeats])
+  return ln.predict(frames)
 
 
 def score_session(model, session, c) -> dict[str, np.ndarray]:
@@ -80,11 +81,10 @@ def score_session(model, session, c) -> dict[str, np.ndarray]:
   data = [_trial_data(session, t) for t in repeats]
   responses = [x['responses'] for x in data]
   stimulus_K = np.asarray(session.trials['stimulus'])[repeats]
-  enc = [predict_trial(model, session, t, c, 'encoding')[0] for t in repeats]
-  dec = [predict_trial(model, session, t, c, 'behavior')[1] for t in repeats]
+  enc, dec = map(list, zip(*[predict_trial(model, session, t, c) for t in repeats]))
   target = [(x['behavior'] - session.behavior_mean) / session.behavior_std for x in data]
   ok = [np.isfinite(t) for t in target]
-  ln = _ln_baseline(session, repeats, c)
+  ln = _ln_baseline(session, [x['frames'] for x in data], c)
   return {
       'single_trial_corr': metrics.single_trial_corr(enc, responses, skip=skip),
       'corr_to_average': metrics.repeat_average_corr(enc, responses, stimulus_K, skip=skip),

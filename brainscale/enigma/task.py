@@ -26,18 +26,11 @@ from brainscale.train import task
 PAD_ROWS = 128  # embedding tables are padded so their rows shard over any mesh up to this
 
 
-def synthetic_spec(s) -> v1.Spec:
-  fields = {f.name for f in dataclasses.fields(v1.Spec)}
-  values = {k: tuple(v) if isinstance(v, (list, tuple)) else v
-            for k, v in s.to_dict().items() if k in fields}
-  return v1.Spec(**values)
-
-
 def store_root(c) -> str:
   """The store of config `c`: data.root, or the synthetic population (generated once)."""
   if c.data.root:
     return c.data.root
-  spec = synthetic_spec(c.data.synthetic)
+  spec = cache.spec_of(c.data.synthetic, v1.Spec)
   root = cache.named('enigma_synthetic', dataclasses.asdict(spec))
 
   def make():

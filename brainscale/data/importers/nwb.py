@@ -375,23 +375,6 @@ def _trials(nwbfile, times_T) -> tuple[dict, int]:
 
 # ---------------------------------------------------------------- the import
 
-def _check_store(root, name: str, rate: float, frame_shape, overwrite: bool):
-  """Raises before the long read where write_session would refuse the session at the end."""
-  if not (pathlib.Path(root) / neural.CATALOG).is_file():
-    return
-  store = neural.Store(root)
-  if name in store.session_names and not overwrite:
-    raise ValueError(f'session {name!r} already exists in {root}; pass overwrite=True '
-                     '(--overwrite) to replace it, or another session name')
-  if not math.isclose(rate, store.rate, rel_tol=1e-9):
-    raise ValueError(f'rate={rate} Hz differs from the {store.rate} Hz of the store {root}; '
-                     f'expected rate={store.rate} (--rate {store.rate})')
-  if tuple(frame_shape) != store.frame_shape:
-    raise ValueError(f'frame_shape={tuple(frame_shape)} differs from the frames of the store '
-                     f'{root}; expected frame_shape={store.frame_shape} '
-                     f'(--frame_shape {",".join(map(str, store.frame_shape))})')
-
-
 def _check_options(rate: float, frame_shape, missing_behavior: str):
   if not rate > 0:
     raise ValueError(f'rate {rate}; expected samples per second > 0')
@@ -417,7 +400,7 @@ def import_nwb(path, root, *, session: str | None = None, animal: str | None = N
   if not path.is_file():
     raise ValueError(f'NWB file {path} is not a file; expected an NWB (HDF5) file')
   name = session or path.stem
-  _check_store(root, name, rate, frame_shape, overwrite)
+  neural.check_fits(root, name, rate=rate, frame_shape=frame_shape, overwrite=overwrite)
   with pynwb.NWBHDF5IO(str(path), 'r') as io:
     nwbfile = io.read()
     source = _neural_source(nwbfile, path)

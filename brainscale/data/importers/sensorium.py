@@ -10,7 +10,6 @@ Trials showing identical videos share a stimulus id. The store is brainscale.dat
 import argparse
 import dataclasses
 import hashlib
-import math
 import pathlib
 import sys
 
@@ -176,22 +175,6 @@ def _stimulus_ids(trials: list[_Trial]) -> np.ndarray:
   return np.array([ids.setdefault(t.digest, len(ids)) for t in trials], np.int64)
 
 
-def _check_store(root, name: str, rate: float, frame_shape, overwrite: bool):
-  """Raises before the long read where write_session would refuse the session at the end."""
-  if not (pathlib.Path(root) / neural.CATALOG).is_file():
-    return
-  store = neural.Store(root)
-  if name in store.session_names and not overwrite:
-    raise ValueError(f'session {name!r} already exists in {root}; pass overwrite=True '
-                     '(--overwrite) to replace it, or another session name')
-  if not math.isclose(rate, store.rate, rel_tol=1e-9):
-    raise ValueError(f'rate {rate} Hz differs from the {store.rate} Hz of the store {root}; '
-                     'expected one rate per store')
-  if tuple(frame_shape) != store.frame_shape:
-    raise ValueError(f'{name} has frames of {tuple(frame_shape)}; the store {root} holds '
-                     f'frames of {store.frame_shape}: expected one frame shape per store')
-
-
 def import_sensorium(folder, root, *, session: str | None = None, animal: str | None = None,
                      rate: float = 30.0, progress: bool = True, overwrite: bool = False) -> str:
   """Imports one Sensorium 2023 mouse folder as a session of the store at root; its name.
@@ -208,7 +191,7 @@ def import_sensorium(folder, root, *, session: str | None = None, animal: str | 
   unit_ids, positions_Nx3, tiers = _meta(folder)
   ids = _trial_ids(folder)
   first = _load(folder / 'data/videos' / f'{ids[0]}.npy', 'a video (H, W, frames)')
-  _check_store(root, name, rate, first.shape[:2], overwrite)
+  neural.check_fits(root, name, rate=rate, frame_shape=first.shape[:2], overwrite=overwrite)
   trials, skipped = _scan(folder, ids, len(unit_ids), tiers, progress)
   data = _concatenate(folder, trials, len(unit_ids), rate, progress)
   times_T = np.arange(len(data['responses_TxN'])) / rate
