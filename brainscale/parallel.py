@@ -177,5 +177,37 @@ def constrain(x: jax.Array, logical: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules, mesh)))
 
 
+def shard_local(fn, in_logical, out_logical, args):
+  """`fn` run on each device's shards (jax.shard_map) under the active axis rules.
+
+  For code XLA cannot partition (a Pallas kernel). `in_logical` mirrors `args`
+  with a logical-axis tuple per array. A mesh axis that does not divide every
+  dimension carrying a logical name is left out for that name, so that name is
+  split alike in every array (or not at all). Outside a mesh, returns `fn`.
+  """
+  context = _CONTEXT.get()
+  if context is None:
+    return fn
+  mesh, rules = context
+  is_axes = lambda x: isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
+  dims = {}
+  for logical, x in zip(jax.tree.leaves(in_logical, is_leaf=is_axes), jax.tree.leaves(args)):
+    for name, size in zip(logical, x.shape):
+      if name is not None:
+        dims.setdefault(name, []).append(size)
+  table = {}
+  for name, sizes in dims.items():
+    kept = []
+    for axis in rules.get(name, ()):
+      ways = math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]
+      if mesh.shape[axis] > 1 and all(size % ways == 0 for size in sizes):
+        kept.append(axis)
+    table[name] = tuple(kept)
+  to_spec = lambda logical: spec(logical, table, mesh)
+  return jax.shard_map(fn, mesh=mesh, check_vma=False,
+                       in_specs=jax.tree.map(to_spec, in_logical, is_leaf=is_axes),
+                       out_specs=jax.tree.map(to_spec, out_logical, is_leaf=is_axes))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())

@@ -8,7 +8,6 @@ kernels.flash_attention.
 """
 
 import dataclasses
-import importlib
 import math
 
 import jax
@@ -116,13 +115,29 @@ def attend_cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *,
 
 
 def attend_pallas(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask) -> jax.Array:
-  """Flash attention from kernels/ (fwd + bwd in Pallas)."""
-  try:
-    flash = importlib.import_module('kernels.flash_attention')
-  except ModuleNotFoundError as e:
-    raise ValueError("attention backend 'pallas' needs kernels/flash_attention.py, which "
-                     "is not in this tree; use --config.model.attention=xla") from e
-  return flash.attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask)
+  """Flash attention from kernels/ (Pallas fwd + bwd; interpreted on CPU).
+
+  Under a mesh, each device runs the kernel on its own batch rows and heads
+  (shard_map over the 'batch' and heads rules); a pallas_call is opaque to XLA's
+  partitioner, which would otherwise gather whole arrays onto every device.
+  """
+  from kernels import flash_attention  # noqa: PLC0415  (kernels import no brainscale)
+  b, t, s = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+  arrays = {name: jnp.broadcast_to(getattr(mask, name), (b, t if name.startswith('q_') else s))
+            for name in _MASK_ARRAYS if getattr(mask, name) is not None}
+  flags = dict(causal=mask.causal, window=mask.window, shared_segment=mask.shared_segment)
+
+  def local(q, k, v, arrays):
+    return flash_attention.attention(q, k, v, **arrays, **flags)
+
+  heads = ('batch', None, 'act_heads', None)   # K key/value heads split as the N query heads
+  rows = {name: ('batch', None) for name in arrays}
+  run = parallel.shard_local(local, (heads, heads, heads, rows), heads,
+                             (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays))
+  return run(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays)
+
+
+_MASK_ARRAYS = ('q_pos_BxT', 'kv_pos_BxS', 'kv_valid_BxS', 'q_segments_BxT', 'kv_segments_BxS')
 
 
 BACKENDS = {'xla': attend_xla, 'cudnn': attend_cudnn, 'pallas': attend_pallas}
