@@ -783,3 +783,21 @@ def test_head_is_einsum(rng, seed):
   close(logits_BxTxV, np.asarray(x_BxTxD, np.float64) @ np.asarray(head.w_DxV[...], np.float64),
         FP32)
   assert nn.axes_of(head.w_DxV) == ('embed', 'vocab')
+
+
+def test_chunked_ce_never_holds_the_full_logits():
+  """XLA's memory plan for loss + gradients: the naive loss holds N x V fp32 logits
+  (64 MiB here), the chunked one about N x chunk (4 MiB) plus the fp32 dW."""
+  n, d, v, chunk = 1024, 64, 16384, 1024
+  args = (jax.ShapeDtypeStruct((1, n, d), jnp.float32),
+          jax.ShapeDtypeStruct((d, v), jnp.float32), jax.ShapeDtypeStruct((1, n), jnp.int32))
+
+  def temp_bytes(loss):
+    grad = jax.jit(jax.grad(lambda x, w, t: loss(x, w, t).mean(), argnums=(0, 1)))
+    return grad.lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+  logits = n * v * 4
+  naive = temp_bytes(_full_ce)
+  chunked = temp_bytes(functools.partial(nn.chunked_cross_entropy, chunk=chunk))
+  assert naive >= logits, (naive, logits)
+  assert chunked <= logits / 4, (chunked, logits)

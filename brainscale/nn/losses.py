@@ -58,7 +58,6 @@ def _nll_fwd(x_NxD, w_DxV, targets_N, chunk):
 
 def _nll_bwd(chunk, residuals, g_N):
   x_NxD, w_DxV, targets_N, lse_N = residuals
-  v = w_DxV.shape[1]
 
   def body(carry, c):
     dx_NxD, dw_DxV = carry
@@ -69,12 +68,14 @@ def _nll_bwd(chunk, residuals, g_N):
     dx_NxD += jnp.dot(dlogits_NxC, _chunk(w_DxV, c, chunk).T,
                       preferred_element_type=jnp.float32)
     dw_DxC = jnp.dot(x_NxD.T, dlogits_NxC, preferred_element_type=jnp.float32)
-    dw_DxV = jax.lax.dynamic_update_slice_in_dim(dw_DxV, dw_DxC, c * chunk, axis=1)
+    dw_DxV = jax.lax.dynamic_update_slice_in_dim(dw_DxV, dw_DxC.astype(dw_DxV.dtype),
+                                                 c * chunk, axis=1)
     return (dx_NxD, dw_DxV), None
 
-  init = (jnp.zeros(x_NxD.shape, jnp.float32), jnp.zeros(w_DxV.shape, jnp.float32))
-  (dx_NxD, dw_DxV), _ = jax.lax.scan(body, init, jnp.arange(v // chunk))
-  return dx_NxD.astype(x_NxD.dtype), dw_DxV.astype(w_DxV.dtype), None
+  # Each dW chunk is written once, so dW is held in w's dtype: no fp32 [D, V] buffer.
+  init = (jnp.zeros(x_NxD.shape, jnp.float32), jnp.zeros(w_DxV.shape, w_DxV.dtype))
+  (dx_NxD, dw_DxV), _ = jax.lax.scan(body, init, jnp.arange(w_DxV.shape[1] // chunk))
+  return dx_NxD.astype(x_NxD.dtype), dw_DxV, None
 
 
 _nll.defvjp(_nll_fwd, _nll_bwd)

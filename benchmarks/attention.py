@@ -1,0 +1,173 @@
+# python benchmarks/attention.py [--shapes=cwm_8k,enigma_local,...] [--backends=pallas,cudnn,xla]
+"""Attention backends at the models' shapes: forward and forward+backward.
+
+For each shape and backend: median time of the forward and of forward+backward
+(jitted, after warm-up, inputs on the device), their TFLOP/s over the visible
+query-key pairs (causal counts half; backward = 2.5 x forward), and the
+memory XLA plans for the compiled forward+backward beyond its inputs and
+outputs (`temp`, from compiled.memory_analysis()). The ratios come last:
+pallas time over cudnn time, xla temp memory over pallas temp memory.
+
+On a GPU the default shapes are CWM's (1 x 8192 and 10240 tokens x 64 heads x
+128, causal) and Enigma 1B's per-GPU shapes (8 windows; 24 heads x 64).
+Elsewhere the default shapes are small, a check that every backend runs
+(cudnn needs a GPU and is skipped; pallas runs interpreted); `--memory_only`
+compiles any shape without running it, for XLA's memory plan on this host.
+"""
+
+import dataclasses
+import pathlib
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from brainscale import nn  # noqa: E402
+from brainscale.nn.attention import Mask  # noqa: E402
+
+flags.DEFINE_list('shapes', None, 'shapes to run (default: all GPU shapes on GPU, smoke '
+                  'elsewhere)')
+flags.DEFINE_list('backends', ['pallas', 'cudnn', 'xla'], 'backends to compare')
+flags.DEFINE_enum('dtype', 'bfloat16', ['bfloat16', 'float32'], 'q, k, v dtype')
+flags.DEFINE_integer('repeats', 10, 'timed calls per measurement (median)')
+flags.DEFINE_bool('memory_only', False, 'compile and report memory, time nothing (e.g. the '
+                  'GPU shapes on a CPU)')
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One attention call: B x T queries over B x S keys, N query and K key/value heads."""
+  b: int
+  t: int
+  s: int
+  n: int
+  k: int
+  h: int
+  mask: str          # causal | local (0.5 s window over 30 Hz times) | padded (10% keys invalid)
+
+
+SHAPES = {
+    # CWM 80B: d 8192 = 64 heads x 128, causal over ~10k pointer + content tokens.
+    'cwm_8k': Shape(1, 8192, 8192, 64, 64, 128, 'causal'),
+    'cwm_10k': Shape(1, 10240, 10240, 64, 64, 128, 'causal'),
+    # Enigma 1B, 8 windows per GPU: the tower over 480 latent/video/behaviour tokens
+    # (local layers: a 0.5 s window; global layers: all valid tokens), the latents
+    # reading 11264 neuron tokens, and 12288 neuron queries decoding from the tower.
+    'enigma_local': Shape(8, 480, 480, 24, 24, 64, 'local'),
+    'enigma_global': Shape(8, 480, 480, 24, 24, 64, 'padded'),
+    'enigma_read': Shape(8, 48, 11264, 24, 24, 64, 'padded'),
+    'enigma_decode': Shape(8, 12288, 480, 24, 24, 64, 'padded'),
+    # Small, for CPU: does every backend run.
+    'smoke': Shape(1, 256, 256, 4, 2, 64, 'causal'),
+    'smoke_local': Shape(2, 192, 192, 4, 4, 64, 'local'),
+}
+GPU_SHAPES = ['cwm_8k', 'cwm_10k', 'enigma_local', 'enigma_global', 'enigma_read',
+              'enigma_decode']
+
+
+def make_mask(shape: Shape, rng: np.random.Generator) -> Mask:
+  if shape.mask == 'causal':
+    return Mask(causal=True)
+  if shape.mask == 'local':   # token times at 30 Hz, several tokens per time step
+    times = np.sort(rng.integers(0, 60, (shape.b, shape.t)), axis=1) / 30.0
+    times = jnp.asarray(times, jnp.float32)
+    return Mask(window=0.5, q_pos_BxT=times, kv_pos_BxS=times)
+  valid = rng.random((shape.b, shape.s)) < 0.9
+  return Mask(kv_valid_BxS=jnp.asarray(valid))
+
+
+def visible_pairs(shape: Shape, mask: Mask) -> float:
+  """Query-key pairs the mask lets through (what the FLOPs are counted over)."""
+  if shape.mask == 'causal':
+    return shape.b * shape.t * (shape.t + 1) / 2
+  return float(np.asarray(mask.dense(shape.b, shape.t, shape.s)).sum())
+
+
+def timed(fn, *args) -> float:
+  """Median seconds of fn(*args) over FLAGS.repeats calls, after two warm-up calls."""
+  for _ in range(2):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(FLAGS.repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+def measure(shape: Shape, backend: str, dtype) -> dict:
+  rng = np.random.default_rng(0)
+  mask = make_mask(shape, rng)
+  q = jnp.asarray(rng.standard_normal((shape.b, shape.t, shape.n, shape.h)), dtype)
+  k, v = (jnp.asarray(rng.standard_normal((shape.b, shape.s, shape.k, shape.h)), dtype)
+          for _ in range(2))
+
+  def forward(q, k, v, mask):
+    return nn.attend(q, k, v, mask, backend)
+
+  def loss(q, k, v, mask):
+    return forward(q, k, v, mask).astype(jnp.float32).sum()
+
+  fwd = jax.jit(forward)
+  fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  temp = fwd_bwd.lower(q, k, v, mask).compile().memory_analysis().temp_size_in_bytes
+  if FLAGS.memory_only:
+    t_fwd = t_fwd_bwd = float('nan')
+  else:
+    t_fwd, t_fwd_bwd = timed(fwd, q, k, v, mask), timed(fwd_bwd, q, k, v, mask)
+  flops = 4.0 * shape.n * shape.h * visible_pairs(shape, mask)
+  return dict(fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_fwd_bwd, fwd_tflops=flops / t_fwd / 1e12,
+              fwd_bwd_tflops=3.5 * flops / t_fwd_bwd / 1e12, temp_gib=temp / 2**30)
+
+
+def main(argv):
+  del argv
+  on_gpu = jax.default_backend() == 'gpu'
+  names = FLAGS.shapes or (GPU_SHAPES if on_gpu else ['smoke', 'smoke_local'])
+  backends = [b for b in FLAGS.backends if on_gpu or b != 'cudnn']
+  dtype = jnp.dtype(FLAGS.dtype)
+  print(f'# {jax.devices()[0].device_kind} | jax {jax.__version__} | {FLAGS.dtype} | '
+        f'median of {FLAGS.repeats}' + ('' if on_gpu else ' | cudnn skipped (no GPU)'))
+  print('| shape | B x T x S, N/K x H, mask | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | '
+        'fwd+bwd TFLOP/s | temp GiB |')
+  print('|---|---|---|---|---|---|---|---|')
+  results = {}
+  for name in names:
+    shape = SHAPES[name]
+    for backend in backends:
+      try:
+        r = measure(shape, backend, dtype)
+      except Exception as e:  # an OOM or an unsupported mask is a row, not the end of the run
+        print(f'| {name} | | {backend} | failed: {type(e).__name__}: {str(e)[:120]} |')
+        continue
+      results[name, backend] = r
+      print(f'| {name} | {shape.b} x {shape.t} x {shape.s}, {shape.n}/{shape.k} x {shape.h}, '
+            f'{shape.mask} | {backend} | {r["fwd_ms"]:.3f} | {r["fwd_tflops"]:.3g} | '
+            f'{r["fwd_bwd_ms"]:.3f} | {r["fwd_bwd_tflops"]:.3g} | {r["temp_gib"]:.3f} |',
+            flush=True)
+  print('\nratios (same run):')
+  for name in names:
+    pallas = results.get((name, 'pallas'))
+    if pallas is None:
+      continue
+    line = [name]
+    if (name, 'cudnn') in results:
+      cudnn = results[name, 'cudnn']
+      line.append(f'pallas/cudnn time fwd {pallas["fwd_ms"] / cudnn["fwd_ms"]:.2f}, '
+                  f'fwd+bwd {pallas["fwd_bwd_ms"] / cudnn["fwd_bwd_ms"]:.2f}')
+    if (name, 'xla') in results:
+      xla = results[name, 'xla']
+      line.append(f'xla/pallas temp memory {xla["temp_gib"] / max(pallas["temp_gib"], 1e-9):.1f}x'
+                  f', xla/pallas fwd+bwd time {xla["fwd_bwd_ms"] / pallas["fwd_bwd_ms"]:.2f}')
+    print('  ' + ' | '.join(line))
+
+
+if __name__ == '__main__':
+  app.run(main)
