@@ -189,24 +189,39 @@ def test_describe_enigma_1b_core_params_without_allocating():
   assert total < c.cluster.hbm_gib
 
 
+def _two_steps(batch, sizes, devices, extra=()):
+  """(setup, losses, params after) of two training steps on a mesh of `sizes`."""
+  c = config_lib.resolve('enigma_tiny', SMALL + list(extra))
+  c.mesh.ici.update(sizes)
+  setup = loop.build(c, parallel.make_mesh(c.mesh, devices=devices))
+  state = loop.init_state(setup)
+  step = loop.make_train_step(setup, batch)
+  losses = []
+  for _ in range(2):
+    state, metrics = step(state, loop.global_batch(setup, batch))
+    losses.append(float(metrics['loss']))
+  return setup, losses, jax.device_get(state['params'])
+
+
 def test_sharded_training_on_8_devices_matches_one_device(rng):
   batch = _batch(rng, b=8, m=16, real=13)
-  results = []
-  for sizes, devices in [(dict(data=2, fsdp=2, tensor=2), jax.devices()),
-                         (dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])]:
-    c = config_lib.resolve('enigma_tiny', SMALL)
-    c.mesh.ici.update(sizes)
-    setup = loop.build(c, parallel.make_mesh(c.mesh, devices=devices))
-    state = loop.init_state(setup)
-    step = loop.make_train_step(setup, batch)
-    losses = []
-    for _ in range(2):
-      state, metrics = step(state, loop.global_batch(setup, batch))
-      losses.append(float(metrics['loss']))
-    results.append((setup, losses, jax.device_get(state['params'])))
-  (setup8, losses8, after8), (_, losses1, after1) = results
+  setup8, losses8, after8 = _two_steps(batch, dict(data=2, fsdp=2, tensor=2), jax.devices())
+  _, losses1, after1 = _two_steps(batch, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   w_q = setup8.abstract_state['params']['core']['tower']['layers']['blocks'][0]['attn']['w_q_DxNxH']
   assert set(a for a in w_q.sharding.spec if a) == {'fsdp', 'tensor'}
   np.testing.assert_allclose(losses8, losses1, rtol=2e-5)
   assert np.isfinite(losses8).all()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5), after8, after1)
+
+
+@pytest.mark.slow
+def test_pallas_attention_trains_like_xla(rng):
+  """Local (time window) and global tower layers, the latents' read and the decoder, all
+  with padded keys, through the flash kernels on 8 devices vs the XLA reference on one."""
+  batch = _batch(rng, b=8, m=16, real=13)
+  _, losses_p, after_p = _two_steps(batch, dict(data=2, fsdp=2, tensor=2), jax.devices(),
+                                    ['--config.model.attention=pallas'])
+  _, losses_x, after_x = _two_steps(batch, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  np.testing.assert_allclose(losses_p, losses_x, rtol=2e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-5),
+               after_p, after_x)
