@@ -42,6 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter groups: name -> (regex on the parameter path, lr scale, weight decay).
   c.train.groups = ml_collections.ConfigDict()
 
+  c.plan = ml_collections.ConfigDict()   # --mode=plan (brainscale/plan.py)
+  c.plan.mfu = 0.45                  # step time is quoted at this model-FLOPs utilisation
+  c.plan.usd_per_gpu_hour = 0.25
+  c.plan.days = 30                   # the campaign costed
+  c.plan.hbm_fraction = 0.8          # of cluster.hbm_gib the compiled step may use
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
@@ -54,7 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
       batch='data,fsdp', length='sequence',
       embed='fsdp', heads='tensor', kv_heads='tensor', mlp='tensor',
       vocab='tensor', layers='', head_dim='', norm='',
-      act_embed='', act_heads='tensor', act_mlp='tensor', act_vocab='tensor',
+      act_embed='', act_length='', act_heads='tensor', act_mlp='tensor', act_vocab='tensor',
   ))
   c.mesh.coordinator = ''          # host:port; '' = SLURM autodetect or single process
   c.mesh.num_processes = 0
@@ -63,9 +69,16 @@ def get_config() -> ml_collections.ConfigDict:
   return c
 
 
-def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, gpu: str = 'H100-SXM-80GB',
-            hbm_gib: int = 80) -> ml_collections.ConfigDict:
-  """The `cluster` section of a large experiment: what its SLURM job asks for."""
+def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, tasks_per_node: int = 0,
+            gpu: str = 'H100-SXM-80GB', hbm_gib: int = 80, partition: str = '', account: str = '',
+            qos: str = '', grace_s: int = 300, cpus_per_task: int = 0) -> ml_collections.ConfigDict:
+  """The `cluster` section of a large experiment: what its SLURM job asks for.
+
+  gpus_per_node=0 is a CPU job. tasks_per_node=0 is one task per GPU (1 for a CPU job);
+  grace_s is how long before time_limit the tasks get SIGTERM, to checkpoint;
+  '' and 0 leave partition, account, qos and cpus_per_task to the cluster's defaults.
+  """
   return ml_collections.ConfigDict(dict(
-      nodes=nodes, gpus_per_node=gpus_per_node, gpu=gpu, hbm_gib=hbm_gib,
-      time_limit=time_limit, partition='', account=''))
+      nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, gpu=gpu,
+      hbm_gib=hbm_gib, time_limit=time_limit, partition=partition, account=account, qos=qos,
+      grace_s=grace_s, cpus_per_task=cpus_per_task))

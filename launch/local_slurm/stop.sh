@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Stops the cluster that start.sh STATE_DIR started: cancels its jobs, stops slurmd and
+# slurmctld by their pid files, and munged only if start.sh started it.
+set -uo pipefail
+export PATH=$PATH:/usr/sbin:/sbin
+
+[ $# -eq 1 ] || { echo "usage: stop.sh STATE_DIR" >&2; exit 1; }
+STATE=$(cd "$1" && pwd) || exit 1
+export SLURM_CONF=$STATE/slurm.conf
+
+cancel_jobs() {  # tasks outlive slurmd otherwise; KillWait is 30 s
+  local jobs
+  jobs=$(squeue -h -o %i 2>/dev/null) || return 0
+  [ -n "$jobs" ] || return 0
+  scancel $jobs
+  for _ in $(seq 80); do
+    [ -z "$(squeue -h -o %i 2>/dev/null)" ] && return 0
+    sleep 0.5
+  done
+}
+
+stop_pid_file() {  # TERM, then KILL after 15 s
+  local pid
+  [ -s "$1" ] || return 0
+  pid=$(cat "$1")
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 150); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  kill -9 "$pid" 2>/dev/null || true
+}
+
+cancel_jobs
+stop_pid_file "$STATE/slurmd.pid"
+stop_pid_file "$STATE/slurmctld.pid"
+if [ -e "$STATE/munged.started" ]; then
+  munged --stop >/dev/null 2>&1 || stop_pid_file /run/munge/munged.pid
+  rm -f "$STATE/munged.started"
+fi

@@ -1,0 +1,153 @@
+"""SLURM submission: an sbatch script from an experiment's `cluster` section.
+
+`launch/run.py --submit` writes WORKDIR/slurm/RUN_ID.sbatch, one srun step of
+launch/run.py over all tasks, and hands it to sbatch (or prints it where there is
+no sbatch). The job requeues itself when the trainer exits with REQUEUE_EXIT.
+Imports neither JAX nor the trainer.
+"""
+
+import datetime
+import os
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+from brainscale import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# The trainer's exit status for "preempted (SIGTERM): checkpoint saved, requeue me"
+# (EX_TEMPFAIL). On it the batch script runs `scontrol requeue`, SLURM runs the same
+# script again with the same BRAINSCALE_RUN_ID, and training resumes from the checkpoint.
+REQUEUE_EXIT = 75
+
+# BUILD.md section 3: overlap collectives with compute, combine them to about a layer.
+GPU_XLA_FLAGS = (
+    '--xla_gpu_enable_latency_hiding_scheduler=true',
+    '--xla_gpu_enable_while_loop_double_buffering=true',
+    '--xla_gpu_enable_pipelined_all_gather=true',
+    '--xla_gpu_enable_pipelined_reduce_scatter=true',
+    '--xla_gpu_enable_pipelined_all_reduce=true',
+    '--xla_gpu_all_gather_combine_threshold_bytes=536870912',
+    '--xla_gpu_reduce_scatter_combine_threshold_bytes=536870912',
+    '--xla_gpu_all_reduce_combine_threshold_bytes=536870912',
+    '--xla_gpu_enable_triton_gemm=false',
+)
+
+
+class SubmitError(RuntimeError):
+  """sbatch refused the script; the message is one line."""
+
+
+def default_workdir(experiment: str, workdir: str = '') -> pathlib.Path:
+  """The absolute workdir: `workdir`, or runs/EXPERIMENT under the repository root."""
+  return pathlib.Path(workdir).resolve() if workdir else ROOT / 'runs' / experiment
+
+
+def tasks_per_node(cluster) -> int:
+  """One task per GPU; a CPU job's node runs one unless told otherwise."""
+  return cluster.tasks_per_node or max(cluster.gpus_per_node, 1)
+
+
+def _header(cluster, experiment: str, workdir: pathlib.Path) -> list[str]:
+  lines = [f'--job-name=brainscale-{experiment}', f'--nodes={cluster.nodes}',
+           f'--ntasks-per-node={tasks_per_node(cluster)}']
+  if cluster.gpus_per_node > 0:
+    lines.append(f'--gres=gpu:{cluster.gpus_per_node}')  # never --gpus-per-task (BUILD.md 6)
+  if cluster.cpus_per_task > 0:
+    lines.append(f'--cpus-per-task={cluster.cpus_per_task}')
+  lines.append(f'--time={cluster.time_limit}')
+  lines += [f'--{key}={cluster[key]}' for key in ('partition', 'account', 'qos') if cluster[key]]
+  lines += ['--requeue', f'--signal=TERM@{cluster.grace_s}', '--open-mode=append',
+            f'--output={workdir}/logs/slurm-%j.out']
+  return [f'#SBATCH {line}' for line in lines]
+
+
+def _gpu_environment() -> list[str]:
+  """BUILD.md sections 2 and 3; NCCL_IB_HCA and NCCL_SOCKET_IFNAME come from the
+  submitting shell (sbatch exports it) since they name the cluster's own fabric."""
+  flags = ' \\\n  '.join(GPU_XLA_FLAGS)
+  return ['export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90',
+          'export CUDA_DEVICE_MAX_CONNECTIONS=1',
+          f'export XLA_FLAGS="{flags}"',
+          'unset NCCL_IB_DISABLE',
+          'export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-1}',
+          'export NCCL_DEBUG=${NCCL_DEBUG:-WARN}']
+
+
+def _cpu_environment(cluster) -> list[str]:
+  """One JAX CPU device per CPU a task is given."""
+  devices = max(cluster.cpus_per_task, 1)
+  return ['export JAX_PLATFORMS=cpu',
+          f'export XLA_FLAGS=--xla_force_host_platform_device_count={devices}']
+
+
+def _step(config, workdir: pathlib.Path, overrides: list[str]) -> str:
+  """srun of launch/run.py on every task; each task logs to logs/JOBID-RANK.log."""
+  log = f'{workdir}/logs/%j-%t.log'
+  srun = ['srun', '--kill-on-bad-exit=1', f'--output={log}', f'--error={log}']
+  if config.cluster.cpus_per_task > 0:  # srun does not inherit it from sbatch (SLURM 22.05)
+    srun.append(f'--cpus-per-task={config.cluster.cpus_per_task}')
+  run = [sys.executable, str(ROOT / 'launch' / 'run.py'), f'--experiment={config.experiment}',
+         f'--workdir={workdir}', *overrides]
+  return ' '.join(shlex.quote(arg) for arg in srun + run)
+
+
+def script(config, *, workdir, overrides: list[str], run_id: str) -> str:
+  """The sbatch script that trains `config` in `workdir` (absolute) as run RUN_ID."""
+  cluster, workdir = config.cluster, pathlib.Path(workdir)
+  q = shlex.quote
+  lines = ['#!/bin/bash', *_header(cluster, config.experiment, workdir),
+           'set -u', f'cd {q(str(ROOT))}', f'mkdir -p {q(str(workdir / "logs"))}',
+           f'export BRAINSCALE_RUN_ID={q(run_id)}', 'export PYTHONUNBUFFERED=1']
+  lines += _gpu_environment() if cluster.gpus_per_node > 0 else _cpu_environment(cluster)
+  cache = q(str(workdir / 'jax_cache'))
+  lines += [f'export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{cache}}}',
+            'export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1',
+            _step(config, workdir, overrides),
+            'status=$?',
+            f'if [ "$status" -eq {REQUEUE_EXIT} ]; then  # preempted, checkpoint saved',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            'fi',
+            'exit $status']
+  return '\n'.join(lines) + '\n'
+
+
+def _check(config):
+  if 'cluster' in config:
+    return
+  having = [name for name in config_lib.experiment_names() if 'cluster' in config_lib.load(name)]
+  raise config_lib.ConfigError(
+      f'--submit needs a cluster section and experiment {config.experiment} has none; '
+      f'experiments with one: {", ".join(having)}')
+
+
+def _sbatch(path: pathlib.Path) -> int:
+  done = subprocess.run(['sbatch', str(path)], capture_output=True, text=True)
+  found = re.search(r'Submitted batch job (\d+)', done.stdout)
+  if done.returncode or not found:
+    why = (done.stderr.strip() or done.stdout.strip() or f'exit {done.returncode}').splitlines()
+    raise SubmitError(f'sbatch {path} failed: {why[-1]}')
+  return int(found.group(1))
+
+
+def submit(config, *, workdir, overrides: list[str]) -> int | None:
+  """Writes WORKDIR/slurm/RUN_ID.sbatch and submits it; the job id, or None when there
+  is no sbatch here (the script is then printed)."""
+  _check(config)
+  workdir = default_workdir(config.experiment, workdir)
+  run_id = f'{config.experiment}-{datetime.datetime.now():%Y%m%d-%H%M%S}'
+  path = workdir / 'slurm' / f'{run_id}.sbatch'
+  path.parent.mkdir(parents=True, exist_ok=True)
+  (workdir / 'logs').mkdir(exist_ok=True)  # SLURM fails the launch if --output has no folder
+  path.write_text(script(config, workdir=workdir, overrides=overrides, run_id=run_id))
+  if shutil.which('sbatch') is None:
+    print(path.read_text(), end='')
+    print(f'sbatch not found; wrote {path}')
+    return None
+  job = _sbatch(path)
+  print(f'submitted job {job}: {path}')
+  return job
