@@ -1,9 +1,13 @@
-"""The one entry point: train, evaluate or describe an experiment.
+"""The one entry point: train, evaluate, describe or plan an experiment, or submit it.
 
-  python launch/run.py --experiment=NAME [--workdir=DIR] [--mode=train|eval|describe]
+  python launch/run.py --experiment=NAME [--workdir=DIR] [--mode=train|eval|describe|plan]
                        [--config.KEY=VALUE ...]
+  python launch/run.py --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
 
+--submit sbatches the experiment on its `cluster` section (launch/slurm.py).
 Inside a multi-task srun step it calls jax.distributed.initialize() itself.
+Exit status: 0 done; 1 a run that failed (non-finite loss, a plan that does not
+fit); 2 bad input; 75 stopped by SIGTERM with a checkpoint saved (requeue me).
 """
 
 import os
@@ -18,7 +22,8 @@ from brainscale import config as config_lib  # noqa: E402
 
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe'], 'what to do')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan'], 'what to do')
+flags.DEFINE_bool('submit', False, 'sbatch the experiment on its cluster section')
 FLAGS = flags.FLAGS
 
 _OVERRIDES: list[str] = []
@@ -27,6 +32,31 @@ _OVERRIDES: list[str] = []
 def fail(message: str, code: int = 2):
   print(f'brainscale: {message}', file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+def submit(config):
+  """--submit: writes and sbatches the job script; imports no JAX."""
+  from launch import slurm  # noqa: PLC0415
+  try:
+    slurm.submit(config, workdir=FLAGS.workdir, overrides=_OVERRIDES)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  except slurm.SubmitError as e:
+    fail(str(e), code=1)
+
+
+def plan(config):
+  """--mode=plan: one simulated CPU device per GPU of the cluster, set before JAX starts."""
+  import jax  # noqa: PLC0415
+  from brainscale import plan as plan_lib  # noqa: PLC0415
+  jax.config.update('jax_platforms', 'cpu')
+  jax.config.update('jax_num_cpu_devices', plan_lib.simulated_devices(config))
+  try:
+    text, fits = plan_lib.plan(config)
+  except (ValueError, config_lib.ConfigError) as e:
+    fail(str(e))
+  print(text, flush=True)
+  sys.exit(0 if fits else 1)
 
 
 def main(argv):
@@ -38,8 +68,12 @@ def main(argv):
     config = config_lib.resolve(FLAGS.experiment, _OVERRIDES)
   except config_lib.ConfigError as e:
     fail(str(e))
+  if FLAGS.submit:
+    return submit(config)
+  if FLAGS.mode == 'plan':
+    return plan(config)
   from brainscale import parallel  # noqa: PLC0415  (after flags: Grain reads them)
-  from brainscale.train import describe, loop  # noqa: PLC0415
+  from brainscale.train import describe, loop, preemption  # noqa: PLC0415
   workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
   try:
     if FLAGS.mode != 'describe':
@@ -54,6 +88,8 @@ def main(argv):
     fail(str(e))
   except loop.NonFiniteError as e:
     fail(str(e), code=1)
+  except preemption.Preempted as e:
+    fail(str(e), code=preemption.REQUEUE_EXIT)
   except FileNotFoundError as e:
     fail(str(e))
 

@@ -151,6 +151,42 @@ def test_kill_9_anywhere_resumes_bit_identical(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_checkpoints_the_step_it_stops_at_and_resumes_identically(tmp_path):
+  """SIGTERM (SLURM's notice): save at the step reached, exit 75 (requeue me), resume exactly."""
+  steps = 60
+  common = ['--experiment=smoke', f'--config.train.steps={steps}',
+            '--config.checkpoint.every_steps=1000', '--config.train.log_every=1']
+  reference = run_cli(*common, f'--workdir={tmp_path / "reference"}')
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  expected = _losses(tmp_path / 'reference')
+
+  workdir = tmp_path / 'preempted'
+  proc = subprocess.Popen([sys.executable, 'launch/run.py', *common, f'--workdir={workdir}'],
+                          cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  deadline = time.time() + 240
+  jsonl = workdir / 'metrics.jsonl'
+  while (proc.poll() is None and not (jsonl.exists() and max(_losses(workdir) or [0]) >= 10)
+         and time.time() < deadline):
+    time.sleep(0.01)
+  assert proc.poll() is None, 'the run ended before it could be signalled'
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 75, err[-3000:]
+  stopped = int(re.search(r'stopped at the agreed step (\d+); checkpoint saved', out).group(1))
+  assert 10 <= stopped < steps
+  assert Checkpoints(workdir, keep=3).steps() == [stopped]
+  assert f'checkpoint of step {stopped} saved' in err   # run.py's one line on stderr
+
+  rerun = run_cli(*common, f'--workdir={workdir}')
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f'resuming from step {stopped}' in rerun.stdout
+  got = _losses(workdir)
+  assert sorted(got) == sorted(expected)
+  assert [s for s in expected if got[s] != expected[s]] == []
+
+
+@pytest.mark.slow
 def test_checkpoint_from_8_devices_resumes_on_1(tmp_path):
   sharded = run_cli('--experiment=smoke', f'--workdir={tmp_path}', '--config.train.steps=6',
                     '--config.mesh.ici.data=2', '--config.mesh.ici.fsdp=2',

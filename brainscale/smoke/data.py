@@ -8,6 +8,8 @@ processes share it, and an iterator's state is just its position.
 import grain
 import numpy as np
 
+from brainscale.data import batches
+
 BOS, SEP = 0, 1   # tokens 2..vocab-1 are content
 
 
@@ -42,6 +44,4 @@ def pipeline(*, seed: int, length: int, vocab: int, batch_size: int, process_ind
   ds = grain.MapDataset.range(1 << 40)[process_index::process_count]
   ds = ds.batch(batch_size // process_count, drop_remainder=True).map(make)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
-  if workers > 0:
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
-  return it
+  return batches.in_workers(it, workers)

@@ -38,13 +38,13 @@ class Checkpoints:
   def latest(self) -> int | None:
     return self.manager.latest_step()
 
-  def save(self, step: int, state, data_iterator, config) -> bool:
+  def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
     """Starts an (async) save of `state` at `step`; returns whether one started."""
     args = {'state': ocp.args.StandardSave(state),
             'config': ocp.args.JsonSave(json.loads(config.to_json()))}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**args))
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def check_compatible(self, step: int, abstract_state):
     """Raises a one-line ConfigError naming the first parameter that does not fit."""

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding
 
 from brainscale import parallel
 from brainscale.nn.core import axes_of
-from brainscale.train import optim, report
+from brainscale.train import optim, preemption, report
 from brainscale.train.checkpoint import Checkpoints
 from brainscale.train.task import Task, get_task
 
@@ -243,6 +243,10 @@ def train(config, workdir: str) -> dict:
   setup = build(c)
   report.log(f'mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} '
              f'devices, {jax.process_count()} process(es)')
+  if 'BRAINSCALE_RUN_ID' in os.environ:   # set by the sbatch script; the same after a requeue
+    report.log(f'run {os.environ["BRAINSCALE_RUN_ID"]}, SLURM job '
+               f'{os.environ.get("SLURM_JOB_ID", "?")}, restart '
+               f'{os.environ.get("SLURM_RESTART_COUNT", "0")}')
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   data = setup.task.train_data(jax.process_index(), jax.process_count())
   start = checkpoints.latest()
@@ -291,20 +295,27 @@ def train(config, workdir: str) -> dict:
     dispatched.clear()
 
   pending, batch = [], first
-  while step < c.train.steps:
-    state, metrics = train_step(state, global_batch(setup, batch))
-    step += 1
-    # Read a logging step's metrics only once the next step is queued behind it.
-    if pending and pending[-1][0] % c.train.log_every == 0:
-      finish(pending)
-    pending.append((step, metrics))
-    if step % c.checkpoint.every_steps == 0 or step == c.train.steps:
-      finish(pending)  # never checkpoint a state whose loss is not finite
-      checkpoints.save(step, state, data, c)
-    if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
-      _eval_and_write(setup, state['params'], step, writer)
-    if step < c.train.steps:
-      batch = next(data)
+  with preemption.Notice() as notice:
+    while step < c.train.steps:
+      state, metrics = train_step(state, global_batch(setup, batch))
+      step += 1
+      # Read a logging step's metrics only once the next step is queued behind it.
+      if pending and pending[-1][0] % c.train.log_every == 0:
+        finish(pending)
+      pending.append((step, metrics))
+      preempted = notice.reached(step)   # every process, every step
+      if preempted or step % c.checkpoint.every_steps == 0 or step == c.train.steps:
+        finish(pending)  # never checkpoint a state whose loss is not finite
+        checkpoints.save(step, state, data, c, force=preempted)
+      if preempted:
+        checkpoints.close()   # waits until the checkpoint is committed
+        writer.close()
+        report.log(f'SIGTERM: stopped at the agreed step {step}; checkpoint saved')
+        raise preemption.Preempted(step)
+      if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
+        _eval_and_write(setup, state['params'], step, writer)
+      if step < c.train.steps:
+        batch = next(data)
   finish(pending)
   final = _eval_and_write(setup, state['params'], step, writer)
   checkpoints.close()
