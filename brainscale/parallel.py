@@ -88,10 +88,14 @@ def num_nodes() -> int:
   return int(os.environ.get('SLURM_JOB_NUM_NODES', os.environ.get('SLURM_NNODES', 1)))
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-  """Builds the global mesh; ICI axes vary fastest within a node."""
+def make_mesh(mesh_config, devices=None, nodes: int | None = None) -> Mesh:
+  """Builds the global mesh; ICI axes vary fastest within a node.
+
+  `nodes` overrides the node count (plan mode lays simulated devices out as the cluster's).
+  """
   devices = list(devices if devices is not None else jax.devices())
-  nodes = num_nodes() if devices == jax.devices() else 1
+  if nodes is None:
+    nodes = num_nodes() if devices == jax.devices() else 1
   dcn, ici = mesh_shape(mesh_config, len(devices), nodes)
   shape = tuple(dcn[a] * ici[a] for a in AXES)
   if nodes == 1:

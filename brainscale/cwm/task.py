@@ -45,6 +45,11 @@ class _VideoTask(task.Task):
                          batch_size=batch_size, process_index=process_index,
                          process_count=process_count, with_flow=with_flow)
 
+  def batch_shapes(self, batch_size):
+    size = self.config.data.size
+    return {'frames': jax.ShapeDtypeStruct((batch_size, self.frames, size, size, 3), jnp.uint8),
+            'skipped': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
   def train_data(self, process_index, process_count):
     c = self.config
     return iter(self._data(data.train_directory(c), train=True, seed=c.seed,
@@ -93,6 +98,9 @@ class Task(_VideoTask):
 
   def model(self, rngs):
     return WorldModel(self.config.model, self.config.tokenizer.model, self.layout, rngs=rngs)
+
+  def tokens_per_example(self):
+    return self.layout.length
 
   def prerequisites(self, workdir):
     t = self.config.tokenizer

@@ -103,6 +103,21 @@ class Task(task.Task):
                              process_count=process_count))
     return [next(it) for _ in range(c.train.eval_batches)]
 
+  def batch_shapes(self, batch_size):
+    d, f32, i32 = self.config.data, jnp.float32, jnp.int32
+    w, m, ch = d.window, d.max_neurons, len(neural.CHANNELS)
+    shape = lambda dims, dtype: jax.ShapeDtypeStruct((batch_size,) + dims, dtype)
+    return {'responses': shape((w, m), f32), 'responses_mask': shape((w, m), jnp.bool_),
+            'neurons': shape((m,), i32), 'neuron_mask': shape((m,), jnp.bool_),
+            'positions': shape((m, 3), f32), 'session': shape((), i32), 'animal': shape((), i32),
+            'frames': shape((w,) + tuple(d.frame_shape), jnp.uint8),
+            'frames_mask': shape((w,), jnp.bool_), 'behavior': shape((w, ch), f32),
+            'behavior_mask': shape((w, ch), jnp.bool_), 'times': shape((w,), f32),
+            'trial': shape((), i32), 'start': shape((), i32)}
+
+  def tokens_per_example(self):
+    return self._tokens()['tower']
+
   # ----------------------------------------------------------------- model
   def model(self, rngs):
     c = self.config

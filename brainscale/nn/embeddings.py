@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from brainscale import parallel
+
 from brainscale.nn.core import param
 
 
@@ -76,7 +78,12 @@ class Embed(nnx.Module):
     self.table_VxD = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=dim)
 
   def __call__(self, ids_BxT: jax.Array) -> jax.Array:
-    return jnp.take(self.table_VxD[...], ids_BxT, axis=0)
+    # Gather from a table whole along 'embed' and split only along 'vocab': each device
+    # looks up the ids of its vocabulary shard and the shards are summed. A table split
+    # along 'embed' (as FSDP stores it) makes XLA's partitioner replicate the output.
+    table_VxD = parallel.constrain(self.table_VxD[...], ('vocab', None))
+    x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0)
+    return parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
 
 
 class Head(nnx.Module):

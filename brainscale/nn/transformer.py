@@ -42,7 +42,9 @@ class Block(nnx.Module):
     x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), kv_BxSxE, mask=mask,
                                   rope_q=rope_q, rope_k=rope_k)
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
-    return parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
+    # The residual stream between blocks (what remat keeps per layer) may be split along
+    # its length ('act_length' -> 'tensor': Megatron's sequence parallelism).
+    return parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
 
 
 class Stack(nnx.Module):

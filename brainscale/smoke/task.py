@@ -1,5 +1,6 @@
 """Task seam for the smoke family."""
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -27,6 +28,15 @@ class Task(task.Task):
   def eval_data(self, process_index, process_count):
     it = iter(self._pipeline(self.config.seed + 1_000_003, process_index, process_count))
     return [next(it) for _ in range(self.config.train.eval_batches)]
+
+  def batch_shapes(self, batch_size):
+    t = self.tokens_per_example()
+    return {'inputs': jax.ShapeDtypeStruct((batch_size, t), jnp.int32),
+            'targets': jax.ShapeDtypeStruct((batch_size, t), jnp.int32),
+            'mask': jax.ShapeDtypeStruct((batch_size, t), jnp.float32)}
+
+  def tokens_per_example(self):
+    return 2 * self.config.data.length + 1
 
   def loss(self, model, batch, rng, train):
     del rng

@@ -46,6 +46,15 @@ class Task(abc.ABC):
   def activation_bytes(self, examples_per_device: int) -> int:
     """Analytic activation memory of a train step on one device."""
 
+  def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes and dtypes of a global train batch of `batch_size` (plan mode compiles on them)."""
+    raise NotImplementedError(f'{type(self).__module__}.{type(self).__name__} does not declare '
+                              'batch_shapes, which --mode=plan needs')
+
+  def tokens_per_example(self) -> int:
+    """Sequence length of one example, for tokens/day in plans (0: not a token model)."""
+    return 0
+
   def prerequisites(self, workdir: str) -> dict[str, tuple]:
     """Runs this task starts from: {top-level param name: (config, workdir[, subtree])}.
 

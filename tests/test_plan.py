@@ -1,0 +1,68 @@
+"""--mode=plan: the real train step compiled for a whole cluster on simulated CPU devices."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from brainscale import plan
+from test_train import run_cli
+
+
+def _value(name: str, text: str) -> float:
+  return float(re.search(rf'^{name}: ([\d.e+]+)', text, re.M).group(1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('experiment,devices', [('cwm_80b', 192), ('enigma_1b', 64)])
+def test_cluster_experiments_fit(experiment, devices):
+  result = run_cli(f'--experiment={experiment}', '--mode=plan', timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = result.stdout
+  assert f'= {devices} devices' in out and f'{devices} simulated CPU devices' in out
+  assert _value('per_device_memory_gib', out) <= 64
+  assert re.search(r'^fits: yes$', out, re.M)
+  for name in ('model_flops_per_step', 'compiled_flops_per_step', 'step_time_s',
+               'tokens_per_day', 'compile_s'):
+    assert _value(name, out) > 0, name
+  assert re.search(r'GPU-hours, \$[\d,]+ at \$0.25/GPU-hour', out)
+  # remat recomputes the forward: compiled matmuls exceed the model's count, within reason
+  ratio = _value('compiled_flops_per_step', out) / _value('model_flops_per_step', out)
+  assert 1.0 < ratio < 2.0, ratio
+
+
+@pytest.mark.slow
+def test_a_config_that_cannot_fit_says_no_and_exits_1():
+  """cwm_1b with XLA attention (10k x 10k scores per head) and no micro-batching."""
+  result = run_cli('--experiment=cwm_1b', '--mode=plan', '--config.model.attention=xla',
+                   '--config.train.microbatches=1', timeout=600)
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert _value('per_device_memory_gib', result.stdout) > 64
+  assert re.search(r'^fits: no$', result.stdout, re.M)
+
+
+def test_plan_needs_a_cluster_section():
+  result = run_cli('--experiment=smoke', '--mode=plan')
+  assert result.returncode == 2
+  assert 'smoke has no cluster section' in result.stderr
+
+
+def test_flops_count_scan_bodies_times_their_length_and_shard_map_bodies_per_device():
+  def scanned(x_BxD, w_LxDxD):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x_BxD, w_LxDxD)[0]
+
+  x, w = jnp.ones((4, 32)), jnp.ones((12, 32, 32))
+  jaxpr = jax.make_jaxpr(scanned)(x, w).jaxpr
+  assert plan.jaxpr_flops(jaxpr) == 12 * 2 * 4 * 32 * 32
+  grad = jax.make_jaxpr(jax.grad(lambda x, w: scanned(x, w).sum(), argnums=1))(x, w).jaxpr
+  assert plan.jaxpr_flops(grad) == 3 * 12 * 2 * 4 * 32 * 32   # forward, dX and dW
+
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  sharded = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(jax.P('data'), jax.P()),
+                          out_specs=jax.P('data'))
+  jaxpr = jax.make_jaxpr(sharded)(jnp.ones((16, 32)), w[0]).jaxpr
+  assert plan.jaxpr_flops(jaxpr) == 2 * 16 * 32 * 32
+  assert np.isclose(plan.jaxpr_flops(jax.make_jaxpr(lambda a, b: a @ b)(x, w[0]).jaxpr),
+                    2 * 4 * 32 * 32)
