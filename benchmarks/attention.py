@@ -17,9 +17,7 @@ compiles any shape without running it, for XLA's memory plan on this host.
 
 import dataclasses
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -28,6 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from brainscale import nn  # noqa: E402
 from brainscale.nn.attention import Mask  # noqa: E402
 
@@ -90,18 +89,6 @@ def visible_pairs(shape: Shape, mask: Mask) -> float:
   return float(np.asarray(mask.dense(shape.b, shape.t, shape.s)).sum())
 
 
-def timed(fn, *args) -> float:
-  """Median seconds of fn(*args) over FLAGS.repeats calls, after two warm-up calls."""
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(FLAGS.repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
 def measure(shape: Shape, backend: str, dtype) -> dict:
   rng = np.random.default_rng(0)
   mask = make_mask(shape, rng)
@@ -121,7 +108,8 @@ def measure(shape: Shape, backend: str, dtype) -> dict:
   if FLAGS.memory_only:
     t_fwd = t_fwd_bwd = float('nan')
   else:
-    t_fwd, t_fwd_bwd = timed(fwd, q, k, v, mask), timed(fwd_bwd, q, k, v, mask)
+    t_fwd, t_fwd_bwd = (median_seconds(fwd, q, k, v, mask, repeats=FLAGS.repeats),
+                        median_seconds(fwd_bwd, q, k, v, mask, repeats=FLAGS.repeats))
   flops = 4.0 * shape.n * shape.h * visible_pairs(shape, mask)
   return dict(fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_fwd_bwd, fwd_tflops=flops / t_fwd / 1e12,
               fwd_bwd_tflops=3.5 * flops / t_fwd_bwd / 1e12, temp_gib=temp / 2**30)

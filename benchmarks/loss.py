@@ -11,9 +11,7 @@ GPU) also times both, median of --repeats after warm-up.
 import dataclasses
 import functools
 import pathlib
-import statistics
 import sys
-import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -22,6 +20,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks.timing import median_seconds  # noqa: E402
 from brainscale import nn  # noqa: E402
 
 flags.DEFINE_list('shapes', ['cwm_80b', 'cwm_1b', 'smoke'], 'shapes to run')
@@ -63,14 +62,7 @@ def measure(shape: Shape, name: str, loss, timed: bool) -> dict:
     args = (jnp.asarray(rng.standard_normal(shapes[0].shape), jnp.bfloat16),
             jnp.asarray(rng.standard_normal(shapes[1].shape) / shape.dim**0.5, jnp.bfloat16),
             jnp.asarray(rng.integers(0, shape.vocab, shapes[2].shape), jnp.int32))
-    for _ in range(2):
-      jax.block_until_ready(compiled(*args))
-    times = []
-    for _ in range(FLAGS.repeats):
-      start = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - start)
-    row['ms'] = 1e3 * statistics.median(times)
+    row['ms'] = 1e3 * median_seconds(compiled, *args, repeats=FLAGS.repeats)
   return row
 
 

@@ -253,3 +253,16 @@ def test_smoke_model_trains_the_same_with_pallas_and_xla(tmp_path):
     losses[backend] = [rows[step]['train/loss'] for step in range(1, 7)]
   assert losses['xla'][-1] < losses['xla'][0] - 0.2       # it is learning
   np.testing.assert_allclose(losses['pallas'], losses['xla'], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_attention_and_loss_benchmarks_run_their_cpu_smoke_shapes():
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  from conftest import ROOT  # noqa: PLC0415
+  for script, expect in (('attention.py', r'smoke \| xla/pallas temp memory [\d.]+x'),
+                         ('loss.py', r'smoke: naive/chunked temp memory [\d.]+x')):
+    done = subprocess.run([sys.executable, f'benchmarks/{script}', '--shapes=smoke',
+                           '--repeats=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(expect, done.stdout), done.stdout
