@@ -255,20 +255,19 @@ def _cost(st: _Static, q, k, matmuls: int, exps: int) -> pl.CostEstimate:
 
 def _forward(q, k, v, aux, st: _Static):
   b, t, n, h = q.shape
-  s, kvh = k.shape[1], k.shape[2]
+  s = k.shape[1]
   bq, bk, g = st.blocks.q, st.blocks.k, st.groups
   q_pos, q_seg, k_pos, k_seg, (kind, lo, hi), _ = aux
-  grid = (b, n, t // bq)
-  qrow = lambda bi, ni, i: (bi, i)
-  krow = lambda bi, ni, i: (bi, 0)
+  row = lambda bi, ni, i: (bi, i)
+  whole = lambda bi, ni, i: (bi, 0)
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
-      grid=grid,
+      grid=(b, n, t // bq),
       in_specs=[
           pl.BlockSpec((None, None, s // bk), lambda bi, ni, i: (bi, i, 0)),
-          pl.BlockSpec((None, None), qrow), pl.BlockSpec((None, None), qrow),
-          pl.BlockSpec((None, bq), qrow), pl.BlockSpec((None, bq), qrow),
-          pl.BlockSpec((None, s), krow), pl.BlockSpec((None, s), krow),
+          pl.BlockSpec((None, None), row), pl.BlockSpec((None, None), row),
+          pl.BlockSpec((None, bq), row), pl.BlockSpec((None, bq), row),
+          pl.BlockSpec((None, s), whole), pl.BlockSpec((None, s), whole),
           pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0)),
           pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0)),
           pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0)),
