@@ -5,7 +5,8 @@ For each shape and backend: median time of the forward and of forward+backward
 (jitted, after warm-up, inputs on the device), their TFLOP/s over the visible
 query-key pairs (causal counts half; backward = 2.5 x forward), and the
 memory XLA plans for the compiled forward+backward beyond its inputs and
-outputs (`temp`, from compiled.memory_analysis()). The ratios come last:
+outputs (`temp`, from compiled.memory_analysis()), and the relative error of the
+output and gradients against XLA attention in fp32 on the same inputs. The ratios come last:
 pallas time over cudnn time, xla temp memory over pallas temp memory.
 
 On a GPU the default shapes are CWM's (1 x 8192 and 10240 tokens x 64 heads x
@@ -112,7 +113,22 @@ def measure(shape: Shape, backend: str, dtype) -> dict:
                         median_seconds(fwd_bwd, q, k, v, mask, repeats=FLAGS.repeats))
   flops = 4.0 * shape.n * shape.h * visible_pairs(shape, mask)
   return dict(fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_fwd_bwd, fwd_tflops=flops / t_fwd / 1e12,
-              fwd_bwd_tflops=3.5 * flops / t_fwd_bwd / 1e12, temp_gib=temp / 2**30)
+              fwd_bwd_tflops=3.5 * flops / t_fwd_bwd / 1e12, temp_gib=temp / 2**30,
+              error=float('nan') if FLAGS.memory_only else error(shape, fwd, fwd_bwd, q, k, v, mask))
+
+
+def error(shape: Shape, fwd, fwd_bwd, q, k, v, mask) -> float:
+  """Largest ||x - ref|| / ||ref|| of the output (and of dq, dk, dv where the fp32 XLA
+  gradient fits: T x S <= 2^24) against XLA attention in fp32 on the same inputs."""
+  f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+  reference = jax.jit(lambda q, k, v, mask: nn.attend(q, k, v, mask, 'xla'))
+  pairs = [(fwd(q, k, v, mask), reference(*f32(q, k, v), mask))]
+  if shape.t * shape.s <= 2 ** 24:
+    ref_grad = jax.jit(jax.grad(lambda q, k, v, mask: reference(q, k, v, mask).sum(),
+                                argnums=(0, 1, 2)))
+    pairs += zip(fwd_bwd(q, k, v, mask), ref_grad(*f32(q, k, v), mask))
+  rel = lambda x, ref: float(jnp.linalg.norm(x.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+  return max(rel(x, ref) for x, ref in pairs)
 
 
 def main(argv):
@@ -124,8 +140,8 @@ def main(argv):
   print(f'# {jax.devices()[0].device_kind} | jax {jax.__version__} | {FLAGS.dtype} | '
         f'median of {FLAGS.repeats}' + ('' if on_gpu else ' | cudnn skipped (no GPU)'))
   print('| shape | B x T x S, N/K x H, mask | backend | fwd ms | fwd TFLOP/s | fwd+bwd ms | '
-        'fwd+bwd TFLOP/s | temp GiB |')
-  print('|---|---|---|---|---|---|---|---|')
+        'fwd+bwd TFLOP/s | temp GiB | rel. error vs fp32 xla |')
+  print('|---|---|---|---|---|---|---|---|---|')
   results = {}
   for name in names:
     shape = SHAPES[name]
@@ -138,7 +154,8 @@ def main(argv):
       results[name, backend] = r
       print(f'| {name} | {shape.b} x {shape.t} x {shape.s}, {shape.n}/{shape.k} x {shape.h}, '
             f'{shape.mask} | {backend} | {r["fwd_ms"]:.3f} | {r["fwd_tflops"]:.3g} | '
-            f'{r["fwd_bwd_ms"]:.3f} | {r["fwd_bwd_tflops"]:.3g} | {r["temp_gib"]:.3f} |',
+            f'{r["fwd_bwd_ms"]:.3f} | {r["fwd_bwd_tflops"]:.3g} | {r["temp_gib"]:.3f} | '
+            f'{r["error"]:.2g} |',
             flush=True)
   print('\nratios (same run):')
   for name in names:
