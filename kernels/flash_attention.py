@@ -253,25 +253,28 @@ def _cost(st: _Static, q, k, matmuls: int, exps: int) -> pl.CostEstimate:
                          bytes_accessed=int(2 * (q.size + k.size) * q.dtype.itemsize))
 
 
-def _forward(q, k, v, aux, st: _Static):
-  b, t, n, h = q.shape
-  s = k.shape[1]
-  bq, bk, g = st.blocks.q, st.blocks.k, st.groups
-  q_pos, q_seg, k_pos, k_seg, (kind, lo, hi), _ = aux
+def _query_block_specs(s: int, h: int, bq: int, bk: int, g: int) -> list[pl.BlockSpec]:
+  """Inputs of a kernel whose program (b, head, i) holds query block i and walks the keys:
+  block table row, lo, hi, query positions/segments, all key positions/segments, q, k, v."""
   row = lambda bi, ni, i: (bi, i)
   whole = lambda bi, ni, i: (bi, 0)
-  o, lse = pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st),
-      grid=(b, n, t // bq),
-      in_specs=[
-          pl.BlockSpec((None, None, s // bk), lambda bi, ni, i: (bi, i, 0)),
+  return [pl.BlockSpec((None, None, s // bk), lambda bi, ni, i: (bi, i, 0)),
           pl.BlockSpec((None, None), row), pl.BlockSpec((None, None), row),
           pl.BlockSpec((None, bq), row), pl.BlockSpec((None, bq), row),
           pl.BlockSpec((None, s), whole), pl.BlockSpec((None, s), whole),
           pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0)),
           pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0)),
-          pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0)),
-      ],
+          pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0))]
+
+
+def _forward(q, k, v, aux, st: _Static):
+  b, t, n, h = q.shape
+  bq = st.blocks.q
+  q_pos, q_seg, k_pos, k_seg, (kind, lo, hi), _ = aux
+  o, lse = pl.pallas_call(
+      functools.partial(_fwd_kernel, st=st),
+      grid=(b, n, t // bq),
+      in_specs=_query_block_specs(k.shape[1], h, bq, st.blocks.k, st.groups),
       out_specs=[
           pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0)),
           pl.BlockSpec((None, None, bq), lambda bi, ni, i: (bi, ni, i)),
@@ -290,19 +293,10 @@ def _backward(q, k, v, aux, o, lse, do, st: _Static):
   bq, bk, g = st.blocks.q_bwd, st.blocks.k_bwd, st.groups
   q_pos, q_seg, k_pos, k_seg, _, (kind, lo, hi) = aux
   delta_BxNxT = jnp.einsum('btnh,btnh->bnt', o.astype(jnp.float32), do.astype(jnp.float32))
-  row = lambda bi, ni, i: (bi, i)
-  whole = lambda bi, ni, i: (bi, 0)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
       grid=(b, n, t // bq),
-      in_specs=[
-          pl.BlockSpec((None, None, s // bk), lambda bi, ni, i: (bi, i, 0)),
-          pl.BlockSpec((None, None), row), pl.BlockSpec((None, None), row),
-          pl.BlockSpec((None, bq), row), pl.BlockSpec((None, bq), row),
-          pl.BlockSpec((None, s), whole), pl.BlockSpec((None, s), whole),
-          pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0)),
-          pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0)),
-          pl.BlockSpec((None, s, None, h), lambda bi, ni, i: (bi, 0, ni // g, 0)),
+      in_specs=_query_block_specs(s, h, bq, bk, g) + [
           pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0)),
           pl.BlockSpec((None, None, bq), lambda bi, ni, i: (bi, ni, i)),
           pl.BlockSpec((None, None, bq), lambda bi, ni, i: (bi, ni, i)),
@@ -314,6 +308,8 @@ def _backward(q, k, v, aux, o, lse, do, st: _Static):
   )(kind, lo, hi, q_pos, q_seg, k_pos, k_seg, q, k, v, do, lse, delta_BxNxT)
 
   kind_t, lo_t, hi_t = (kind.transpose(0, 2, 1),) + _ranges(kind.transpose(0, 2, 1))
+  row = lambda bi, ki, j: (bi, j)
+  whole = lambda bi, ki, j: (bi, 0)
   heads = lambda bi, ki, j: (bi, 0, ki, 0)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st),
