@@ -61,14 +61,18 @@ class Run:
     return [next(data) for _ in range(count)]
 
 
-def _workdir(path) -> pathlib.Path:
-  """The workdir of a path that is a workdir, its checkpoints/ or one step folder in it."""
+def _located(path) -> tuple[pathlib.Path, int | None]:
+  """(workdir, step) of a workdir, its checkpoints/, or one step folder in it (that step)."""
   path = pathlib.Path(path).expanduser().resolve()
   if path.name.isdigit() and path.parent.name == 'checkpoints':
-    return path.parent.parent
+    return path.parent.parent, int(path.name)
   if path.name == 'checkpoints':
-    return path.parent
-  return path
+    return path.parent, None
+  return path, None
+
+
+def _workdir(path) -> pathlib.Path:
+  return _located(path)[0]
 
 
 def steps(path) -> list[int]:
@@ -127,10 +131,8 @@ def load(path, step: int | None = None) -> Run:
   `path` may also be WORKDIR/checkpoints, or WORKDIR/checkpoints/STEP (that step);
   by default the newest step.
   """
-  workdir = _workdir(path)
-  name = pathlib.Path(path).name
-  if step is None and name.isdigit() and pathlib.Path(path).parent.name == 'checkpoints':
-    step = int(name)
+  workdir, step_of_path = _located(path)
+  step = step_of_path if step is None else step
   available = steps(workdir)
   if not available:
     raise FileNotFoundError(f'no checkpoint in {workdir}: expected a workdir holding '

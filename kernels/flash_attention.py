@@ -270,7 +270,8 @@ def _query_block_specs(s: int, h: int, bq: int, bk: int, g: int) -> list[pl.Bloc
 def _forward(q, k, v, aux, st: _Static):
   b, t, n, h = q.shape
   bq = st.blocks.q
-  q_pos, q_seg, k_pos, k_seg, (kind, lo, hi), _ = aux
+  q_pos, q_seg, k_pos, k_seg = aux
+  kind, lo, hi = block_table(q_pos, q_seg, k_pos, k_seg, st, st.blocks.q, st.blocks.k)
   o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st),
       grid=(b, n, t // bq),
@@ -291,7 +292,8 @@ def _backward(q, k, v, aux, o, lse, do, st: _Static):
   b, t, n, h = q.shape
   s, kvh = k.shape[1], k.shape[2]
   bq, bk, g = st.blocks.q_bwd, st.blocks.k_bwd, st.groups
-  q_pos, q_seg, k_pos, k_seg, _, (kind, lo, hi) = aux
+  q_pos, q_seg, k_pos, k_seg = aux
+  kind, lo, hi = block_table(q_pos, q_seg, k_pos, k_seg, st, bq, bk)   # the backward's tiles
   delta_BxNxT = jnp.einsum('btnh,btnh->bnt', o.astype(jnp.float32), do.astype(jnp.float32))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, st=st),
@@ -431,9 +433,7 @@ def attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, causal: bool = False,
   q_seg = _pad_to(q_seg.astype(jnp.int32), tp, 1, Q_PAD)
   k_seg = _pad_to(k_seg.astype(jnp.int32), sp, 1, KV_PAD)
 
-  tables = tuple(block_table(q_pos, q_seg, k_pos, k_seg, st, bq, bk)
-                 for bq, bk in ((blocks.q, blocks.k), (blocks.q_bwd, blocks.k_bwd)))
-  aux = jax.lax.stop_gradient((q_pos, q_seg, k_pos, k_seg) + tables)
+  aux = jax.lax.stop_gradient((q_pos, q_seg, k_pos, k_seg))
   out = _flash(q, k, v, aux, st)
   return out[:, :t, :, :h]
 

@@ -38,8 +38,7 @@ def examples(indices_B: np.ndarray, *, seed: int, length: int, vocab: int) -> di
 def pipeline(*, seed: int, length: int, vocab: int, batch_size: int, process_index: int,
              process_count: int, workers: int, prefetch: int) -> grain.IterDataset:
   """Batches of this process, forever: process p takes examples p, p + P, p + 2P, ..."""
-  if batch_size % process_count:
-    raise ValueError(f'train.batch_size={batch_size} does not split over {process_count} processes')
+  batches.check_split(batch_size, process_count)
   make = lambda indices: examples(indices, seed=seed, length=length, vocab=vocab)
   ds = grain.MapDataset.range(1 << 40)[process_index::process_count]
   ds = ds.batch(batch_size // process_count, drop_remainder=True).map(make)
