@@ -16,7 +16,8 @@ def _value(name: str, text: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('experiment,devices', [('cwm_80b', 192), ('enigma_1b', 64)])
+@pytest.mark.parametrize('experiment,devices', [('cwm_80b', 192), ('enigma_1b', 64),
+                                               ('cwm_1b_1gpu', 1), ('enigma_1b_1gpu', 1)])
 def test_cluster_experiments_fit(experiment, devices):
   result = run_cli(f'--experiment={experiment}', '--mode=plan', timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -50,6 +50,11 @@ class _VideoTask(task.Task):
     return {'frames': jax.ShapeDtypeStruct((batch_size, self.frames, size, size, 3), jnp.uint8),
             'skipped': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
+  def synthetic_batch(self, batch_size, seed=0):
+    shapes = self.batch_shapes(batch_size)
+    frames = np.random.default_rng(seed).integers(0, 256, shapes['frames'].shape, dtype=np.uint8)
+    return {'frames': frames, 'skipped': np.zeros((batch_size,), np.int32)}
+
   def train_data(self, process_index, process_count):
     c = self.config
     return iter(self._data(data.train_directory(c), train=True, seed=c.seed,

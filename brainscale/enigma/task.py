@@ -115,6 +115,28 @@ class Task(task.Task):
             'behavior_mask': shape((w, ch), jnp.bool_), 'times': shape((w,), f32),
             'trial': shape((), i32), 'start': shape((), i32)}
 
+  def synthetic_batch(self, batch_size, seed=0):
+    """Full windows of every modality; neurons, sessions and animals drawn from the tables."""
+    c, rng = self.config, np.random.default_rng(seed)
+    w, m, ch = c.data.window, c.data.max_neurons, len(neural.CHANNELS)
+    neurons = c.model.neurons or self.store.num_neurons
+    sessions = c.model.sessions or len(self.store.session_names)
+    animals = c.model.animals or len(self.store.animals)
+    b = batch_size
+    ones = lambda *dims: np.ones((b,) + dims, np.bool_)
+    return {'responses': rng.poisson(1.0, (b, w, m)).astype(np.float32),
+            'responses_mask': ones(w, m),
+            'neurons': np.stack([rng.choice(neurons, m, replace=False) for _ in range(b)]
+                                ).astype(np.int32),
+            'neuron_mask': ones(m), 'positions': rng.normal(size=(b, m, 3)).astype(np.float32),
+            'session': rng.integers(0, sessions, b, dtype=np.int32),
+            'animal': rng.integers(0, animals, b, dtype=np.int32),
+            'frames': rng.integers(0, 256, (b, w) + tuple(c.data.frame_shape), dtype=np.uint8),
+            'frames_mask': ones(w), 'behavior': rng.normal(size=(b, w, ch)).astype(np.float32),
+            'behavior_mask': ones(w, ch),
+            'times': np.broadcast_to(np.arange(w, dtype=np.float32) / c.data.rate, (b, w)).copy(),
+            'trial': np.zeros(b, np.int32), 'start': np.zeros(b, np.int32)}
+
   def tokens_per_example(self):
     return self._tokens()['tower']
 

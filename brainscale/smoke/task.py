@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from brainscale import nn
@@ -34,6 +35,13 @@ class Task(task.Task):
     return {'inputs': jax.ShapeDtypeStruct((batch_size, t), jnp.int32),
             'targets': jax.ShapeDtypeStruct((batch_size, t), jnp.int32),
             'mask': jax.ShapeDtypeStruct((batch_size, t), jnp.float32)}
+
+  def synthetic_batch(self, batch_size, seed=0):
+    rng = np.random.default_rng(seed)
+    t, vocab = self.tokens_per_example(), self.config.model.vocab
+    return {'inputs': rng.integers(0, vocab, (batch_size, t), dtype=np.int32),
+            'targets': rng.integers(0, vocab, (batch_size, t), dtype=np.int32),
+            'mask': np.ones((batch_size, t), np.float32)}
 
   def tokens_per_example(self):
     return 2 * self.config.data.length + 1

@@ -10,6 +10,7 @@ import importlib
 
 import grain
 import jax
+import numpy as np
 from flax import nnx
 
 from brainscale.config import ConfigError
@@ -50,6 +51,11 @@ class Task(abc.ABC):
     """Shapes and dtypes of a global train batch of `batch_size` (plan mode compiles on them)."""
     raise NotImplementedError(f'{type(self).__module__}.{type(self).__name__} does not declare '
                               'batch_shapes, which --mode=plan needs')
+
+  def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A valid global batch of `batch_shapes` with random content, for benchmarks (no data read)."""
+    raise NotImplementedError(f'{type(self).__module__}.{type(self).__name__} does not declare '
+                              'synthetic_batch, which benchmarks/mfu.py needs')
 
   def tokens_per_example(self) -> int:
     """Sequence length of one example, for tokens/day in plans (0: not a token model)."""

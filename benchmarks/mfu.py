@@ -1,0 +1,298 @@
+# python benchmarks/mfu.py --experiment=cwm_1b_1gpu [--steps=20] [--profile=DIR] [--config.KEY=VALUE ...]
+"""Model FLOPs utilisation of an experiment's train step on this machine's devices.
+
+The step is the one launch/run.py trains with (loop.make_train_step), compiled
+ahead of time for a synthetic batch from the task (`Task.synthetic_batch`)
+that is put on the devices once, so nothing but the step is timed: `--steps`
+steps are dispatched back to back and waited for, `--repeats` times, and the
+median is the step time. It prints step time, tokens/s, model TFLOP/s per
+device and MFU (model FLOPs as the task counts them, causal attention as half
+the square term; peak 989 TFLOP/s bf16 on H100/H200 SXM), and the same against
+the bare matmul ceiling measured in this run: a large matmul in the compute
+dtype. `compiled` FLOPs are the step's matmuls as compiled (remat recomputation
+and the chunked loss's recomputed logits included): compiled / model is the
+ceiling remat puts on MFU.
+
+`--profile=DIR` traces `--profile_steps` more steps with jax.profiler (open
+DIR in TensorBoard or Perfetto) and prints where the device time went, by
+kind of HLO op (matmuls, attention kernels, other fusions, collectives,
+copies) and the ten largest ops, read from the trace against the compiled HLO.
+
+On a GPU it sets the XLA flags that launch/slurm.py exports for cluster jobs
+(`--nogpu_flags` to measure without them), XLA_PYTHON_CLIENT_MEM_FRACTION
+and CUDA_DEVICE_MAX_CONNECTIONS.
+The last line is `RESULT {json}`, for scripts.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import pathlib
+import re
+import statistics
+import sys
+import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+
+from brainscale import config as config_lib  # noqa: E402
+from launch import slurm  # noqa: E402
+
+flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
+flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
+flags.DEFINE_integer('repeats', 3, 'measurements; the median is reported')
+flags.DEFINE_integer('warmup', 2, 'steps run before timing')
+flags.DEFINE_integer('matmul', 8192, 'side of the square matmul whose rate is the ceiling')
+flags.DEFINE_float('peak_tflops', 0, 'peak per device; 0: config.train.peak_tflops on an '
+                   'accelerator, the measured matmul ceiling on CPU')
+flags.DEFINE_string('profile', '', 'write a jax.profiler trace here and summarise it')
+flags.DEFINE_integer('profile_steps', 3, 'steps traced with --profile')
+flags.DEFINE_bool('gpu_flags', True, "add launch/slurm.py's GPU XLA flags to XLA_FLAGS")
+FLAGS = flags.FLAGS
+_OVERRIDES: list[str] = []
+GiB = 2 ** 30
+
+
+def set_gpu_environment():
+  """The cluster jobs' XLA flags and memory fraction (read when JAX starts its backend)."""
+  present = os.environ.get('XLA_FLAGS', '')
+  missing = [f for f in slurm.GPU_XLA_FLAGS if f.split('=')[0] not in present]
+  os.environ['XLA_FLAGS'] = ' '.join([present] + missing).strip()
+  os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.90')
+  os.environ.setdefault('CUDA_DEVICE_MAX_CONNECTIONS', '1')
+
+
+def matmul_ceiling(n: int, dtype) -> float:
+  """FLOP/s of one device on an n x n x n matmul in `dtype` (median of 10)."""
+  import jax  # noqa: PLC0415
+  from benchmarks.timing import median_seconds  # noqa: PLC0415
+  a_NxN = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b_NxN = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  seconds = median_seconds(jax.jit(lambda a, b: a @ b), a_NxN, b_NxN, repeats=10)
+  return 2 * n ** 3 / seconds
+
+
+def compile_step(config):
+  """(setup, state, batch on the devices, compiled step, traced step, compile seconds)."""
+  import jax  # noqa: PLC0415
+  from brainscale.train import loop  # noqa: PLC0415
+  if jax.process_count() != 1:
+    raise SystemExit('brainscale: benchmarks/mfu.py measures one host; run it without srun')
+  setup = loop.build(config)
+  state = loop.init_state(setup)
+  batch = loop.global_batch(setup, setup.task.synthetic_batch(config.train.batch_size))
+  step = loop.make_train_step(setup, batch)
+  start = time.perf_counter()
+  traced = step.trace(state, batch)
+  compiled = traced.lower().compile()
+  return setup, state, batch, compiled, traced, time.perf_counter() - start
+
+
+def seconds_per_step(compiled, state, batch, *, steps: int, repeats: int, warmup: int):
+  """Median over `repeats` of (wall time of `steps` back-to-back steps) / steps; final state."""
+  import jax  # noqa: PLC0415
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    times.append((time.perf_counter() - start) / steps)
+  return statistics.median(times), state, metrics
+
+
+# ------------------------------------------------------------------ profile
+_COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
+                'collective-permute')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(')
+
+
+def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
+  """Instruction name -> kind (matmul, attention, fusion, collective, copy, other) of an HLO module."""
+  bodies, current = {}, None
+  for line in hlo_text.splitlines():
+    header = re.match(r'^\s*(?:ENTRY )?%?([\w.\-]+) [(].*[{]\s*$', line)
+    if header:
+      current = bodies.setdefault(header.group(1), [])
+    elif current is not None:
+      current.append(line)
+  kinds = {}
+  for lines in bodies.values():
+    for line in lines:
+      m = _INSTRUCTION.match(line)
+      if m:
+        kinds[m.group(1)] = _kind(m.group(2), line, bodies)
+  return kinds
+
+
+def _kind(opcode: str, line: str, bodies: dict) -> str:
+  text = line.lower()
+  if opcode.startswith(_COLLECTIVES):
+    return 'collective'
+  if opcode == 'custom-call':
+    if 'fmha' in text or 'cudnn$flash' in text or 'attention' in text:
+      return 'attention'
+    if 'triton' in text or 'pallas' in text or 'mosaic' in text:
+      return 'pallas kernel'
+    return 'matmul' if ('gemm' in text or 'cublas' in text) else 'other'
+  if opcode in ('dot', 'convolution'):
+    return 'matmul'
+  if opcode == 'fusion':
+    called = re.search(r'calls=%?([\w.\-]+)', line)
+    body = '\n'.join(bodies.get(called.group(1), [])) if called else ''
+    if 'gemm' in text or re.search(r'\s(dot|convolution)\(', body):
+      return 'matmul'
+    return 'fusion (elementwise, reductions)'
+  if opcode in ('copy', 'transpose', 'copy-start', 'copy-done', 'dynamic-update-slice'):
+    return 'copy'
+  if opcode in ('while', 'conditional', 'call'):
+    return 'control'   # its time is its body's ops, which are counted themselves
+  return 'other'
+
+
+def trace_op_times(trace_dir: str) -> collections.Counter:
+  """Device time (s) per HLO op name in the newest perfetto trace under trace_dir.
+
+  On a GPU the profiler derives an "XLA Ops" line per device (kernels grouped by
+  the op that launched them): only that line is read, so nothing counts twice.
+  Elsewhere every complete event of the device (or, on CPU, the host) counts,
+  named by its `hlo_op` argument where it has one.
+  """
+  paths = sorted(glob.glob(f'{trace_dir}/**/*perfetto_trace.json.gz', recursive=True),
+                 key=os.path.getmtime)
+  if not paths:
+    raise FileNotFoundError(f'no perfetto_trace.json.gz under {trace_dir}')
+  with gzip.open(paths[-1]) as f:
+    trace = json.load(f)
+  events = trace['traceEvents'] if isinstance(trace, dict) else trace
+  meta = lambda kind: {(e['pid'], e.get('tid')): e.get('args', {}).get('name', '')
+                       for e in events if e.get('ph') == 'M' and e.get('name') == kind}
+  devices = {pid for (pid, _), name in meta('process_name').items() if '/device:' in name}
+  op_lines = {key for key, name in meta('thread_name').items()
+              if key[0] in devices and name == 'XLA Ops'}
+  times = collections.Counter()
+  for e in events:
+    if e.get('ph') != 'X' or (devices and e['pid'] not in devices):
+      continue
+    if op_lines and (e['pid'], e.get('tid')) not in op_lines:
+      continue
+    args = e.get('args') or {}
+    times[args.get('hlo_op') or e['name']] += e.get('dur', 0) * 1e-6
+  return times
+
+
+def profile_summary(trace_dir: str, hlo_text: str, steps: int) -> dict:
+  """Milliseconds per step of each op kind and of the ten largest ops, from a trace."""
+  kinds = hlo_op_kinds(hlo_text)
+  times = {op: t for op, t in trace_op_times(trace_dir).items()
+           if kinds.get(op, 'control') != 'control'}
+  if not times:
+    raise ValueError(f'no trace event under {trace_dir} names an op of the compiled step')
+  per_kind = collections.Counter()
+  for op, t in times.items():
+    per_kind[kinds[op]] += t
+  ms = lambda t: round(1e3 * t / steps, 3)
+  return {'kinds_ms': {k: ms(t) for k, t in per_kind.most_common()},
+          'top_ops_ms': [(op, kinds[op], ms(t)) for op, t in
+                         collections.Counter(times).most_common(10)],
+          'busy_ms': ms(sum(times.values()))}
+
+
+def profile(compiled, state, batch, directory: str, steps: int) -> dict:
+  import jax  # noqa: PLC0415
+  with jax.profiler.trace(directory, create_perfetto_trace=True):
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+  return profile_summary(directory, compiled.as_text(), steps)
+
+
+# --------------------------------------------------------------------- main
+def measure(config) -> dict:
+  """Everything the benchmark prints, as one flat record."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  from brainscale import plan  # noqa: PLC0415
+  setup, state, batch, compiled, traced, compile_s = compile_step(config)
+  step_s, state, metrics = seconds_per_step(compiled, state, batch, steps=FLAGS.steps,
+                                            repeats=FLAGS.repeats, warmup=FLAGS.warmup)
+  devices = jax.devices()
+  dtype = jnp.dtype(config.model.compute_dtype)
+  ceiling = matmul_ceiling(FLAGS.matmul, dtype)
+  on_cpu = devices[0].platform == 'cpu'
+  peak = FLAGS.peak_tflops * 1e12 or (ceiling if on_cpu else config.train.peak_tflops * 1e12)
+  task, b = setup.task, config.train.batch_size
+  model_flops = task.flops_per_example() * b
+  per_device = model_flops / step_s / len(devices)
+  memory = compiled.memory_analysis()
+  stats = devices[0].memory_stats() or {}
+  record = {
+      'experiment': config.experiment, 'devices': len(devices),
+      'device_kind': devices[0].device_kind, 'platform': devices[0].platform,
+      'jax': jax.__version__, 'batch_size': b, 'tokens_per_example': task.tokens_per_example(),
+      'attention': config.model.get('attention', 'xla'), 'remat': config.model.get('remat', ''),
+      'compile_s': round(compile_s, 1), 'step_s': step_s,
+      'tokens_per_s': b * task.tokens_per_example() / step_s,
+      'examples_per_s': b / step_s,
+      'model_flops_per_step': model_flops,
+      'compiled_flops_per_step': plan.jaxpr_flops(traced.jaxpr.jaxpr),
+      'model_tflops_per_device': per_device / 1e12,
+      'peak_tflops': peak / 1e12, 'mfu': per_device / peak,
+      'matmul_tflops': ceiling / 1e12, 'matmul_n': FLAGS.matmul, 'matmul_dtype': dtype.name,
+      'mfu_of_matmul_ceiling': per_device / ceiling,
+      'argument_gib': memory.argument_size_in_bytes / GiB,
+      'temp_gib': memory.temp_size_in_bytes / GiB,
+      'peak_gib_in_use': stats.get('peak_bytes_in_use', 0) / GiB,
+      'loss': float(metrics.get('loss', float('nan'))),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''),
+  }
+  if FLAGS.profile:
+    record['profile'] = profile(compiled, state, batch, FLAGS.profile, FLAGS.profile_steps)
+  return record
+
+
+def report(r: dict) -> str:
+  lines = [
+      f"{r['experiment']} on {r['devices']} x {r['device_kind']} ({r['platform']}), "
+      f"jax {r['jax']}; attention {r['attention']}, remat {r['remat']}",
+      f"batch {r['batch_size']} x {r['tokens_per_example']} tokens; compile {r['compile_s']} s; "
+      f"XLA memory per device: arguments {r['argument_gib']:.2f} GiB, temporaries "
+      f"{r['temp_gib']:.2f} GiB; peak in use {r['peak_gib_in_use']:.2f} GiB",
+      f"step_s: {r['step_s']:.4f}",
+      f"tokens_per_s: {r['tokens_per_s']:.4g}  ({r['examples_per_s']:.3g} examples/s)",
+      f"model_tflops_per_device: {r['model_tflops_per_device']:.4g}",
+      f"mfu: {r['mfu']:.4f}  (of {r['peak_tflops']:.4g} TFLOP/s peak)",
+      f"matmul_ceiling_tflops: {r['matmul_tflops']:.4g}  ({r['matmul_dtype']} "
+      f"{r['matmul_n']}^3; {r['matmul_tflops'] / r['peak_tflops']:.2%} of peak)",
+      f"mfu_of_matmul_ceiling: {r['mfu_of_matmul_ceiling']:.4f}",
+      f"compiled/model flops: {r['compiled_flops_per_step'] / r['model_flops_per_step']:.3f}  "
+      f"(hardware FLOPs utilisation {r['mfu'] * r['compiled_flops_per_step'] / r['model_flops_per_step']:.4f})",
+  ]
+  if 'profile' in r:
+    p = r['profile']
+    lines.append(f"profile: {p['busy_ms']:.3f} ms busy per step of {1e3 * r['step_s']:.3f} ms")
+    lines += [f'  {kind:<34s} {t:10.3f} ms' for kind, t in p['kinds_ms'].items()]
+    lines += [f'    {op:<40s} {kind:<34s} {t:10.3f} ms' for op, kind, t in p['top_ops_ms']]
+  return '\n'.join(lines)
+
+
+def main(argv):
+  del argv
+  if FLAGS.gpu_flags:
+    set_gpu_environment()
+  config = config_lib.resolve(FLAGS.experiment, _OVERRIDES)
+  record = measure(config)
+  print(report(record))
+  print('RESULT ' + json.dumps(record), flush=True)
+
+
+if __name__ == '__main__':
+  _OVERRIDES[:], rest = config_lib.split_overrides(sys.argv)
+  app.run(main, argv=rest)
