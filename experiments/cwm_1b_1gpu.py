@@ -2,7 +2,7 @@
 """cwm_1b's full model (36 x 1280, 256x256 pairs) on one H100/H200, tuned for step speed.
 
 The configuration benchmarks/mfu.py measures; what each setting bought is in
-benchmarks/RESULTS.md. Depth is not reduced: params and Adam state take 14 GiB.
+benchmarks/RESULTS.md. Depth is not reduced: params and Adam state take 9.9 GiB.
 """
 
 import ml_collections

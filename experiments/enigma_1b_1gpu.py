@@ -2,7 +2,7 @@
 """enigma_1b's full model (30 x 1536, 5 local : 1 global, 2^21 neuron rows) on one H100/H200.
 
 The configuration benchmarks/mfu.py measures; what each setting bought is in
-benchmarks/RESULTS.md. Depth is not reduced.
+benchmarks/RESULTS.md. Depth is not reduced: params and Adam state take 17.2 GiB.
 """
 
 import ml_collections
