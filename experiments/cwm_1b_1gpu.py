@@ -1,8 +1,8 @@
 # python benchmarks/mfu.py --experiment=cwm_1b_1gpu
-"""cwm_1b's full model (36 x 1280, 256x256 pairs) on one H100/H200, tuned for step speed.
+"""cwm_1b's full model (36 x 1280, 256x256 pairs) on one H100/H200.
 
-The configuration benchmarks/mfu.py measures; what each setting bought is in
-benchmarks/RESULTS.md. Depth is not reduced: params and Adam state take 9.9 GiB.
+What benchmarks/mfu.py measures. benchmarks/RESULTS.md has its memory plan against
+other remat/batch/attention choices, and the GPU measurements still to make. Depth is not reduced: params and Adam state take 9.9 GiB.
 """
 
 import ml_collections
