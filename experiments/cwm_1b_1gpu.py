@@ -2,7 +2,8 @@
 """cwm_1b's full model (36 x 1280, 256x256 pairs) on one H100/H200.
 
 What benchmarks/mfu.py measures. benchmarks/RESULTS.md has its memory plan against
-other remat/batch/attention choices, and the GPU measurements still to make. Depth is not reduced: params and Adam state take 9.9 GiB.
+other remat/batch/attention choices, and the GPU measurements still to make.
+Depth is not reduced: params and Adam state take 9.9 GiB.
 """
 
 import ml_collections

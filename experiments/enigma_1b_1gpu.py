@@ -2,7 +2,8 @@
 """enigma_1b's full model (30 x 1536, 5 local : 1 global, 2^21 neuron rows) on one H100/H200.
 
 What benchmarks/mfu.py measures. benchmarks/RESULTS.md has its memory plan against
-other remat/batch/attention choices, and the GPU measurements still to make. Depth is not reduced: params and Adam state take 17.2 GiB.
+other remat/batch/attention choices, and the GPU measurements still to make.
+Depth is not reduced: params and Adam state take 17.2 GiB.
 """
 
 import ml_collections
