@@ -115,7 +115,8 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(')
 
 
 def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> kind (matmul, attention, fusion, collective, copy, other) of an HLO module."""
+  """Instruction name -> kind of op (matmul, attention, pallas kernel, fusion, collective, copy,
+  control, other) for every instruction of an HLO module's text."""
   bodies, current = {}, None
   for line in hlo_text.splitlines():
     header = re.match(r'^\s*(?:ENTRY )?%?([\w.\-]+) [(].*[{]\s*$', line)
