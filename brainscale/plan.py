@@ -72,10 +72,23 @@ def dot_flops(eqn) -> float:
   return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
 
 
+def live_eqns(jaxpr) -> list:
+  """The equations whose results reach the jaxpr's outputs (or that have effects); XLA drops
+  the rest, e.g. a remat body's recomputation of a value the policy saved."""
+  live = {id(v) for v in jaxpr.outvars}
+  kept = []
+  for eqn in reversed(jaxpr.eqns):
+    if eqn.effects or any(id(v) in live for v in eqn.outvars):
+      kept.append(eqn)
+      live.update(id(v) for v in eqn.invars)
+  return kept[::-1]
+
+
 def jaxpr_flops(jaxpr) -> float:
-  """Matmul FLOPs of a jaxpr: scans times their length, Pallas calls by their cost estimate."""
+  """Matmul FLOPs of a jaxpr's live equations: scans times their length, Pallas calls by
+  their cost estimate."""
   total = 0.0
-  for eqn in jaxpr.eqns:
+  for eqn in live_eqns(jaxpr):
     name = eqn.primitive.name
     if name == 'dot_general':
       total += dot_flops(eqn)
@@ -95,11 +108,14 @@ def jaxpr_flops(jaxpr) -> float:
 
 
 def _plan_config(config):
-  """The config as the plan compiles it: cudnn attention becomes the Pallas kernels."""
+  """The config as the plan compiles it: cudnn attention becomes the Pallas kernels (and
+  'save_attention', which saves nothing of cuDNN's, becomes 'full', as on the GPU)."""
   planned = config.copy_and_resolve_references()
   if planned.model.get('attention') == 'cudnn':
     with planned.unlocked():
       planned.model.attention = 'pallas'
+      if planned.model.get('remat') == 'save_attention':
+        planned.model.remat = 'full'
   return planned
 
 

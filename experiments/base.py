@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict()
   c.model.attention = 'xla'        # xla | cudnn | pallas
-  c.model.remat = 'full'           # none | full | dots | minimal
+  c.model.remat = 'full'           # a name in nn.REMAT_POLICIES (none, full, save_attention, ...)
   c.model.compute_dtype = 'bfloat16'
   c.model.param_dtype = 'float32'
 

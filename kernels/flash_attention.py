@@ -37,7 +37,12 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
+
+# The forward's residuals carry this checkpoint name, so a remat policy that saves it
+# (nn's 'save_attention') keeps them and the backward never reruns the forward kernel.
+RESIDUALS = 'flash_residuals'
 
 try:
   from jax.experimental.pallas import triton as pltriton
@@ -344,6 +349,7 @@ def _flash(q, k, v, aux, st):
 
 def _flash_fwd(q, k, v, aux, st):
   o, lse = _forward(q, k, v, aux, st)
+  o, lse = checkpoint_name(o, RESIDUALS), checkpoint_name(lse, RESIDUALS)
   return o, (q, k, v, aux, o, lse)   # the output and the log-sum-exp, nothing [T, S]
 
 

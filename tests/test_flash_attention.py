@@ -5,6 +5,7 @@ in test_nn.py. Sequence lengths are odd (not multiples of any tile) and the
 forward and backward tiles differ, so padding and both block tables are used.
 """
 
+import contextlib
 import functools
 import math
 import re
@@ -266,3 +267,47 @@ def test_attention_and_loss_benchmarks_run_their_cpu_smoke_shapes():
                            '--repeats=1'], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(expect, done.stdout), done.stdout
+
+
+def _kernel_calls(jaxpr, counts=None) -> dict:
+  """Live pallas_call equations of each kernel name in a jaxpr (loop bodies counted once)."""
+  from jax.extend import core as jax_core  # noqa: PLC0415
+  from brainscale import plan  # noqa: PLC0415
+  counts = {} if counts is None else counts
+  for eqn in plan.live_eqns(jaxpr):
+    if eqn.primitive.name == 'pallas_call':
+      counts[eqn.params['name']] = counts.get(eqn.params['name'], 0) + 1
+    for sub in jax_core.jaxprs_in_params(eqn.params):
+      _kernel_calls(sub, counts)
+  return counts
+
+
+@pytest.mark.parametrize('on_mesh', [False, True])
+def test_save_attention_remat_never_reruns_the_forward_kernel(rng, on_mesh):
+  """'full' recomputes the flash forward in the backward; 'save_attention' keeps its residuals."""
+  from flax import nnx  # noqa: PLC0415
+  x_BxTxD, ct_BxTxD = normal(rng, 4, 64, 32), normal(rng, 4, 64, 32)
+  from experiments import base  # noqa: PLC0415
+  rules = parallel.rules_table(base.get_config().mesh.rules)
+  context = lambda: (parallel.axis_rules(parallel.make_mesh(_mesh_config(), jax.devices()[:8]),
+                                         rules) if on_mesh else contextlib.nullcontext())
+  results = {}
+  for remat in ('full', 'save_attention'):
+    stack = nn.Stack(lambda r: nn.Block(32, 4, 8, 64, num_kv_heads=2, backend='pallas', rngs=r),
+                     2, remat=remat, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(stack)
+
+    def loss(state, x):
+      return jnp.sum(nnx.merge(graphdef, state)(x, mask=Mask(causal=True)) * ct_BxTxD)
+
+    with context():
+      grad = jax.grad(loss, argnums=(0, 1))
+      results[remat] = (_kernel_calls(jax.make_jaxpr(grad)(state, x_BxTxD).jaxpr),
+                        jax.jit(grad)(state, x_BxTxD))
+  assert results['full'][0] == {'flash_attention_fwd': 2, 'flash_attention_dq': 1,
+                                'flash_attention_dkv': 1}
+  assert results['save_attention'][0] == {'flash_attention_fwd': 1, 'flash_attention_dq': 1,
+                                          'flash_attention_dkv': 1}
+  for g, g_ref in zip(jax.tree.leaves(results['save_attention'][1]),
+                      jax.tree.leaves(results['full'][1])):
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-6)

@@ -67,3 +67,20 @@ def test_flops_count_scan_bodies_times_their_length_and_shard_map_bodies_per_dev
   assert plan.jaxpr_flops(jaxpr) == 2 * 16 * 32 * 32
   assert np.isclose(plan.jaxpr_flops(jax.make_jaxpr(lambda a, b: a @ b)(x, w[0]).jaxpr),
                     2 * 4 * 32 * 32)
+
+
+def test_plan_compiles_cudnn_as_pallas_and_what_save_attention_saves_of_cudnn():
+  from brainscale import config as config_lib  # noqa: PLC0415
+  planned = plan._plan_config(
+      config_lib.resolve('cwm_1b_1gpu', ['--config.model.remat=save_attention']))
+  assert (planned.model.attention, planned.model.remat) == ('pallas', 'full')
+  planned = plan._plan_config(config_lib.resolve(
+      'cwm_1b_1gpu', ['--config.model.attention=pallas', '--config.model.remat=save_attention']))
+  assert (planned.model.attention, planned.model.remat) == ('pallas', 'save_attention')
+
+
+def test_flops_skip_equations_whose_results_are_never_used():
+  x = jnp.ones((16, 32))
+  jaxpr = jax.make_jaxpr(lambda a: (a @ a.T, a.T @ a)[1])(x).jaxpr
+  assert sum(e.primitive.name == 'dot_general' for e in jaxpr.eqns) == 2   # one of them dead
+  assert plan.jaxpr_flops(jaxpr) == 2 * 32 * 32 * 16

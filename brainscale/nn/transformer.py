@@ -9,6 +9,7 @@ import jax
 from flax import nnx
 
 from brainscale import parallel
+from kernels import flash_attention
 from brainscale.nn.attention import Attention, Mask
 from brainscale.nn.core import RMSNorm, axes_of
 from brainscale.nn.embeddings import Rotary
@@ -21,6 +22,9 @@ REMAT_POLICIES = {
     'dots': _policies.dots_with_no_batch_dims_saveable,  # keep projection outputs
     'save_qkv': _policies.save_only_these_names('qkv'),
     'save_qkv_out': _policies.save_only_these_names('qkv', 'attn_out', 'mlp_out'),
+    # pallas backend: keep the flash kernel's output and log-sum-exp; the backward reruns
+    # the projections and the MLP but not the attention forward (elsewhere: as 'full')
+    'save_attention': _policies.save_only_these_names(flash_attention.RESIDUALS),
 }
 
 
@@ -90,7 +94,8 @@ def stack_activation_bytes(*, layers: int, tokens: int, dim: int, mlp_hidden: in
   outs = 2 * tokens * dim
   proj = qkv + outs + 2 * tokens * mlp_hidden
   kept = {'none': proj + 4 * tokens * dim + tokens * mlp_hidden, 'full': 0,
-          'dots': proj, 'save_qkv': qkv, 'save_qkv_out': qkv + outs}[remat]
+          'dots': proj, 'save_qkv': qkv, 'save_qkv_out': qkv + outs,
+          'save_attention': tokens * dim + 2 * tokens * heads}[remat]   # output, fp32 lse
   saved = layers * (tokens * dim + kept) * bytes_per
   working = (proj + 4 * tokens * dim + tokens * mlp_hidden) * bytes_per
   if dense_scores:
