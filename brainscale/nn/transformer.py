@@ -9,11 +9,11 @@ import jax
 from flax import nnx
 
 from brainscale import parallel
-from kernels import flash_attention
 from brainscale.nn.attention import Attention, Mask
 from brainscale.nn.core import RMSNorm, axes_of
 from brainscale.nn.embeddings import Rotary
 from brainscale.nn.mlp import make_mlp
+from kernels import flash_attention
 
 _policies = jax.checkpoint_policies
 REMAT_POLICIES = {
