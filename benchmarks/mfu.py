@@ -66,16 +66,6 @@ def set_gpu_environment():
   os.environ.setdefault('CUDA_DEVICE_MAX_CONNECTIONS', '1')
 
 
-def matmul_ceiling(n: int, dtype) -> float:
-  """FLOP/s of one device on an n x n x n matmul in `dtype` (median of 10)."""
-  import jax  # noqa: PLC0415
-  from benchmarks.timing import median_seconds  # noqa: PLC0415
-  a_NxN = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  b_NxN = jax.random.normal(jax.random.key(1), (n, n), dtype)
-  seconds = median_seconds(jax.jit(lambda a, b: a @ b), a_NxN, b_NxN, repeats=10)
-  return 2 * n ** 3 / seconds
-
-
 def compile_step(config):
   """(setup, state, batch on the devices, compiled step, traced step, compile seconds)."""
   import jax  # noqa: PLC0415
@@ -221,14 +211,16 @@ def measure(config) -> dict:
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
   from brainscale import plan  # noqa: PLC0415
+  from brainscale.train import report as train_report  # noqa: PLC0415
   setup, state, batch, compiled, traced, compile_s = compile_step(config)
   step_s, state, metrics = seconds_per_step(compiled, state, batch, steps=FLAGS.steps,
                                             repeats=FLAGS.repeats, warmup=FLAGS.warmup)
   devices = jax.devices()
   dtype = jnp.dtype(config.model.compute_dtype)
-  ceiling = matmul_ceiling(FLAGS.matmul, dtype)
+  ceiling = train_report.matmul_flops(FLAGS.matmul, dtype.name)
   on_cpu = devices[0].platform == 'cpu'
-  peak = FLAGS.peak_tflops * 1e12 or (ceiling if on_cpu else config.train.peak_tflops * 1e12)
+  peak = FLAGS.peak_tflops * 1e12 or (ceiling if on_cpu else
+                                      train_report.peak_flops_per_device(config))
   task, b = setup.task, config.train.batch_size
   model_flops = task.flops_per_example() * b
   per_device = model_flops / step_s / len(devices)

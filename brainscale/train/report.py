@@ -24,10 +24,10 @@ def log(message: str):
 
 
 @functools.cache
-def measured_cpu_flops() -> float:
-  """FLOP/s of one CPU device on a 1024^2 float32 matmul (the CPU 'peak' for MFU)."""
-  n = 1024
-  x = jnp.ones((n, n), jnp.float32)
+def matmul_flops(n: int = 1024, dtype: str = 'float32') -> float:
+  """FLOP/s of one device on an n x n x n matmul in `dtype`, the best of 5 calls: the CPU
+  'peak' for MFU, and benchmarks/mfu.py's measured ceiling."""
+  x = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
   best = math.inf
@@ -41,7 +41,7 @@ def measured_cpu_flops() -> float:
 def peak_flops_per_device(config) -> float:
   """The config's peak on accelerators; a measured matmul rate on CPU."""
   if jax.devices()[0].platform == 'cpu':
-    return measured_cpu_flops()
+    return matmul_flops()
   return config.train.peak_tflops * 1e12
 
 
