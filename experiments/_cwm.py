@@ -61,6 +61,7 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.model.loss_chunk = loss_chunk
   c.model.rope_base = 100.0
   c.model.latent_embed = True          # content tokens also embed their LFQ latent (bits)
+  c.model.latent_head = True           # ... and content logits also score it
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.experiment = tokenizer   # trained first (a prerequisite run), then frozen
@@ -77,12 +78,12 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
                                        # as 'revealed' (no loss), like a probe's context
 
   c.probe = ml_collections.ConfigDict()
-  c.probe.clips = 16                   # held-out clips the eval probes (0: none)
+  c.probe.clips = 32                   # held-out clips the eval probes (0: none)
   c.probe.batch = 4
   c.probe.reveal = 0.25                # fraction of frame-1 patches shown to next-frame prediction
-  c.probe.flow_points = 4              # KL-traced points per clip
+  c.probe.flow_points = 8              # KL-traced points per clip
   c.probe.min_motion = 3.0             # ... on cells whose true flow is at least this (pixels)
-  c.probe.flow_radius = 1              # hidden (2r+1)^2 patches around each traced point
+  c.probe.flow_orders = 4              # random frame-1 patch orders the KL maps average over
 
   c.train.groups.tokenizer = dict(pattern=r'^tokenizer/', lr_scale=0.0, weight_decay=0.0)
   c.train.groups.no_decay = dict(pattern=r'(norm|scale)', lr_scale=1.0, weight_decay=0.0)

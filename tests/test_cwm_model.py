@@ -153,3 +153,32 @@ def test_content_tokens_also_embed_their_latent_pointers_do_not():
   assert not np.allclose(before[1], after[1])
   off = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.latent_embed=False'])
   assert Task(off).model(nnx.Rngs(0)).w_latent_kxD is None
+
+
+def test_content_logits_also_score_the_latent_pointer_logits_do_not():
+  from brainscale.cwm.task import Task  # noqa: PLC0415
+  c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
+  task = Task(c)
+  model = task.model(nnx.Rngs(0))
+  codes = task.layout.codes
+  head_DxV = np.asarray(model.head.w_DxV[...])
+  np.testing.assert_array_equal(model.output_weights(), head_DxV)   # zero-initialised
+  w_Dxk = np.random.default_rng(5).normal(size=model.w_unlatent_Dxk.shape).astype(np.float32)
+  model.w_unlatent_Dxk[...] = jnp.asarray(w_Dxk)
+  out_DxV = np.asarray(model.output_weights())
+  # code c's column gains w @ latent(c); pointer and padding columns are the head's
+  latent_Cxk = np.asarray(model.tokenizer.codes_to_latent(jnp.arange(codes)))
+  np.testing.assert_allclose(out_DxV[:, :codes], head_DxV[:, :codes] + w_Dxk @ latent_Cxk.T,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(out_DxV[:, codes:], head_DxV[:, codes:])
+  x_1x1xD = jnp.ones((1, 1, c.model.dim))
+  np.testing.assert_allclose(model.content_logits(x_1x1xD)[0, 0], out_DxV.sum(0)[:codes],
+                             rtol=1e-4, atol=1e-4)
+  # the loss trains it
+  batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(6), 2).items()}
+  grads = nnx.grad(lambda m: task.loss(m, batch, jax.random.key(0), True)[0])(model)
+  assert np.abs(np.asarray(grads.w_unlatent_Dxk[...])).max() > 0
+  off = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.latent_head=False'])
+  model_off = Task(off).model(nnx.Rngs(0))
+  assert model_off.w_unlatent_Dxk is None
+  np.testing.assert_array_equal(model_off.output_weights(), model_off.head.w_DxV[...])

@@ -172,23 +172,51 @@ def test_move_patch_and_perturb(probe_inputs):
 
 
 @pytest.mark.slow
+def test_frame1_log_probs_are_the_teacher_forced_predictions_in_order(probe_inputs):
+  model, frames = probe_inputs
+  layout = model.layout
+  p = layout.patches
+  codes = model.tokenize(frames)
+  order = sequence.random_order(jax.random.key(3), 2, layout)
+  logp = np.asarray(counterfactual.frame1_log_probs(model, codes, order))
+  assert logp.shape == (2, p, 4, layout.codes)
+  true = np.asarray(sequence.patchify(codes, layout))[:, p:]
+  for slot in (0, 7, p - 1):   # the frame-1 patch at this slot, after frame 0 and slots before it
+    patch = np.asarray(order[:, p + slot] - p)
+    rows = np.arange(2)
+    _, one = counterfactual.decode_patches(
+        model, codes, order[:, :p + slot], order[:, p + slot:p + slot + 1],
+        teacher_BxQx4=jnp.asarray(true[rows, patch][:, None]))
+    np.testing.assert_allclose(logp[rows, patch], np.asarray(one)[:, 0], atol=2e-4)
+
+
+@pytest.mark.slow
 def test_kl_flow_maps_and_flow(probe_inputs):
   model, frames = probe_inputs
   layout = model.layout
   w = layout.width
   points = jnp.array([[[10.0, 30.0], [w - 4.0, 2.0]], [[33.0, 33.0], [1.0, 1.0]]])
-  out = counterfactual.kl_flow(model, frames, points, radius=1)
+  out = counterfactual.kl_flow(model, frames, points, orders=2)
   kl = np.asarray(out['kl'])
   assert kl.shape == (2, 2, layout.height // 4, layout.width // 4)
-  assert (kl >= -1e-5).all()
-  # zero outside the 3 x 3 patch window (6 x 6 codes) around each point
-  assert ((kl > 0).sum((2, 3)) <= 36).all()
-  # the window of a corner point stays inside the frame
-  assert (kl[1, 1, 6:, :] == 0).all() and (kl[1, 1, :, 6:] == 0).all()
+  assert (kl >= -1e-5).all() and (kl.max((2, 3)) > 0).all()
+  # the map averages the orders: one order's map differs from the two-order mean
+  one = np.asarray(counterfactual.kl_flow(model, frames, points, orders=1)['kl'])
+  assert not np.allclose(one, kl)
   np.testing.assert_allclose(np.asarray(out['cell_centre'])[0, 0], [9.5, 29.5])
   flow = np.asarray(out['flow'])
   assert flow.shape == (2, 2, 2) and np.isfinite(flow).all()
-  assert np.abs(flow).max() <= 24 + 4   # within the window
+  centre = np.asarray(out['cell_centre'])
+  to = centre + flow      # lands inside the frame, on the KL-weighted codes
+  assert (to >= 1.5 - 1e-4).all() and (to <= w - 2.5 + 1e-4).all()
+  # top=1: the flow points at the cell of the largest KL
+  peak = counterfactual.kl_flow(model, frames, points, orders=2, top=1.0)
+  k_flat = kl.reshape(2, 2, -1).argmax(-1)
+  gy, gx = np.divmod(k_flat, kl.shape[3])
+  np.testing.assert_allclose(np.asarray(peak['flow']) + centre,
+                             np.stack([4 * gx + 1.5, 4 * gy + 1.5], -1), atol=1e-4)
   # a point off the frame is clipped to the edge cell
-  off = counterfactual.kl_flow(model, frames[:1], jnp.array([[[w + 50.0, -9.0]]]), radius=1)
+  off = counterfactual.kl_flow(model, frames[:1], jnp.array([[[w + 50.0, -9.0]]]))
   np.testing.assert_allclose(np.asarray(off['cell_centre'])[0, 0], [w - 2.5, 1.5])
+  with pytest.raises(ValueError, match='orders=0'):
+    counterfactual.kl_flow(model, frames, points, orders=0)

@@ -6,7 +6,8 @@
   move_patch     intervention: reveal a frame-0 patch at a new place in frame 1.
   perturb        intervention: change the pixels of a frame around points.
   kl_flow        flow of points by KL-tracing: perturb frame 0 at a point and
-                 find where frame 1's predicted distributions change most.
+                 find where frame 1's predicted distributions change most,
+                 frame 1 given to the model in random patch orders.
 
 Everything takes uint8 frames [B, 2, H, W, 3] (or codes) and returns arrays
 ready to plot: images in [0, 1], flows in pixels (dx, dy), maps on the code
@@ -178,36 +179,47 @@ def perturb(frames_BxHxWx3: jax.Array, points_BxKx2: jax.Array, *, size: int = 4
   return jnp.where(inside_BxKxHxW[..., None], 255 - frames_BxKxHxWx3, frames_BxKxHxWx3)
 
 
-def _window(patch_yx_Bx2: jax.Array, grid: tuple[int, int], radius: int) -> jax.Array:
-  """Row-major ids of the (2r+1)^2 patches around each patch, shifted to stay in the grid."""
-  gh, gw = grid
-  side = 2 * radius + 1
-  y0 = jnp.clip(patch_yx_Bx2[:, 0] - radius, 0, gh - side)
-  x0 = jnp.clip(patch_yx_Bx2[:, 1] - radius, 0, gw - side)
-  dy, dx = jnp.meshgrid(jnp.arange(side), jnp.arange(side), indexing='ij')
-  return ((y0[:, None] + dy.reshape(-1)) * gw + x0[:, None] + dx.reshape(-1)).astype(jnp.int32)
+def frame1_log_probs(model: WorldModel, codes_Bx2xhxw: jax.Array,
+                     order_BxN: jax.Array) -> jax.Array:
+  """Log-probs of every frame-1 code given frame 0 and the frame-1 patches before it.
+
+  One causal pass over the whole true sequence in `order` (frame 0's patches,
+  then frame 1's). Returns [B, P, 4, codes] on frame 1's row-major patches.
+  """
+  layout = model.layout
+  b, p = codes_Bx2xhxw.shape[0], layout.patches
+  seq = sequence.build(codes_Bx2xhxw, order_BxN, layout)
+  x_BxTxD = model.features(seq.tokens_BxL[:, :-1], seq.pos_BxLx3[:, :-1])
+  # a frame-1 content token at 5k + j (j = 1..4) is predicted at position 5k + j - 1
+  read_Px4 = 5 * (p + jnp.arange(p))[:, None] + jnp.arange(4)[None]
+  x_BxPx4xD = x_BxTxD[:, read_Px4]
+  logp_BxPx4xC = jax.nn.log_softmax(model.content_logits(x_BxPx4xD.reshape(b, 4 * p, -1)), -1)
+  logp_BxPx4xC = logp_BxPx4xC.reshape(b, p, 4, -1)
+  patch_BxP = order_BxN[:, p:] - p                       # frame-1 patch at each slot
+  rows = jnp.arange(b)[:, None]
+  return jnp.zeros_like(logp_BxPx4xC).at[rows, patch_BxP].set(logp_BxPx4xC)
 
 
 def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Array, *,
-            radius: int = 1, top: float = 0.5) -> dict:
+            orders: int = 4, top: float = 0.5, key: jax.Array | None = None) -> dict:
   """Optical flow of points (x, y) of frame 0 by KL-tracing.
 
-  For each point: invert the colours of its 4x4 code cell in frame 0; hide the
-  (2r+1)^2 frame-1 patches around it and reveal the rest; predict the hidden
-  patches with and without the perturbation (conditioning on the same clean
-  codes) and take KL(perturbed || clean) of every hidden code. The flow is the
+  For each point: invert the colours of its 4x4 code cell in frame 0, and ask
+  the model for every frame-1 code given frame 0 (clean or perturbed) and the
+  true frame-1 patches before it, in `orders` random patch orders (so each code
+  is predicted from a different part of frame 1 each time). The KL map is
+  KL(perturbed || clean) of every frame-1 code, averaged over the orders: it
+  is large where the model reads the perturbed content from. The flow is the
   KL-weighted centre of the codes whose KL is at least `top` x the largest,
-  minus the centre of the perturbed cell (points outside the frame are clipped
-  to its edge cells). Returns flow [B, K, 2] (pixels),
-  kl [B, K, h, w] (zero outside the window) and cell centres [B, K, 2].
+  minus the centre of the perturbed cell (points outside the frame are
+  clipped to its edge cells). Returns flow [B, K, 2] (pixels), kl [B, K, h, w]
+  and cell centres [B, K, 2].
   """
   layout = model.layout
   b, k = points_BxKx2.shape[:2]
-  side = 2 * radius + 1
-  gh, gw = layout.grid
-  if side > min(gh, gw):
-    raise ValueError(f'kl_flow radius={radius} hides {side}x{side} patches; the frame has '
-                     f'{gh}x{gw}')
+  if orders < 1:
+    raise ValueError(f'kl_flow orders={orders}; expected at least 1')
+  key = jax.random.key(0) if key is None else key
   frames_NxFxHxWx3 = jnp.repeat(frames_Bx2xHxWx3, k, axis=0)
   points_Nx2 = points_BxKx2.reshape(b * k, 2)
   clean_Nx2xhxw = model.tokenize(frames_NxFxHxWx3)
@@ -215,20 +227,16 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   cell_Nx2 = jnp.clip((points_Nx2 // layout.code).astype(jnp.int32), 0, grid_max)  # (cx, cy)
   pert0_NxHxWx3 = perturb(frames_NxFxHxWx3[:, 0], layout.code * cell_Nx2[:, None],
                           size=layout.code)[:, 0]
-  pert0_Nxhxw = model.tokenize(pert0_NxHxWx3[:, None])[:, 0]
-  pert_Nx2xhxw = clean_Nx2xhxw.at[:, 0].set(pert0_Nxhxw)
-  patch_yx_Nx2 = jnp.stack([cell_Nx2[:, 1] // 2, cell_Nx2[:, 0] // 2], -1)
-  hidden_NxQ = _window(patch_yx_Nx2, layout.grid, radius)
-  p = layout.patches
-  revealed_NxR = hidden_patches(hidden_NxQ, p)                         # the complement
-  context_NxC = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b * k, p)), p + revealed_NxR], 1)
-  clean_tok, clean_lp = decode_patches(model, clean_Nx2xhxw, context_NxC, p + hidden_NxQ)
-  _, pert_lp = decode_patches(model, pert_Nx2xhxw, context_NxC, p + hidden_NxQ,
-                              teacher_BxQx4=clean_tok)
-  kl_NxQx4 = jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1)
+  pert_Nx2xhxw = clean_Nx2xhxw.at[:, 0].set(model.tokenize(pert0_NxHxWx3[:, None])[:, 0])
 
-  kl_NxPx4 = jnp.zeros((b * k, p, 4), jnp.float32).at[jnp.arange(b * k)[:, None],
-                                                       hidden_NxQ].set(kl_NxQx4)
+  def one_order(kl_NxPx4, r):
+    order_NxN = sequence.random_order(jax.random.fold_in(key, r), b * k, layout)
+    clean_lp = frame1_log_probs(model, clean_Nx2xhxw, order_NxN)
+    pert_lp = frame1_log_probs(model, pert_Nx2xhxw, order_NxN)
+    return kl_NxPx4 + jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1) / orders, None
+
+  kl_NxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b * k, layout.patches, 4), jnp.float32),
+                             jnp.arange(orders))
   kl_Nxhxw = _to_grid(kl_NxPx4[..., None], layout)[..., 0]
   weight_Nxhxw = jnp.where(kl_Nxhxw >= top * kl_Nxhxw.max((1, 2), keepdims=True), kl_Nxhxw, 0)
   weight_Nxhxw = weight_Nxhxw / jnp.maximum(weight_Nxhxw.sum((1, 2), keepdims=True), 1e-12)

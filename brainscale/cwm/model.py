@@ -37,6 +37,10 @@ class WorldModel(nnx.Module):
         c.layers, remat=c.remat, rngs=rngs)
     self.norm = nn.RMSNorm(c.dim, rngs=rngs)
     self.head = nn.Head(c.dim, c.vocab, rngs=rngs)
+    # ... and leave through it: a content code's logit also scores its latent, so
+    # the model can learn each bit of the next code rather than 2^bits symbols.
+    self.w_unlatent_Dxk = (nn.param(rngs, (c.dim, k), ('embed', None), init='zeros')
+                           if c.latent_head else None)
     self.head_dim = c.head_dim
     self.rope_base = c.rope_base
     self.layout = layout
@@ -61,7 +65,17 @@ class WorldModel(nnx.Module):
     x_BxTxD = self.blocks(x_BxTxD, mask=mask, rope_q=rope, rope_k=rope)
     return self.norm(x_BxTxD)
 
+  def output_weights(self) -> jax.Array:
+    """The output projection [D, vocab]: the head, plus the latent scoring of content codes."""
+    w_DxV = self.head.w_DxV[...]
+    if self.w_unlatent_Dxk is None:
+      return w_DxV
+    latent_kxC = self.tokenizer.codebook().T.astype(w_DxV.dtype)
+    w_DxC = jnp.einsum('dk,kc->dc', self.w_unlatent_Dxk[...].astype(w_DxV.dtype), latent_kxC)
+    w_DxV = w_DxV + jnp.pad(w_DxC, ((0, 0), (0, w_DxV.shape[1] - w_DxC.shape[1])))
+    return parallel.constrain(w_DxV, ('embed', 'vocab'))
+
   def content_logits(self, x_BxQxD: jax.Array) -> jax.Array:
     """Logits over the content codes only (pointers and padding excluded), fp32."""
-    w_DxC = self.head.w_DxV[:, :self.layout.codes]
+    w_DxC = self.output_weights()[:, :self.layout.codes]
     return jnp.einsum('bqd,dc->bqc', x_BxQxD, w_DxC, preferred_element_type=jnp.float32)

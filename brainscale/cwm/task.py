@@ -129,7 +129,7 @@ class Task(_VideoTask):
     order_BxN = sequence.random_order(order_key, b, layout)
     seq = sequence.build(codes_BxFxhxw, order_BxN, layout)
     x_BxTxD = model.features(seq.tokens_BxL[:, :-1], seq.pos_BxLx3[:, :-1])
-    nll_BxT = nn.chunked_cross_entropy(x_BxTxD, model.head.w_DxV[...], seq.tokens_BxL[:, 1:],
+    nll_BxT = nn.chunked_cross_entropy(x_BxTxD, model.output_weights(), seq.tokens_BxL[:, 1:],
                                        chunk=c.model.loss_chunk)
     most = int(c.sequence.reveal * layout.patches)
     revealed_B = jax.random.randint(reveal_key, (b,), 0, most + 1) if most else None
@@ -169,7 +169,7 @@ class Task(_VideoTask):
     out = _probe_frames(model, frames, jnp.asarray(revealed_BxR))
     points_BxKx2 = _flow_points(np.asarray(batch['flow']), batch.get('visible'),
                                 c.probe.flow_points, c.probe.min_motion, layout, rng)
-    flow = _kl_flow(model, frames, jnp.asarray(points_BxKx2), c.probe.flow_radius)
+    flow = _kl_flow(model, frames, jnp.asarray(points_BxKx2), c.probe.flow_orders)
     gt_BxKx2 = counterfactual.cell_flow(batch['flow'], np.asarray(flow['cell_centre']),
                                         layout.code)
     epe = np.linalg.norm(np.asarray(flow['flow']) - gt_BxKx2, axis=-1)
@@ -210,8 +210,8 @@ def _probe_frames(model, frames_Bx2xHxWx3, revealed_BxR):
 
 
 @functools.partial(nnx.jit, static_argnums=3)
-def _kl_flow(model, frames, points, radius):
-  return counterfactual.kl_flow(model, frames, points, radius=radius)
+def _kl_flow(model, frames, points, orders):
+  return counterfactual.kl_flow(model, frames, points, orders=orders)
 
 
 def _flow_points(flow_BxHxWx2, visible_BxHxW, k: int, min_motion: float, layout,
