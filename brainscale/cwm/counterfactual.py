@@ -212,8 +212,8 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   is large where the model reads the perturbed content from. The flow is the
   KL-weighted centre of the codes whose KL is at least `top` x the largest,
   minus the centre of the perturbed cell (points outside the frame are
-  clipped to its edge cells). Returns flow [B, K, 2] (pixels), kl [B, K, h, w]
-  and cell centres [B, K, 2].
+  clipped to its edge cells). `key` draws the orders. Returns flow [B, K, 2]
+  (pixels), kl [B, K, h, w] and cell centres [B, K, 2].
   """
   layout = model.layout
   b, k = points_BxKx2.shape[:2]
