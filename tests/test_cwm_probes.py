@@ -190,6 +190,29 @@ def test_frame1_log_probs_are_the_teacher_forced_predictions_in_order(probe_inpu
     np.testing.assert_allclose(logp[rows, patch], np.asarray(one)[:, 0], atol=2e-4)
 
 
+def test_flow_from_kl_reads_the_mass_above_the_floor():
+  from_2x2 = jnp.array([[5.5, 9.5], [5.5, 9.5]])
+  kl_2x6x8 = np.full((2, 6, 8), 0.3, np.float32)        # a noise floor everywhere
+  kl_2x6x8[0, 4, 3] += 2.0                               # one bump: cell (x 3, y 4)
+  kl_2x6x8[1, 1, 6] += 3.0                               # two bumps, 3:1
+  kl_2x6x8[1, 5, 0] += 1.0
+  flow = np.asarray(counterfactual.flow_from_kl(jnp.asarray(kl_2x6x8), from_2x2))
+  np.testing.assert_allclose(flow[0], [4 * 3 + 1.5 - 5.5, 4 * 4 + 1.5 - 9.5], atol=1e-5)
+  to_x, to_y = (3 * 25.5 + 1 * 1.5) / 4, (3 * 5.5 + 1 * 21.5) / 4
+  np.testing.assert_allclose(flow[1], [to_x - 5.5, to_y - 9.5], atol=1e-5)
+  # floor=0 keeps everything above the minimum: a direct numpy centroid
+  raw = np.asarray(counterfactual.flow_from_kl(jnp.asarray(kl_2x6x8), from_2x2, floor=0.0))
+  mass = kl_2x6x8[0] - kl_2x6x8[0].min()
+  ys, xs = np.mgrid[0:6, 0:8] * 4 + 1.5
+  np.testing.assert_allclose(raw[0], [(mass * xs).sum() / mass.sum() - 5.5,
+                                      (mass * ys).sum() / mass.sum() - 9.5], atol=1e-4)
+  # a flat map carries no evidence of motion
+  flat = counterfactual.flow_from_kl(jnp.full((1, 6, 8), 0.7), from_2x2[:1])
+  np.testing.assert_array_equal(np.asarray(flat), 0.0)
+  with pytest.raises(ValueError, match='floor=1'):
+    counterfactual.flow_from_kl(jnp.asarray(kl_2x6x8), from_2x2, floor=1)
+
+
 @pytest.mark.slow
 def test_kl_flow_maps_and_flow(probe_inputs):
   model, frames = probe_inputs
@@ -209,12 +232,11 @@ def test_kl_flow_maps_and_flow(probe_inputs):
   centre = np.asarray(out['cell_centre'])
   to = centre + flow      # lands inside the frame, on the KL-weighted codes
   assert (to >= 1.5 - 1e-4).all() and (to <= w - 2.5 + 1e-4).all()
-  # top=1: the flow points at the cell of the largest KL
-  peak = counterfactual.kl_flow(model, frames, points, orders=2, top=1.0)
-  k_flat = kl.reshape(2, 2, -1).argmax(-1)
-  gy, gx = np.divmod(k_flat, kl.shape[3])
-  np.testing.assert_allclose(np.asarray(peak['flow']) + centre,
-                             np.stack([4 * gx + 1.5, 4 * gy + 1.5], -1), atol=1e-4)
+  # the flow is the readout of the returned map
+  np.testing.assert_allclose(
+      flow.reshape(4, 2),
+      np.asarray(counterfactual.flow_from_kl(jnp.asarray(kl.reshape(4, *kl.shape[2:])),
+                                             jnp.asarray(centre.reshape(4, 2)))), atol=1e-4)
   # a point off the frame is clipped to the edge cell
   off = counterfactual.kl_flow(model, frames[:1], jnp.array([[[w + 50.0, -9.0]]]))
   np.testing.assert_allclose(np.asarray(off['cell_centre'])[0, 0], [w - 2.5, 1.5])

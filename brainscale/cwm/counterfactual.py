@@ -6,8 +6,9 @@
   move_patch     intervention: reveal a frame-0 patch at a new place in frame 1.
   perturb        intervention: change the pixels of a frame around points.
   kl_flow        flow of points by KL-tracing: perturb frame 0 at a point and
-                 find where frame 1's predicted distributions change most,
+                 find where frame 1's predicted distributions change,
                  frame 1 given to the model in random patch orders.
+  flow_from_kl   the flow a KL map points to (the centre of its mass).
 
 Everything takes uint8 frames [B, 2, H, W, 3] (or codes) and returns arrays
 ready to plot: images in [0, 1], flows in pixels (dx, dy), maps on the code
@@ -201,7 +202,7 @@ def frame1_log_probs(model: WorldModel, codes_Bx2xhxw: jax.Array,
 
 
 def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Array, *,
-            orders: int = 4, top: float = 0.5, key: jax.Array | None = None) -> dict:
+            orders: int = 4, floor: float = 0.5, key: jax.Array | None = None) -> dict:
   """Optical flow of points (x, y) of frame 0 by KL-tracing.
 
   For each point: invert the colours of its 4x4 code cell in frame 0, and ask
@@ -209,11 +210,10 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   true frame-1 patches before it, in `orders` random patch orders (so each code
   is predicted from a different part of frame 1 each time). The KL map is
   KL(perturbed || clean) of every frame-1 code, averaged over the orders: it
-  is large where the model reads the perturbed content from. The flow is the
-  KL-weighted centre of the codes whose KL is at least `top` x the largest,
-  minus the centre of the perturbed cell (points outside the frame are
-  clipped to its edge cells). `key` draws the orders. Returns flow [B, K, 2]
-  (pixels), kl [B, K, h, w] and cell centres [B, K, 2].
+  is large where the model reads the perturbed content from. The flow is read
+  from the map by `flow_from_kl` (its mass above the `floor` quantile); points
+  outside the frame are clipped to its edge cells. `key` draws the orders.
+  Returns flow [B, K, 2] (pixels), kl [B, K, h, w] and cell centres [B, K, 2].
   """
   layout = model.layout
   b, k = points_BxKx2.shape[:2]
@@ -238,16 +238,35 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   kl_NxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b * k, layout.patches, 4), jnp.float32),
                              jnp.arange(orders))
   kl_Nxhxw = _to_grid(kl_NxPx4[..., None], layout)[..., 0]
-  weight_Nxhxw = jnp.where(kl_Nxhxw >= top * kl_Nxhxw.max((1, 2), keepdims=True), kl_Nxhxw, 0)
-  weight_Nxhxw = weight_Nxhxw / jnp.maximum(weight_Nxhxw.sum((1, 2), keepdims=True), 1e-12)
-  centre_h = layout.code * jnp.arange(kl_Nxhxw.shape[1]) + (layout.code - 1) / 2
-  centre_w = layout.code * jnp.arange(kl_Nxhxw.shape[2]) + (layout.code - 1) / 2
-  to_x = jnp.einsum('nhw,w->n', weight_Nxhxw, centre_w)
-  to_y = jnp.einsum('nhw,h->n', weight_Nxhxw, centre_h)
   from_Nx2 = layout.code * cell_Nx2 + (layout.code - 1) / 2
-  flow_Nx2 = jnp.stack([to_x, to_y], -1) - from_Nx2
+  flow_Nx2 = flow_from_kl(kl_Nxhxw, from_Nx2, code=layout.code, floor=floor)
   return {'flow': flow_Nx2.reshape(b, k, 2), 'kl': kl_Nxhxw.reshape((b, k) + kl_Nxhxw.shape[1:]),
           'cell_centre': from_Nx2.reshape(b, k, 2)}
+
+
+def flow_from_kl(kl_Nxhxw: jax.Array, from_Nx2: jax.Array, *, code: int = 4,
+                 floor: float = 0.5) -> jax.Array:
+  """Flow [N, 2] (pixels) from KL maps on the code grid: the centre of the map's mass
+  above its `floor` quantile (0.5: the median, the level most codes sit at whatever the
+  perturbation), minus the perturbed cell's centre `from_Nx2` (x, y). A flat map, with
+  no mass above its floor, reads as no motion.
+
+  The whole mass, not only the peak: a small model spreads the influence of the
+  perturbed cell between where it was and where it went, and its peak stays at the
+  origin (benchmarks/RESULTS.md, "A readout of the whole KL map").
+  """
+  if not 0 <= floor < 1:
+    raise ValueError(f'flow_from_kl floor={floor}; expected a quantile in [0, 1)')
+  n, h, w = kl_Nxhxw.shape
+  level_N = jnp.quantile(kl_Nxhxw.reshape(n, h * w), floor, axis=1)
+  mass_Nxhxw = jnp.maximum(kl_Nxhxw - level_N[:, None, None], 0)
+  total_N = mass_Nxhxw.sum((1, 2))
+  centre_h = code * jnp.arange(h) + (code - 1) / 2
+  centre_w = code * jnp.arange(w) + (code - 1) / 2
+  to_Nx2 = jnp.stack([jnp.einsum('nhw,w->n', mass_Nxhxw, centre_w),
+                      jnp.einsum('nhw,h->n', mass_Nxhxw, centre_h)], -1)
+  to_Nx2 = to_Nx2 / jnp.maximum(total_N, 1e-30)[:, None]
+  return jnp.where(total_N[:, None] > 0, to_Nx2 - from_Nx2, 0.0)
 
 
 def masked_psnr(pred_BxHxWx3: jax.Array, target_BxHxWx3: jax.Array,
