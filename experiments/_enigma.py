@@ -41,6 +41,7 @@ def enigma(*, dim: int, layers: int, heads: int, mlp_hidden: int, global_every: 
   m.latent_stride = 5                # samples between latent time steps
   m.decoder_layers = decoder_layers
   m.decode_stride = 5                # one query per neuron per 5 samples
+  m.readout_seconds = 0.3            # stimulus history each neuron's query reads (its RF's span)
   m.softplus_beta = 1.0              # rates = softplus(beta x) / beta (responses in std units)
   m.neurons, m.sessions, m.animals = table_rows
 

@@ -90,6 +90,55 @@ def test_video_tokens_are_tubelets_in_time_then_space_order(rng):
 
 # ------------------------------------------------------------------ masks
 
+def test_gaussian_readout_weighs_the_grid_around_each_receptive_field():
+  _, model = _model()
+  core = model.core
+  gh, gw = core.video_tokens.grid
+  rf_Mx2 = np.array([[0.0, 0.0], [-0.6, 0.3], [0.75, -0.75]], np.float32)   # (x, y) in [-1, 1]
+  # the identity carries arctanh(rf) through w_rf_Ex2; the place map is switched off
+  core.w_rf_Px2[...] = jnp.zeros_like(core.w_rf_Px2[...])
+  core.w_rf_Ex2[...] = jnp.eye(*core.w_rf_Ex2.shape)
+  core.log_rf_width[...] = jnp.log(0.7)
+  identity = np.zeros((1, 3, core.w_rf_Ex2.shape[0]), np.float32)
+  identity[0, :, :2] = np.arctanh(rf_Mx2)
+  place = np.zeros((1, 3, core.w_rf_Px2.shape[0]), np.float32)
+  mask_MxG = np.asarray(core._gaussian(jnp.asarray(place), jnp.asarray(identity)))[0]
+  x_G, y_G = np.meshgrid((np.arange(gw) + 0.5) / gw * 2 - 1, (np.arange(gh) + 0.5) / gh * 2 - 1)
+  d2_MxG = (((x_G.reshape(-1) - rf_Mx2[:, :1]) / (1.4 / gw)) ** 2 +
+            ((y_G.reshape(-1) - rf_Mx2[:, 1:]) / (1.4 / gh)) ** 2)
+  expected_MxG = np.exp(-d2_MxG / 2) / np.exp(-d2_MxG / 2).sum(1, keepdims=True)
+  np.testing.assert_allclose(mask_MxG, expected_MxG, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(mask_MxG.sum(1), 1.0, rtol=1e-5)
+  nearest = np.argmin(d2_MxG, 1)
+  assert (mask_MxG.argmax(1) == nearest).all() and nearest[2] == gw - 1   # top row, last column
+
+
+def test_each_bin_reads_its_own_and_earlier_tubelets_of_the_video():
+  c, model = _model()
+  core = model.core
+  pt, stride, k = c.model.video_patch[0], c.model.decode_stride, core.readout_tubelets
+  gh, gw = core.video_tokens.grid
+  s, d = W // pt, c.model.dim
+  assert k == -(-(stride + round(c.model.readout_seconds * 30)) // pt)
+  # each video token's features are its tubelet's number + 1 in every channel
+  video = np.repeat(np.arange(s) + 1.0, gh * gw)[None, :, None] * np.ones((1, 1, d), np.float32)
+  video_ok = np.ones(video.shape[:2], bool)
+  video_ok[:, 3 * gh * gw:4 * gh * gw] = False   # tubelet 3 unseen: it reads as zeros
+  place = np.zeros((1, 2, core.w_rf_Px2.shape[0]), np.float32)
+  identity = np.zeros((1, 2, c.model.neuron_dim), np.float32)
+  for lag in range(k):
+    w = np.zeros((k, d, d), np.float32)
+    w[lag] = np.eye(d)
+    core.w_readout_KxDxD[...] = jnp.asarray(w)
+    read_MxTxD = np.asarray(core.readout(jnp.asarray(video, jnp.float32), jnp.asarray(video_ok),
+                                         jnp.asarray(place), jnp.asarray(identity)))[0]
+    last_T = (stride * np.arange(W // stride) + stride - 1) // pt
+    tubelet_T = last_T - lag
+    expected_T = np.where((tubelet_T >= 0) & (tubelet_T != 3), tubelet_T + 1.0, 0.0)
+    np.testing.assert_allclose(read_MxTxD, np.broadcast_to(expected_T[None, :, None],
+                                                           read_MxTxD.shape), rtol=1e-5)
+
+
 def test_each_task_sees_and_predicts_what_it_should(rng):
   batch = _batch(rng, b=8)
   tasks = jnp.asarray([0, 1, 2, 3, 0, 1, 2, 3])

@@ -3,7 +3,9 @@
 Latents read the neuron tokens by cross-attention; video and behaviour tokens
 join the latents in a tower of shared Blocks (RoPE on time, RMSNorm, QK-norm,
 SwiGLU, local sliding-window layers with a global one every `global_every`);
-a decoder answers neuron and behaviour queries by cross-attention. All shared
+a decoder answers neuron and behaviour queries by cross-attention. Each neuron's
+query also carries a Gaussian readout of the video encoder's grid at the neuron's
+receptive field, placed by its cortical position and identity. All shared
 weights live under `core`; per-neuron, per-session and per-animal embeddings
 sit beside it, so a new session is fitted with the core frozen.
 """
@@ -73,6 +75,19 @@ class Core(nnx.Module):
     # Fourier features of its position enter its query, one map shared by all neurons.
     self.w_place_PxD = nn.param(rngs, (6 * len(PLACE_FREQUENCIES), c.dim), (None, 'embed'))
     self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, 'embed'), fan_in=c.dim)
+    # A Gaussian readout (Lurz et al. 2021): each neuron weighs the video encoder's grid
+    # by a Gaussian at its receptive field, placed from its cortical position (retinotopy,
+    # shared) and identity; the weighted features of the last `readout_seconds` join its
+    # query at each bin. Cross-attention alone mixes places by their content, which blurs
+    # the phase-sensitive drive of simple cells.
+    places = 3 + 6 * len(PLACE_FREQUENCIES)
+    self.w_rf_Px2 = nn.param(rngs, (places, 2), (None, None), init='zeros')
+    self.w_rf_Ex2 = nn.param(rngs, (c.neuron_dim, 2), (None, None), init='zeros')
+    self.log_rf_width = nn.param(rngs, (), (), init='zeros')   # Gaussian std, in grid cells
+    pt = c.video_patch[0]
+    self.readout_tubelets = -(-(c.decode_stride + round(c.readout_seconds * rate)) // pt)
+    self.w_readout_KxDxD = nn.param(rngs, (self.readout_tubelets, c.dim, c.dim),
+                                    (None, 'embed', None), fan_in=self.readout_tubelets * c.dim)
     self.decoder = nn.Stack(block, c.decoder_layers, remat=c.remat, rngs=rngs)
     self.decoder_norm = nn.RMSNorm(c.dim, rngs=rngs)
     # Readouts: a neuron's weights are a shared part plus one made from its embedding,
@@ -91,7 +106,8 @@ class Core(nnx.Module):
     return nn.rope_1d(times_BxT, self.c.head_dim, base=self.c.rope_base)
 
   def encode(self, batch: dict, masks: Masks, identity_BxMxE, context_BxD):
-    """Tower output [B, X, D], its validity [B, X] and times [X] (samples)."""
+    """Tower output [B, X, D], its validity [B, X], times [X] (samples), and the video
+    encoder's output [B, V, D] with its validity [B, V] (for the readout)."""
     c = self.c
     b = batch['frames'].shape[0]
     neuron_BxNxD, neuron_ok_BxN, neuron_t_N = self.neuron_tokens(
@@ -126,14 +142,45 @@ class Core(nnx.Module):
                     kv_valid_BxS=ok_BxX)
     x_BxXxD = self.tower(x_BxXxD, local=local, global_=nn.Mask(kv_valid_BxS=ok_BxX),
                          rope=self._rope(t_BxX))
-    return self.norm(x_BxXxD), ok_BxX, t_X
+    return self.norm(x_BxXxD), ok_BxX, t_X, (video_BxVxD, video_ok_BxV)
 
-  def decode(self, x_BxXxD, ok_BxX, t_X, queries_BxKxD):
+  def _gaussian(self, rf_in_BxMxP, identity_BxMxE):
+    """Normalised weights [B, M, G] of a Gaussian over the video grid at each neuron's RF."""
+    gh, gw = self.video_tokens.grid
+    cell_Gx2 = jnp.stack(jnp.meshgrid((jnp.arange(gw) + 0.5) / gw, (jnp.arange(gh) + 0.5) / gh),
+                         -1).reshape(-1, 2) * 2 - 1   # (x, y) in [-1, 1]
+    rf_BxMx2 = jnp.tanh(
+        jnp.einsum('bmp,pc->bmc', rf_in_BxMxP.astype(jnp.float32), self.w_rf_Px2[...]) +
+        jnp.einsum('bme,ec->bmc', identity_BxMxE.astype(jnp.float32), self.w_rf_Ex2[...]))
+    width_2 = 2 * jnp.exp(self.log_rf_width[...]) / jnp.array([gw, gh], jnp.float32)
+    d2_BxMxG = (((rf_BxMx2[:, :, None] - cell_Gx2) / width_2) ** 2).sum(-1)
+    return jax.nn.softmax(-0.5 * d2_BxMxG, -1)
+
+  def readout(self, video_BxVxD, video_ok_BxV, rf_in_BxMxP, identity_BxMxE):
+    """Each neuron's Gaussian-weighted video features over its last tubelets, per bin:
+    [B, M, bins, D]. Reads the video encoder's output, which keeps the stimulus' linear
+    detail better than the tower's (training NLL 0.786 vs 0.797 at 300 steps)."""
+    c = self.c
+    b, pt = video_BxVxD.shape[0], c.video_patch[0]
+    g = self.video_tokens.grid[0] * self.video_tokens.grid[1]
+    s = video_BxVxD.shape[1] // g   # tubelets per window
+    video_BxSxGxD = jnp.where(video_ok_BxV.reshape(b, s, g)[..., None],
+                              video_BxVxD.reshape(b, s, g, -1), 0)
+    mask_BxMxG = self._gaussian(rf_in_BxMxP, identity_BxMxE).astype(video_BxVxD.dtype)
+    read_BxMxSxD = jnp.einsum('bmg,bsgd->bmsd', mask_BxMxG, video_BxSxGxD)
+    # bin t ends in tubelet last[t]; it reads that one and the K - 1 before it
+    last_T = (c.decode_stride * jnp.arange(self.bins) + c.decode_stride - 1) // pt
+    tubelet_TxK = last_T[:, None] - jnp.arange(self.readout_tubelets)
+    read_BxMxTxKxD = jnp.where((tubelet_TxK >= 0)[..., None],
+                               read_BxMxSxD[:, :, jnp.maximum(tubelet_TxK, 0)], 0)
+    return jnp.einsum('bmtkd,kde->bmte', read_BxMxTxKxD, self.w_readout_KxDxD[...])
+
+  def decode(self, x_BxXxD, ok_BxX, t_X, queries_BxKxTxD):
     """Features [B, K, bins, D] answering each query row (a neuron or a channel) at each bin."""
     c = self.c
-    b, k = queries_BxKxD.shape[:2]
+    b, k = queries_BxKxTxD.shape[:2]
     bins_T = c.decode_stride * jnp.arange(self.bins) + (c.decode_stride - 1) / 2
-    q_BxQxD = jnp.repeat(queries_BxKxD, self.bins, axis=1).astype(x_BxXxD.dtype)
+    q_BxQxD = queries_BxKxTxD.reshape(b, k * self.bins, -1).astype(x_BxXxD.dtype)
     q_t_BxQ = jnp.broadcast_to(jnp.tile(bins_T.astype(jnp.float32), k), q_BxQxD.shape[:2])
     y_BxQxD = self.decoder(q_BxQxD, x_BxXxD, mask=nn.Mask(kv_valid_BxS=ok_BxX),
                            rope_q=self._rope(q_t_BxQ),
@@ -142,26 +189,31 @@ class Core(nnx.Module):
 
   def __call__(self, batch: dict, masks: Masks, identity_BxMxE, context_BxD):
     """Rates [B, W, M] (softplus with slope `softplus_beta`) and behaviour [B, W, C]."""
-    x_BxXxD, ok_BxX, t_X = self.encode(batch, masks, identity_BxMxE, context_BxD)
-    dtype = x_BxXxD.dtype
+    x_BxXxD, ok_BxX, t_X, video = self.encode(batch, masks, identity_BxMxE, context_BxD)
+    c, dtype = self.c, x_BxXxD.dtype
     b, m = identity_BxMxE.shape[:2]
     identity_BxMxE, context_BxD = identity_BxMxE.astype(dtype), context_BxD.astype(dtype)
     place_BxMxP = place_features(batch['positions']).astype(dtype)
     neuron_BxMxD = (jnp.einsum('bme,ed->bmd', identity_BxMxE, self.w_query_ExD[...]) +
                     jnp.einsum('bmp,pd->bmd', place_BxMxP, self.w_place_PxD[...]) +
                     context_BxD[:, None])
+    rf_in_BxMxP = jnp.concatenate([batch['positions'].astype(dtype), place_BxMxP], -1)
+    neuron_BxMxTxD = neuron_BxMxD[:, :, None] + self.readout(*video, rf_in_BxMxP,
+                                                             identity_BxMxE)
     channel_BxCxD = self.w_channel_CxD[...][None] + context_BxD[:, None]
-    y_BxMxTxD = self.decode(x_BxXxD, ok_BxX, t_X, neuron_BxMxD)
+    channel_BxCxTxD = jnp.broadcast_to(channel_BxCxD[:, :, None],
+                                       channel_BxCxD.shape[:2] + (self.bins, c.dim))
+    y_BxMxTxD = self.decode(x_BxXxD, ok_BxX, t_X, neuron_BxMxTxD)
     w_BxMxDxS = self.w_rate_DxS[...] + jnp.einsum('bme,eds->bmds', identity_BxMxE,
                                                   self.w_rate_ExDxS[...])
     drive_BxMxTxS = (jnp.einsum('bmtd,bmds->bmts', y_BxMxTxD, w_BxMxDxS,
                                 preferred_element_type=jnp.float32) +
                      jnp.einsum('bme,es->bms', identity_BxMxE, self.w_bias_ExS[...],
                                 preferred_element_type=jnp.float32)[:, :, None])
-    y_BxCxTxD = self.decode(x_BxXxD, ok_BxX, t_X, channel_BxCxD)
+    y_BxCxTxD = self.decode(x_BxXxD, ok_BxX, t_X, channel_BxCxTxD)
     behavior_BxCxTxS = jnp.einsum('bctd,cds->bcts', y_BxCxTxD, self.w_behavior_CxDxS[...],
                                   preferred_element_type=jnp.float32)
-    beta = self.c.softplus_beta
+    beta = c.softplus_beta
     rates_BxMxW = jax.nn.softplus(beta * drive_BxMxTxS.reshape(b, m, -1)) / beta
     behavior_BxCxW = behavior_BxCxTxS.reshape(b, behavior_BxCxTxS.shape[1], -1)
     return rates_BxMxW.transpose(0, 2, 1), behavior_BxCxW.transpose(0, 2, 1)

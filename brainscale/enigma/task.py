@@ -191,7 +191,8 @@ class Task(task.Task):
     latents = (w // m.latent_stride) * m.latents_per_step
     queries = (c.data.max_neurons + len(neural.CHANNELS)) * (w // m.decode_stride)
     return dict(neuron=neuron, video=video, latents=latents,
-                tower=latents + video + len(neural.CHANNELS), queries=queries)
+                tower=latents + video + len(neural.CHANNELS), queries=queries,
+                neuron_bins=c.data.max_neurons * (w // m.decode_stride))
 
   def flops_per_example(self) -> float:
     """6 x weights x tokens for each part, plus attention (QK and PV, fwd + bwd)."""
@@ -204,12 +205,14 @@ class Task(task.Task):
                (_count(core.read) - kv_weights) * t['latents'] + kv_weights * t['neuron'] +
                (_count(core.decoder) - m.decoder_layers * kv_weights) * t['queries'] +
                m.decoder_layers * kv_weights * t['tower'] +
-               _count(core.neuron_tokens) * t['neuron'] + _count(core.video_tokens) * t['video'])
+               _count(core.neuron_tokens) * t['neuron'] + _count(core.video_tokens) * t['video'] +
+               core.w_readout_KxDxD.size * t['neuron_bins'])
     window = min(2 * m.local_window * self.config.data.rate / m.video_patch[0], 1.0)
     tower_pairs = t['tower'] ** 2 * (1 + (m.global_every - 1) * window) / m.global_every
     attention = 4 * inner * (m.video_layers * t['video'] ** 2 + t['latents'] * t['neuron'] +
                              m.layers * tower_pairs + m.decoder_layers * t['queries'] * t['tower'])
-    return 6 * matmuls + 3 * attention
+    gaussian_readout = 2 * self.config.data.max_neurons * t['video'] * m.dim   # mask @ grid
+    return 6 * matmuls + 3 * attention + 3 * gaussian_readout
 
   def activation_bytes(self, examples_per_device: int) -> int:
     m, t = self.config.model, self._tokens()
