@@ -12,6 +12,7 @@ def get_config():
   c = enigma_tiny.get_config()
   _enigma.adapt(c, 'enigma_tiny', sessions=('a2s1',))
   c.train.steps = 300
+  c.train.eval_every = c.checkpoint.every_steps = 300
   c.train.learning_rate = 1e-2
   c.evaluation.sessions = 1
   return c
