@@ -88,7 +88,7 @@ def test_video_tokens_are_tubelets_in_time_then_space_order(rng):
   assert times[0] == 2.0 and times[16] == 7.0
 
 
-# ------------------------------------------------------------------ masks
+# ------------------------------------------------------------------ readout
 
 def test_gaussian_readout_weighs_the_grid_around_each_receptive_field():
   _, model = _model()
@@ -138,6 +138,8 @@ def test_each_bin_reads_its_own_and_earlier_tubelets_of_the_video():
     np.testing.assert_allclose(read_MxTxD, np.broadcast_to(expected_T[None, :, None],
                                                            read_MxTxD.shape), rtol=1e-5)
 
+
+# ------------------------------------------------------------------ masks
 
 def test_each_task_sees_and_predicts_what_it_should(rng):
   batch = _batch(rng, b=8)
