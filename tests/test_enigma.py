@@ -11,6 +11,7 @@ from flax import nnx
 from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.enigma import evaluation, masking, tokens
+from brainscale.enigma import task as task_lib
 from brainscale.enigma.model import Enigma
 from brainscale.train import describe, loop
 
@@ -172,6 +173,14 @@ def test_tasks_are_drawn_in_proportion_to_their_weights(rng):
   np.testing.assert_allclose(counts, [0.125, 0.0, 0.375, 0.5], atol=0.03)
   with pytest.raises(ValueError, match=r'task weights \(1, 1\): expected 4'):
     masking.sample(batch, jax.random.key(0), (1, 1))
+
+
+def test_a_task_no_example_drew_reports_nan_not_zero(rng):
+  c, model = _model(['--config.loss.tasks=(1.0, 0.0, 0.0, 0.0)'])
+  loss, metrics = task_lib.Task(c).loss(model, _batch(rng), jax.random.key(0), train=True)
+  assert np.isfinite(float(loss)) and float(metrics['nll_encoding']) > 0
+  assert np.isnan(float(metrics['nll_cosmoothing']))
+  assert np.isnan(float(metrics['nll_forecasting']))
 
 
 # --------------------------------------------------------------- model

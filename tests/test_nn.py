@@ -758,6 +758,12 @@ def test_masked_mean_empty_mask_is_zero(rng):
   assert float(nn.masked_mean(values, jnp.zeros((4, 3), bool))) == 0.0
   assert float(nn.masked_mse(values, values + 1, jnp.zeros((4, 1), bool))) == 0.0
   close(nn.masked_mean(values, None), np.asarray(values).mean(), FP32)
+  # a metric with nothing to measure says so, and its gradient stays finite
+  assert np.isnan(float(nn.masked_mean(values, jnp.zeros((4, 3), bool), empty=jnp.nan)))
+  assert np.isnan(float(nn.poisson_nll(values + 5, values, jnp.zeros((4, 3), bool),
+                                       empty=jnp.nan)))
+  grad = jax.grad(lambda v: nn.masked_mean(v, jnp.zeros((4, 3), bool), empty=jnp.nan))(values)
+  assert np.all(np.asarray(grad) == 0)
 
 
 # ----------------------------------------------------------------------------- Embed / Head

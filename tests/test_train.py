@@ -365,3 +365,12 @@ def test_metrics_jsonl_survives_a_line_cut_short(tmp_path):
   writer.scalars(2, {'train/loss': 1.25})
   writer.close()
   assert report.read_jsonl(path) == {1: {'train/loss': 2.5}, 2: {'train/loss': 1.25}}
+
+
+def test_a_metric_with_nothing_to_measure_is_left_out_not_zero():
+  steps = [{'loss': 1.0, 'nll_rare': float('nan'), 'nll_never': float('nan')},
+           {'loss': 3.0, 'nll_rare': 0.5, 'nll_never': float('nan')}]
+  assert report.average(steps) == {'loss': 2.0, 'nll_rare': 0.5}
+  loop._check_finite(1, steps[0], None)   # a NaN metric does not stop training
+  with pytest.raises(loop.NonFiniteError, match=r'non-finite loss=nan at step 3'):
+    loop._check_finite(3, {'loss': float('nan'), 'nll_rare': 0.5}, 2)

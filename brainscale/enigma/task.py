@@ -170,9 +170,10 @@ class Task(task.Task):
     mse = nn.masked_mse(behavior_BxWxC, batch['behavior'], masks.behavior_target_BxWxC)
     loss = nll + c.loss.behavior_weight * mse
     metrics = {'loss': loss, 'poisson_nll': nll, 'behavior_mse': mse}
-    for i, name in enumerate(masking.TASKS[:3]):
+    for i, name in enumerate(masking.TASKS[:3]):   # NaN when no example drew the task
       target = masks.neuron_target_BxWxM & (masks.task_B == i)[:, None, None]
-      metrics[f'nll_{name}'] = nn.poisson_nll(rates_BxWxM, batch['responses'], target)
+      metrics[f'nll_{name}'] = nn.poisson_nll(rates_BxWxM, batch['responses'], target,
+                                              empty=jnp.nan)
     return loss, metrics
 
   def evaluate(self, model):

@@ -11,13 +11,15 @@ import jax
 import jax.numpy as jnp
 
 
-def masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
-  """Mean of `values` where `mask` is true (0 when nothing is)."""
+def masked_mean(values: jax.Array, mask: jax.Array | None, *, empty: float = 0.0) -> jax.Array:
+  """Mean of `values` where `mask` is true (`empty` when nothing is: 0 for a loss term,
+  NaN for a metric that had nothing to measure)."""
   values = values.astype(jnp.float32)
   if mask is None:
     return values.mean()
   mask = jnp.broadcast_to(mask, values.shape).astype(jnp.float32)
-  return (values * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+  count = mask.sum()
+  return jnp.where(count > 0, (values * mask).sum() / jnp.maximum(count, 1.0), empty)
 
 
 def _chunk(w_DxV: jax.Array, c, size: int) -> jax.Array:
@@ -105,8 +107,9 @@ def cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
 
 
 def poisson_nll(rate: jax.Array, counts: jax.Array, mask: jax.Array | None = None, *,
-                eps: float = 1e-8, full: bool = False) -> jax.Array:
-  """Mean Poisson negative log-likelihood of `counts` under `rate` (> 0).
+                eps: float = 1e-8, full: bool = False, empty: float = 0.0) -> jax.Array:
+  """Mean Poisson negative log-likelihood of `counts` under `rate` (> 0); `empty` where the
+  mask is all false (as masked_mean).
 
   Drops the log(counts!) constant unless `full`.
   """
@@ -115,7 +118,7 @@ def poisson_nll(rate: jax.Array, counts: jax.Array, mask: jax.Array | None = Non
   nll = rate - counts * jnp.log(rate + eps)
   if full:
     nll += jax.scipy.special.gammaln(counts + 1.0)
-  return masked_mean(nll, mask)
+  return masked_mean(nll, mask, empty=empty)
 
 
 def masked_mse(pred: jax.Array, target: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -226,7 +226,10 @@ class NonFiniteError(FloatingPointError):
 
 
 def _check_finite(step: int, metrics: dict, last_checkpoint):
-  bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+  """The loss and the gradient norm must be finite; other metrics may be NaN on a step that
+  had nothing for them to measure (report.average leaves those out)."""
+  bad = {k: metrics[k] for k in ('loss', 'grad_norm')
+         if k in metrics and not np.isfinite(metrics[k])}
   if bad:
     names = ', '.join(f'{k}={v}' for k, v in bad.items())
     raise NonFiniteError(f'non-finite {names} at step {step}; stopping. Newest checkpoint: '

@@ -46,11 +46,17 @@ def peak_flops_per_device(config) -> float:
 
 
 def average(values: list[dict]) -> dict[str, float]:
-  """Per-key means of a list of scalar metric dicts, via clu.metrics.Average."""
+  """Per-key means of a list of scalar metric dicts, via clu.metrics.Average.
+
+  NaN marks a metric with nothing to measure in that dict (a task no example drew):
+  it is left out of the mean, and a key NaN everywhere is left out of the result.
+  """
   out = {}
   for key in values[0]:
     column = np.asarray([v[key] for v in values], np.float32)
-    out[key] = float(clu_metrics.Average(total=column.sum(), count=len(column)).compute())
+    measured = column[~np.isnan(column)]
+    if measured.size:
+      out[key] = float(clu_metrics.Average(total=measured.sum(), count=measured.size).compute())
   return out
 
 
