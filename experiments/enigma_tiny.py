@@ -12,7 +12,7 @@ def get_config():
   c = _enigma.enigma(dim=128, layers=2, heads=4, mlp_hidden=256, global_every=2,
                      video_layers=1, decoder_layers=1, neuron_dim=32, max_neurons=64)
   c.data.holdout = ('a2s1',)
-  c.data.min_neurons = 64            # every neuron of a session in every window: more targets
+  c.data.min_neurons = c.data.max_neurons   # all of a session's 64 neurons in every window
   c.loss.tasks = (4.0, 2.0, 2.0, 1.0)  # behaviour decoding has no neuron targets: drawn less
   c.model.latents_per_step = 2
   c.model.video_patch = (5, 9, 16)   # 4 x 4 tubelets per 5 frames
