@@ -1,7 +1,12 @@
 """Enigma end to end: enigma_tiny learns and is scored, adapts to a new session, trains on imports.
 
-The first two tests share one short enigma_tiny run (a few minutes on 2 cores): they are slow.
+The first two tests share enigma_tiny's full default run (~15 min on 2 cores): they are slow.
 """
+
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,23 +19,31 @@ from brainscale.data.synthetic import v1
 from brainscale.train import loop
 from brainscale.train.checkpoint import Checkpoints
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
 FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_hidden=128',
         '--config.train.batch_size=8', '--config.train.steps=3', '--config.train.log_every=1',
         '--config.train.eval_batches=1', '--config.checkpoint.async_save=false',
         '--config.evaluation.sessions=0']
 
 
-SHORT = ['--config.checkpoint.async_save=false', '--config.train.steps=200',
-         '--config.train.eval_every=0', '--config.evaluation.sessions=1']
-
-
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
-  """enigma_tiny trained for 200 steps; its final eval metrics."""
+  """The Enigma issue's acceptance run, as the README gives it: launch/run.py with enigma_tiny's
+  defaults (1800 steps, ~13.5 min on 2 cores), one CPU device, the population simulated into an
+  empty cache; then --mode=eval. Yields the runs folder and the printed eval metrics."""
   mp = pytest.MonkeyPatch()
   mp.setenv('BRAINSCALE_DATA', str(tmp_path_factory.mktemp('data')))
   runs = tmp_path_factory.mktemp('runs')
-  metrics = loop.train(config_lib.resolve('enigma_tiny', SHORT), str(runs / 'enigma_tiny'))
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  for mode in ('train', 'eval'):
+    out = subprocess.run([sys.executable, 'launch/run.py', '--experiment=enigma_tiny',
+                          f'--workdir={runs / "enigma_tiny"}', f'--mode={mode}'],
+                         cwd=ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
+                         text=True, timeout=2400)
+    assert out.returncode == 0, out.stderr[-3000:]
+  line = [x for x in out.stdout.splitlines() if x.startswith('eval step 1800 | ')][-1]
+  metrics = {k: float(v) for k, v in (item.split() for item in line.split(' | ')[1:-1])}
   yield runs, metrics
   mp.undo()
 
@@ -44,25 +57,27 @@ def _params(workdir, config):
 
 
 @pytest.mark.slow
-def test_enigma_tiny_learns_the_stimulus_and_is_scored_against_ln(tiny_run):
-  """At initialisation CC_norm is ~0; 200 steps already predict the held-out repeats."""
+def test_enigma_tiny_beats_ln_on_held_out_repeats(tiny_run):
+  """The issue's acceptance: cc_norm >= 0.75 and >= 0.05 above the LN baseline (0.764 vs
+  0.392 on a 2-core AMD EPYC VM, benchmarks/RESULTS.md)."""
   _, m = tiny_run
   for k in ('single_trial_corr', 'corr_to_average', 'cc_norm', 'ln_baseline_cc_norm',
             'behavior_r2'):
-    assert np.isfinite(m[f'eval_{k}']), (k, m)
-  assert m['eval_cc_norm'] > 0.15, m
-  assert 0.2 < m['eval_ln_baseline_cc_norm'] < 0.6, m   # complex cells defeat the LN model
+    assert np.isfinite(m[k]), (k, m)
+  assert m['cc_norm'] >= 0.75, m
+  assert m['cc_norm'] >= m['ln_baseline_cc_norm'] + 0.05, m
+  assert 0.2 < m['ln_baseline_cc_norm'] < 0.6, m   # complex cells defeat the LN model
 
 
 @pytest.mark.slow
 def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
   """Fitting only the new session's embeddings reaches 85% of the joint CC_norm."""
   runs, joint = tiny_run
-  c = config_lib.resolve('enigma_tiny_adapt', SHORT[:2] + [
-      '--config.train.steps=150', f'--config.adapt.workdir={runs / "enigma_tiny"}',
-      f'--config.adapt.overrides={tuple(SHORT)!r}'])
+  c = config_lib.resolve('enigma_tiny_adapt', [
+      '--config.checkpoint.async_save=false', '--config.train.steps=150',
+      f'--config.adapt.workdir={runs / "enigma_tiny"}'])
   adapted = loop.train(c, str(runs / 'adapt'))
-  assert adapted['eval_cc_norm'] >= 0.85 * joint['eval_cc_norm'], (adapted, joint)
+  assert adapted['eval_cc_norm'] >= 0.85 * joint['cc_norm'], (adapted, joint)
   base = config_lib.resolve('enigma_tiny', [])
   before = nnx.State(_params(str(runs / 'enigma_tiny'), base)['core']).flat_state()
   after = nnx.State(_params(str(runs / 'adapt'), c)['core']).flat_state()
