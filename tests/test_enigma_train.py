@@ -3,11 +3,6 @@
 The first two tests share enigma_tiny's full default run (~15 min on 2 cores): they are slow.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,8 +13,7 @@ from brainscale.data.importers import nwb, sensorium
 from brainscale.data.synthetic import v1
 from brainscale.train import loop
 from brainscale.train.checkpoint import Checkpoints
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from test_train import run_cli
 
 FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_hidden=128',
         '--config.train.batch_size=8', '--config.train.steps=3', '--config.train.log_every=1',
@@ -35,12 +29,9 @@ def tiny_run(tmp_path_factory):
   mp = pytest.MonkeyPatch()
   mp.setenv('BRAINSCALE_DATA', str(tmp_path_factory.mktemp('data')))
   runs = tmp_path_factory.mktemp('runs')
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   for mode in ('train', 'eval'):
-    out = subprocess.run([sys.executable, 'launch/run.py', '--experiment=enigma_tiny',
-                          f'--workdir={runs / "enigma_tiny"}', f'--mode={mode}'],
-                         cwd=ROOT, env={**env, 'JAX_PLATFORMS': 'cpu'}, capture_output=True,
-                         text=True, timeout=2400)
+    out = run_cli('--experiment=enigma_tiny', f'--workdir={runs / "enigma_tiny"}',
+                  f'--mode={mode}', timeout=2400)
     assert out.returncode == 0, out.stderr[-3000:]
   line = [x for x in out.stdout.splitlines() if x.startswith('eval step 1800 | ')][-1]
   metrics = {k: float(v) for k, v in (item.split() for item in line.split(' | ')[1:-1])}
