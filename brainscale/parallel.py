@@ -172,13 +172,44 @@ def axis_rules(mesh: Mesh, rules: dict):
     _CONTEXT.reset(token)
 
 
+def platform() -> str:
+  """The platform code is being built for: that of the active mesh's devices ('gpu' when
+  compiling for GPUs from a CPU host, as --mode=plan does), else JAX's default backend."""
+  context = _CONTEXT.get()
+  if context is None:
+    return jax.default_backend()
+  return context[0].devices.flat[0].platform
+
+
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
-  """Sharding constraint on an activation by logical axes; a no-op outside a mesh."""
+  """Sharding constraint on an activation by logical axes; a no-op outside a mesh.
+
+  An entry may be a tuple of names for a flattened dimension (('batch', 'act_length')
+  for tokens of [B * T, D]). A mesh axis that does not divide its dimension is left
+  out (e.g. 4 key/value heads over a tensor axis of 8 stay whole).
+  """
   context = _CONTEXT.get()
   if context is None:
     return x
   mesh, rules = context
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical, rules, mesh)))
+  table, names = {}, []
+  for entry, size in zip(logical, x.shape):
+    if entry is None:
+      names.append(None)
+      continue
+    parts = entry if isinstance(entry, tuple) else (entry,)
+    for part in parts:
+      if part not in rules:
+        raise ConfigError(f'logical axis {part!r} has no entry in mesh.rules; known: '
+                          f'{", ".join(sorted(rules))}')
+    kept, ways = [], 1
+    for axis in (a for part in parts for a in rules[part]):
+      if axis not in kept and size % (ways * mesh.shape[axis]) == 0:
+        kept.append(axis)
+        ways *= mesh.shape[axis]
+    names.append('+'.join(parts))
+    table[names[-1]] = tuple(kept)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(tuple(names), table, mesh)))
 
 
 def shard_local(fn, in_logical, out_logical, args):

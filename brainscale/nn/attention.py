@@ -94,53 +94,76 @@ def attend_cudnn(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, *,
   """jax.nn.dot_product_attention; cuDNN's fused kernel on GPU (bf16/fp16 inputs).
 
   A plain causal/window mask goes in as flags, anything else as a dense mask.
-  `implementation=None` runs the same call through XLA (for CPU tests).
+  cuDNN trains only on even lengths, so an odd T or S gets one more row: a padded
+  key no query sees (by key length, or False in the dense mask), a padded query
+  whose output is dropped. `implementation=None` runs the same call through XLA
+  (for CPU tests).
   """
-  if implementation == 'cudnn' and jax.devices()[0].platform != 'gpu':
+  if implementation == 'cudnn' and parallel.platform() != 'gpu':
     raise ValueError(f"attention backend 'cudnn' needs a CUDA GPU; this process has "
-                     f"{jax.devices()[0].platform}. Use --config.model.attention=xla")
-  b, t, _, _ = q_BxTxNxH.shape
-  s = k_BxSxKxH.shape[1]
+                     f"{parallel.platform()}. Use --config.model.attention=xla")
+  if implementation == 'cudnn' and q_BxTxNxH.dtype not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"attention backend 'cudnn' takes bfloat16 or float16, not "
+                     f"{q_BxTxNxH.dtype}: set --config.model.compute_dtype=bfloat16, or use "
+                     "attention=pallas")
+  b, t, s = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+  t_even, s_even = t + t % 2, s + s % 2
+  rows = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0)))
+  q, k, v = rows(q_BxTxNxH, t_even), rows(k_BxSxKxH, s_even), rows(v_BxSxKxH, s_even)
   # Integer distances d < window are d <= ceil(window) - 1 keys back.
   left = None if mask.window is None else math.ceil(mask.window) - 1
   if mask.is_plain and (left is None or (mask.causal and left >= 0)):
     window = None if left is None else (left, 0)
-    return jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, is_causal=mask.causal,
-        local_window_size=window, implementation=implementation)
-  mask_Bx1xTxS = mask.dense(b, t, s)[:, None]
-  out = jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS,
-                                     implementation=implementation)
-  return jnp.where(mask_Bx1xTxS.any(-1).transpose(0, 2, 1)[..., None], out, 0)
+    lengths = {} if s == s_even else {'key_value_seq_lengths': jnp.full((b,), s, jnp.int32)}
+    out = jax.nn.dot_product_attention(q, k, v, is_causal=mask.causal, local_window_size=window,
+                                       implementation=implementation, **lengths)
+    return out[:, :t]
+  mask_BxTxS = jnp.pad(mask.dense(b, t, s), ((0, 0), (0, t_even - t), (0, s_even - s)))
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None],
+                                     implementation=implementation)[:, :t]
+  return jnp.where(mask_BxTxS[:, :t].any(-1)[..., None, None], out, 0)
 
 
 def attend_pallas(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask) -> jax.Array:
-  """Flash attention from kernels/ (Pallas fwd + bwd; interpreted on CPU).
-
-  Under a mesh, each device runs the kernel on its own batch rows and heads
-  (shard_map over the 'batch' and heads rules); a pallas_call is opaque to XLA's
-  partitioner, which would otherwise gather whole arrays onto every device.
-  """
+  """Flash attention from kernels/ (Pallas fwd + bwd; interpreted off GPU)."""
   from kernels import flash_attention  # noqa: PLC0415  (kernels import no brainscale)
-  b, t, s = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
-  arrays = {name: jnp.broadcast_to(getattr(mask, name), (b, t if name.startswith('q_') else s))
-            for name in _MASK_ARRAYS if getattr(mask, name) is not None}
-  flags = dict(causal=mask.causal, window=mask.window, shared_segment=mask.shared_segment)
-
-  def local(q, k, v, arrays):
-    return flash_attention.attention(q, k, v, **arrays, **flags)
-
-  heads = ('batch', None, 'act_heads', None)   # K key/value heads split as the N query heads
-  rows = {name: ('batch', None) for name in arrays}
-  run = parallel.shard_local(local, (heads, heads, heads, rows), heads,
-                             (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays))
-  return run(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays)
+  interpret = parallel.platform() != 'gpu'
+  return flash_attention.attention(
+      q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, causal=mask.causal, window=mask.window,
+      shared_segment=mask.shared_segment, interpret=interpret,
+      **{name: getattr(mask, name) for name in _MASK_ARRAYS if getattr(mask, name) is not None})
 
 
 _MASK_ARRAYS = ('q_pos_BxT', 'kv_pos_BxS', 'kv_valid_BxS', 'q_segments_BxT', 'kv_segments_BxS')
 
 
-BACKENDS = {'xla': attend_xla, 'cudnn': attend_cudnn, 'pallas': attend_pallas}
+def per_device(attend_fn):
+  """`attend_fn` run on each device's own batch rows and heads under a mesh (shard_map).
+
+  For fused kernels: a pallas_call is opaque to XLA's partitioner, which would gather
+  whole arrays onto every device, and cuDNN's partitioner wants q, k and v sharded
+  alike. Mask arrays are split by batch row; the K key/value heads as the N query heads.
+  """
+  def run(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask) -> jax.Array:
+    b, t, s = q_BxTxNxH.shape[0], q_BxTxNxH.shape[1], k_BxSxKxH.shape[1]
+    arrays = {name: jnp.broadcast_to(getattr(mask, name), (b, t if name.startswith('q_') else s))
+              for name in _MASK_ARRAYS if getattr(mask, name) is not None}
+    flags = dict(causal=mask.causal, window=mask.window, shared_segment=mask.shared_segment)
+
+    def local(q, k, v, arrays):
+      return attend_fn(q, k, v, Mask(**flags, **arrays))
+
+    heads = ('batch', None, 'act_heads', None)
+    rows = {name: ('batch', None) for name in arrays}
+    sharded = parallel.shard_local(local, (heads, heads, heads, rows), heads,
+                                   (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays))
+    return sharded(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays)
+
+  return run
+
+
+BACKENDS = {'xla': attend_xla, 'cudnn': per_device(attend_cudnn),
+            'pallas': per_device(attend_pallas)}
 
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask, backend: str = 'xla') -> jax.Array:
@@ -184,7 +207,11 @@ class Attention(nnx.Module):
       q_BxTxNxH = apply_rope(q_BxTxNxH, rope_q)
     if rope_k is not None:
       k_BxSxKxH = apply_rope(k_BxSxKxH, rope_k)
-    q_BxTxNxH = parallel.constrain(q_BxTxNxH, ('batch', 'length', 'act_heads', None))
+    # Heads split over the tensor axis, the whole sequence on each device (Megatron): the
+    # residual stream is gathered along its length here, never the weights.
+    heads = ('batch', 'length', 'act_heads', None)
+    q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (parallel.constrain(a, heads)
+                                       for a in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (checkpoint_name(a, 'qkv')
                                        for a in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
     out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, self.backend)

@@ -10,6 +10,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from brainscale import parallel
+
 
 def masked_mean(values: jax.Array, mask: jax.Array | None, *, empty: float = 0.0) -> jax.Array:
   """Mean of `values` where `mask` is true (`empty` when nothing is: 0 for a loss term,
@@ -26,8 +28,14 @@ def _chunk(w_DxV: jax.Array, c, size: int) -> jax.Array:
   return jax.lax.dynamic_slice_in_dim(w_DxV, c * size, size, axis=1)
 
 
+# Tokens stay split as the batch and the residual stream's length are, so no device
+# computes another's logits.
+TOKENS = ('batch', 'act_length')
+
+
 def _chunk_logits(x_NxD, w_DxV, c, size):
-  return jnp.dot(x_NxD, _chunk(w_DxV, c, size), preferred_element_type=jnp.float32)
+  logits_NxC = jnp.dot(x_NxD, _chunk(w_DxV, c, size), preferred_element_type=jnp.float32)
+  return parallel.constrain(logits_NxC, (TOKENS, None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -92,10 +100,12 @@ def chunked_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax
   *lead, d = x_BxTxD.shape
   v = w_DxV.shape[1]
   chunk = min(chunk, v)
+
   if v % chunk:
     raise ValueError(f'vocabulary {v} is not a multiple of the loss chunk {chunk}; '
                      f'pad the vocabulary or pick a divisor')
-  nll_N = _nll(x_BxTxD.reshape(-1, d), w_DxV, targets_BxT.reshape(-1).astype(jnp.int32),
+  x_NxD = parallel.constrain(x_BxTxD.reshape(-1, d), (TOKENS, 'act_embed'))
+  nll_N = _nll(x_NxD, w_DxV, targets_BxT.reshape(-1).astype(jnp.int32),
                chunk)
   return nll_N.reshape(lead)
 

@@ -43,11 +43,15 @@ class Block(nnx.Module):
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None = None, *,
                mask: Mask = Mask(), rope_q: Rotary | None = None,
                rope_k: Rotary | None = None) -> jax.Array:
-    x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), kv_BxSxE, mask=mask,
-                                  rope_q=rope_q, rope_k=rope_k)
-    x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
-    # The residual stream between blocks (what remat keeps per layer) may be split along
-    # its length ('act_length' -> 'tensor': Megatron's sequence parallelism).
+    # The residual stream (what remat keeps per layer) may be split along its length
+    # ('act_length' -> 'tensor': Megatron's sequence parallelism); the normed input of
+    # attention and the MLP is whole along it ('length'), so their weights stay split over
+    # heads and hidden units and are never gathered.
+    whole = ('batch', 'length', 'act_embed')
+    x_BxTxD = x_BxTxD + self.attn(parallel.constrain(self.attn_norm(x_BxTxD), whole), kv_BxSxE,
+                                  mask=mask, rope_q=rope_q, rope_k=rope_k)
+    x_BxTxD = parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
+    x_BxTxD = x_BxTxD + self.mlp(parallel.constrain(self.mlp_norm(x_BxTxD), whole))
     return parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
 
 
