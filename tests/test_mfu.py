@@ -33,7 +33,6 @@ def _causal_other_half(config, task) -> float:
   if config.task == 'enigma':  # bidirectional: the task counts the whole square already
     return 0.0
   m, t = config.model, task.tokens_per_example()
-  t = t - 1 if config.task == 'cwm' else t   # CWM predicts the next token: inputs are T - 1
   return 6 * m.layers * t * t * m.heads * m.head_dim
 
 

@@ -190,7 +190,7 @@ def frame1_log_probs(model: WorldModel, codes_Bx2xhxw: jax.Array,
   layout = model.layout
   b, p = codes_Bx2xhxw.shape[0], layout.patches
   seq = sequence.build(codes_Bx2xhxw, order_BxN, layout)
-  x_BxTxD = model.features(seq.tokens_BxL[:, :-1], seq.pos_BxLx3[:, :-1])
+  x_BxTxD = model.features(seq.tokens_BxL, seq.pos_BxLx3)
   # a frame-1 content token at 5k + j (j = 1..4) is predicted at position 5k + j - 1
   read_Px4 = 5 * (p + jnp.arange(p))[:, None] + jnp.arange(4)[None]
   x_BxPx4xD = x_BxTxD[:, read_Px4]

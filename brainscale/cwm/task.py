@@ -128,19 +128,22 @@ class Task(_VideoTask):
     order_key, reveal_key = jax.random.split(rng)
     order_BxN = sequence.random_order(order_key, b, layout)
     seq = sequence.build(codes_BxFxhxw, order_BxN, layout)
-    x_BxTxD = model.features(seq.tokens_BxL[:, :-1], seq.pos_BxLx3[:, :-1])
-    nll_BxT = nn.chunked_cross_entropy(x_BxTxD, model.output_weights(), seq.tokens_BxL[:, 1:],
+    # The whole sequence goes in, so its length stays a multiple of 128 (no padding in the
+    # attention kernels or the sequence sharding); position i predicts token i + 1, and the
+    # last position, which predicts nothing, weighs 0.
+    x_BxLxD = model.features(seq.tokens_BxL, seq.pos_BxLx3)
+    next_ = lambda a_BxL: jnp.pad(a_BxL[:, 1:], ((0, 0), (0, 1)))
+    nll_BxL = nn.chunked_cross_entropy(x_BxLxD, model.output_weights(), next_(seq.tokens_BxL),
                                        chunk=c.model.loss_chunk)
     most = int(c.sequence.reveal * layout.patches)
     revealed_B = jax.random.randint(reveal_key, (b,), 0, most + 1) if most else None
-    w_BxL = sequence.loss_weights(seq, layout, frame0_weight=c.sequence.frame0_weight,
-                                  revealed_B=revealed_B)
-    w_BxT = w_BxL[:, 1:]
-    loss = jnp.sum(nll_BxT * w_BxT) / jnp.maximum(jnp.sum(w_BxT), 1.0)
-    content_BxT, frame_BxT = seq.content_BxL[:, 1:], seq.frame_BxL[:, 1:]
+    w_BxL = next_(sequence.loss_weights(seq, layout, frame0_weight=c.sequence.frame0_weight,
+                                        revealed_B=revealed_B))
+    loss = jnp.sum(nll_BxL * w_BxL) / jnp.maximum(jnp.sum(w_BxL), 1.0)
+    content_BxL, frame_BxL = next_(seq.content_BxL), next_(seq.frame_BxL)
     metrics = {'loss': loss,
-               'nll_frame0': nn.masked_mean(nll_BxT, content_BxT & (frame_BxT == 0)),
-               'nll_frame1': nn.masked_mean(nll_BxT, content_BxT & (frame_BxT == 1)),
+               'nll_frame0': nn.masked_mean(nll_BxL, content_BxL & (frame_BxL == 0)),
+               'nll_frame1': nn.masked_mean(nll_BxL, content_BxL & (frame_BxL == 1)),
                **_skipped(batch)}
     return loss, metrics
 
@@ -181,14 +184,14 @@ class Task(_VideoTask):
     c, layout = self.config, self.layout
     m = c.model
     model = nnx.eval_shape(lambda: self.model(nnx.Rngs(0)))
-    t = layout.length - 1
+    t = layout.length
     matmuls = _weights(model.blocks) + _weights(model.head)
     attention = 6 * m.layers * t * t * m.heads * m.head_dim  # causal: half of 12 L T^2 d
     tokenizer = 2 * _weights(model.tokenizer) * layout.frames * (c.data.size // layout.code) ** 2
     return 6 * matmuls * t + attention + tokenizer
 
   def activation_bytes(self, examples_per_device: int) -> int:
-    m, t = self.config.model, self.layout.length - 1
+    m, t = self.config.model, self.layout.length
     return nn.stack_activation_bytes(
         layers=m.layers, tokens=examples_per_device * t, dim=m.dim, mlp_hidden=m.mlp_hidden,
         heads=m.heads, seq=t, remat=m.remat, dense_scores=m.attention == 'xla')
