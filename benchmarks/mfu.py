@@ -18,7 +18,7 @@ DIR in TensorBoard or Perfetto) and prints where the device time went, by
 kind of HLO op (matmuls, attention kernels, other fusions, collectives,
 copies) and the ten largest ops, read from the trace against the compiled HLO.
 
-On a GPU it sets the XLA flags that launch/slurm.py exports for cluster jobs
+On a GPU it sets the XLA flags of cluster jobs (brainscale/gpu.py:XLA_FLAGS)
 (`--nogpu_flags` to measure without them), XLA_PYTHON_CLIENT_MEM_FRACTION
 and CUDA_DEVICE_MAX_CONNECTIONS.
 The last line is `RESULT {json}`, for scripts.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from absl import app, flags  # noqa: E402
 
 from brainscale import config as config_lib  # noqa: E402
-from launch import slurm  # noqa: E402
+from brainscale import gpu  # noqa: E402
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
 flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
@@ -51,7 +51,7 @@ flags.DEFINE_float('peak_tflops', 0, 'peak per device; 0: config.train.peak_tflo
                    'accelerator, the measured matmul ceiling on CPU')
 flags.DEFINE_string('profile', '', 'write a jax.profiler trace here and summarise it')
 flags.DEFINE_integer('profile_steps', 3, 'steps traced with --profile')
-flags.DEFINE_bool('gpu_flags', True, "add launch/slurm.py's GPU XLA flags to XLA_FLAGS")
+flags.DEFINE_bool('gpu_flags', True, "add brainscale.gpu.XLA_FLAGS to XLA_FLAGS")
 FLAGS = flags.FLAGS
 _OVERRIDES: list[str] = []
 GiB = 2 ** 30
@@ -60,7 +60,7 @@ GiB = 2 ** 30
 def set_gpu_environment():
   """The cluster jobs' XLA flags and memory fraction (read when JAX starts its backend)."""
   present = os.environ.get('XLA_FLAGS', '')
-  missing = [f for f in slurm.GPU_XLA_FLAGS if f.split('=')[0] not in present]
+  missing = [f for f in gpu.XLA_FLAGS if f.split('=')[0] not in present]
   os.environ['XLA_FLAGS'] = ' '.join([present] + missing).strip()
   os.environ.setdefault('XLA_PYTHON_CLIENT_MEM_FRACTION', '0.90')
   os.environ.setdefault('CUDA_DEVICE_MAX_CONNECTIONS', '1')

@@ -1,34 +1,38 @@
 """`--mode=plan`: compile the real train step for the whole cluster on this CPU, and cost the run.
 
-launch/run.py starts JAX with one simulated CPU device per GPU of the
-experiment's `cluster` (192 for cwm_80b) before anything else touches JAX.
-The train step that `train` would run is then lowered for that mesh from
-abstract shapes (nothing is allocated) and compiled ahead of time; XLA's SPMD
-partitioner produces the per-device program and its buffer assignment gives,
-per device: arguments (this device's shard of params, optimizer state and
-batch), outputs, and temporaries (activations kept for the backward, remat
-buffers, gathered weights, collective buffers). Donated state aliases the
-output and is counted once.
+The train step that `train` would run is lowered for the experiment's full
+mesh from abstract shapes (nothing is allocated) and compiled ahead of time.
+Where to (`plan.target`, default `auto`):
 
-How this relates to memory on the GPU:
-- It is the same program, partitioned the same way, so the parameter,
-  optimizer and gradient shards are exact, and activations are what the
-  GPU keeps too (same remat policy, same micro-batching).
-- Attention: `cudnn` cannot compile for a CPU, so the plan compiles the Pallas
-  flash kernels in its place (interpreted). Both keep only the output and the
-  log-sum-exp for the backward; the interpreter carries whole output arrays
-  through its loop, so its temporaries are an upper bound. `xla` attention is
-  planned as is ([T, S] scores per head: usually what does not fit).
-- The GPU compiler schedules differently: the latency-hiding scheduler keeps
-  the next layer's all-gathered weights alive while this one computes (about
-  one layer's weights extra), cuBLAS/cuDNN take workspaces, NCCL and the CUDA
-  context take about 1-2 GiB, and the allocator fragments. Hence `fits` compares
-  against `plan.hbm_fraction` (0.8) of the GPU's HBM, not all of it.
+- `gpu` (auto, when the CUDA plugin is installed: requirements-cuda.txt): for the
+  cluster's GPUs themselves -- `cluster.nodes` x `cluster.gpus_per_node` devices of
+  a GPU topology (brainscale/gpu.py), no GPU needed -- by XLA's real GPU compiler
+  with the cluster jobs' XLA flags. cuDNN attention stays cuDNN, Pallas kernels go
+  through Triton and ptxas, collectives are NCCL's. It prints
+  - `compiled_for`: what XLA compiled for (`192 x NVIDIA H100 80GB HBM3`);
+  - `per_device_memory_gib`: XLA GPU's buffer assignment per device (arguments +
+    outputs - donated aliases + temporaries), against `plan.hbm_fraction` of HBM:
+    the CUDA context, NCCL's buffers and allocator fragmentation take the rest;
+  - the kernels of one step per device by kind, with their FLOPs, HBM bytes and
+    roofline time (brainscale/hlo.py), and the collectives' bytes each GPU sends
+    per step by kind and mesh axis, within a node (NVLink) or across (InfiniBand);
+  - `predicted_step_s` and `predicted_mfu`, an *estimate*: kernels at their roofline
+    (FLOPs at the matmul peak or bytes at HBM bandwidth, whichever is longer -- a
+    lower bound on compute time) plus collectives at `cluster.nvlink_gbps` /
+    `cluster.infiniband_gbps`, from fully hidden behind compute to not hidden at all.
+  What a real GPU adds: gemm autotuning, cuDNN's run-time support checks, kernel
+  launch gaps, achieved (not peak) throughput, NCCL's real overlap and congestion.
+  benchmarks/gpu_check.sh measures a step beside this estimate.
+- `cpu`: for as many simulated CPU devices (launch/run.py makes them before JAX
+  starts). The same program partitioned the same way, so parameter, optimizer and
+  gradient shards are exact; cuDNN cannot compile for a CPU, so the Pallas kernels
+  (interpreted, whose temporaries are an upper bound) stand in for it, and XLA GPU's
+  scheduling, workspaces and fusion differ (it has reported 10-24 GiB less).
 
-FLOPs: XLA's cost analysis counts a loop body once (a scanned 96-layer stack
-would count one layer), so the step's FLOPs are counted here from its jaxpr,
-multiplying scan bodies by their length; `compiled` FLOPs include the remat
-recomputation, `model` FLOPs (the task's count, what MFU is quoted against) do not.
+FLOPs: `model` FLOPs are the task's count (what MFU is quoted against); `compiled`
+FLOPs are what the step computes, remat recomputation included: on GPU read from the
+compiled HLO (gemms, cuDNN and Pallas attention), on CPU from the step's jaxpr with
+scan bodies times their length.
 """
 
 import dataclasses
@@ -36,10 +40,11 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 from jax.extend import core as jax_core
 
-from brainscale import parallel
+from brainscale import gpu as gpu_lib
+from brainscale import hlo, parallel
+from brainscale.config import ConfigError
 from brainscale.train import loop
 
 GiB = 2 ** 30
@@ -47,6 +52,8 @@ GiB = 2 ** 30
 
 @dataclasses.dataclass
 class Plan:
+  target: str                  # 'gpu' | 'cpu'
+  compiled_for: str
   devices: int
   nodes: int
   mesh: dict
@@ -59,17 +66,34 @@ class Plan:
   model_flops: float           # per step, all devices (the task's count)
   tokens_per_example: int      # the model's sequence length
   compile_s: float
+  analysis: hlo.Analysis | None = None   # the GPU program's kernels and collectives
 
   @property
   def per_device_gib(self) -> float:
     return self.argument_gib + self.output_gib - self.alias_gib + self.temp_gib
 
 
+# ----------------------------------------------------------------------------- jaxpr FLOPs
+
 def dot_flops(eqn) -> float:
   """2 x (output elements) x (contracted size) of a dot_general."""
   (lhs_contract, _), _ = eqn.params['dimension_numbers']
   k = math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract)
   return 2.0 * math.prod(eqn.outvars[0].aval.shape) * k
+
+
+def cudnn_attention_flops(eqn) -> float:
+  """jax.nn.dot_product_attention's cuDNN primitives: forward 2 matmuls per visible pair,
+  backward 5 (it recomputes QK^T)."""
+  q, k = eqn.invars[0].aval.shape, eqn.invars[1].aval.shape
+  b, t, n, h = q if eqn.params.get('layout', 0) == 0 else (q[0], q[2], q[1], q[3])
+  s = k[1] if eqn.params.get('layout', 0) == 0 else k[2]
+  causal = 'CAUSAL' in str(eqn.params.get('mask_type', ''))
+  pairs = hlo.attention_pairs(t, s, causal, eqn.params.get('sliding_window_length'))
+  return 2.0 * (5 if 'bwd' in eqn.primitive.name else 2) * b * n * pairs * h
+
+
+_CUDNN_ATTENTION = ('dot_product_attention_fwd_wrapper', 'dot_product_attention_bwd_wrapper')
 
 
 def live_eqns(jaxpr) -> list:
@@ -86,12 +110,14 @@ def live_eqns(jaxpr) -> list:
 
 def jaxpr_flops(jaxpr) -> float:
   """Matmul FLOPs of a jaxpr's live equations: scans times their length, Pallas calls by
-  their cost estimate."""
+  their cost estimate, cuDNN attention by its matmuls."""
   total = 0.0
   for eqn in live_eqns(jaxpr):
     name = eqn.primitive.name
     if name == 'dot_general':
       total += dot_flops(eqn)
+    elif name in _CUDNN_ATTENTION:
+      total += cudnn_attention_flops(eqn)
     elif name == 'scan':
       total += eqn.params['length'] * jaxpr_flops(eqn.params['jaxpr'].jaxpr)
     elif name == 'pallas_call':
@@ -103,12 +129,28 @@ def jaxpr_flops(jaxpr) -> float:
       total += max(jaxpr_flops(b.jaxpr) for b in eqn.params['branches'])
     else:
       for sub in jax_core.jaxprs_in_params(eqn.params):
-        total += jaxpr_flops(sub)   # jit, remat, custom_vjp, shard_map, ...
+        total += jaxpr_flops(sub)   # jit, remat, custom_vjp, ...
   return total
 
 
+# ----------------------------------------------------------------------------- compiling
+
+def target(config) -> str:
+  """'gpu' or 'cpu': what `plan.target` asks for (auto: gpu when the CUDA plugin is here)."""
+  asked = config.plan.target
+  if asked not in ('auto', 'gpu', 'cpu'):
+    raise ConfigError(f"plan.target={asked!r}; expected 'auto', 'gpu' or 'cpu'")
+  if asked == 'gpu' and not gpu_lib.compiler_available():
+    raise ConfigError('plan.target=gpu needs the CUDA plugin of JAX: '
+                      'pip install -r requirements-cuda.txt')
+  if asked == 'auto':
+    gpu_ready = gpu_lib.compiler_available() and config.cluster.gpus_per_node > 0
+    return 'gpu' if gpu_ready else 'cpu'
+  return asked
+
+
 def _plan_config(config):
-  """The config as the plan compiles it: cudnn attention becomes the Pallas kernels (and
+  """The config as the CPU plan compiles it: cudnn attention becomes the Pallas kernels (and
   'save_attention', which saves nothing of cuDNN's, becomes 'full', as on the GPU)."""
   planned = config.copy_and_resolve_references()
   if planned.model.get('attention') == 'cudnn':
@@ -119,12 +161,15 @@ def _plan_config(config):
   return planned
 
 
-def compile_step(config) -> Plan:
-  """AOT-compiles the train step of `config` for its cluster on jax.devices()."""
+def compile_step(config, where: str) -> Plan:
+  """AOT-compiles the train step of `config` for its cluster: on its GPUs ('gpu') or on
+  jax.devices() standing in for them ('cpu')."""
   nodes = config.cluster.nodes
-  devices = jax.devices()
+  if where == 'gpu':
+    devices, planned, options = gpu_lib.topology(config.cluster), config, gpu_lib.compiler_options()
+  else:
+    devices, planned, options = jax.devices(), _plan_config(config), None
   mesh = parallel.make_mesh(config.mesh, devices, nodes=nodes)
-  planned = _plan_config(config)
   setup = loop.build(planned, mesh)
   batch = setup.task.batch_shapes(planned.train.batch_size)
   step = loop.make_train_step(setup, batch)
@@ -133,29 +178,103 @@ def compile_step(config) -> Plan:
            for k, v in batch.items()}
   start = time.perf_counter()
   traced = step.trace(setup.abstract_state, batch)
-  compiled = traced.lower().compile()
+  compiled = traced.lower().compile(compiler_options=options)
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
+  attention = config.model.get('attention', 'xla')
+  if where == 'gpu':
+    analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+    compiled_for = f'{len(devices)} x {devices[0].device_kind}'
+    compiled_flops = analysis.flops() * len(devices)
+  else:
+    analysis = None
+    compiled_for = f'{len(devices)} simulated CPU devices'
+    compiled_flops = jaxpr_flops(traced.jaxpr.jaxpr)
+    if planned.model.get('attention') != attention:
+      attention += ' (planned as pallas, interpreted)'
   return Plan(
-      devices=len(devices), nodes=nodes,
-      mesh={a: n for a, n in mesh.shape.items() if n > 1},
-      attention=config.model.get('attention', 'xla') + (
-          ' (planned as pallas, interpreted)' if planned.model.get('attention') !=
-          config.model.get('attention') else ''),
+      target=where, compiled_for=compiled_for, devices=len(devices), nodes=nodes,
+      mesh={a: n for a, n in mesh.shape.items() if n > 1}, attention=attention,
       argument_gib=memory.argument_size_in_bytes / GiB,
       output_gib=memory.output_size_in_bytes / GiB,
       alias_gib=memory.alias_size_in_bytes / GiB,
       temp_gib=memory.temp_size_in_bytes / GiB,
-      compiled_flops=jaxpr_flops(traced.jaxpr.jaxpr),
+      compiled_flops=compiled_flops,
       model_flops=setup.task.flops_per_example() * config.train.batch_size,
       tokens_per_example=setup.task.tokens_per_example(),
-      compile_s=compile_s)
+      compile_s=compile_s, analysis=analysis)
+
+
+# ----------------------------------------------------------------------------- the report
+
+@dataclasses.dataclass
+class Estimate:
+  """A step's predicted time on the GPUs, from the compiled program (an estimate)."""
+  compute_s: float             # kernels at their roofline: a lower bound
+  collective_s: float          # collectives back to back at the stated link bandwidths
+  model_flops_per_device: float
+  peak: float                  # FLOP/s per device that MFU is quoted against
+
+  @property
+  def step_s(self) -> tuple[float, float]:
+    """(collectives fully hidden behind compute, not hidden at all)."""
+    return max(self.compute_s, self.collective_s), self.compute_s + self.collective_s
+
+  @property
+  def mfu(self) -> tuple[float, float]:
+    """MFU at the two ends of step_s, the slower first."""
+    fast, slow = self.step_s
+    return (self.model_flops_per_device / (slow * self.peak),
+            self.model_flops_per_device / (fast * self.peak))
+
+
+def estimate(config, plan: Plan) -> Estimate:
+  cl, gpu = config.cluster, gpu_lib.spec(config.cluster.gpu)
+  a = plan.analysis
+  return Estimate(compute_s=a.compute_seconds(gpu),
+                  collective_s=a.collective_seconds(cl.nvlink_gbps * 1e9, cl.infiniband_gbps * 1e9),
+                  model_flops_per_device=plan.model_flops / plan.devices,
+                  peak=config.train.peak_tflops * 1e12)
+
+
+def _gpu_lines(config, plan: Plan) -> list[str]:
+  cl, gpu = config.cluster, gpu_lib.spec(config.cluster.gpu)
+  a, est = plan.analysis, estimate(config, plan)
+  lines = [f'kernels per step per device (roofline: FLOPs at the {gpu.bf16_flops / 1e12:.0f} '
+           f'TFLOP/s bf16 peak or bytes at {gpu.hbm_bandwidth / 1e12:.2f} TB/s, whichever is '
+           'longer):',
+           f'  {"kind":34s} {"launches":>9s} {"TFLOP":>9s} {"GB":>9s} {"ms":>9s}']
+  for kind, row in sorted(a.by_kind(gpu).items(), key=lambda kv: -kv[1]['seconds']):
+    lines.append(f'  {kind:34s} {row["launches"]:9.0f} {row["flops"] / 1e12:9.2f} '
+                 f'{row["bytes"] / 1e9:9.1f} {row["seconds"] * 1e3:9.1f}')
+  links = {'NVLink': cl.nvlink_gbps, 'InfiniBand': cl.infiniband_gbps}
+  lines.append(f'collectives per step per device (bytes each GPU sends; NVLink {cl.nvlink_gbps:g} '
+               f'GB/s, InfiniBand {cl.infiniband_gbps:g} GB/s per GPU per direction):')
+  totals = {'NVLink': 0.0, 'InfiniBand': 0.0}
+  for (op, axes, link), b in sorted(a.collective_bytes().items(), key=lambda kv: -kv[1]):
+    totals[link] += b
+    lines.append(f'  {op:20s} {axes:18s} {link:10s} {b / 1e9:10.2f} GB '
+                 f'{b / (links[link] * 1e9) * 1e3:9.1f} ms')
+  fast, slow = est.step_s
+  low, high = est.mfu
+  lines += [
+      f'collective_gb_nvlink: {totals["NVLink"] / 1e9:.2f}',
+      f'collective_gb_infiniband: {totals["InfiniBand"] / 1e9:.2f}',
+      f'predicted_compute_s: {est.compute_s:.3f}  (roofline: a lower bound on kernel time)',
+      f'predicted_collective_s: {est.collective_s:.3f}  (all collectives back to back)',
+      f'predicted_step_s: {fast:.3f} .. {slow:.3f}  (estimate: collectives hidden .. not hidden)',
+      f'predicted_mfu: {low:.3f} .. {high:.3f}  (estimate, of {config.train.peak_tflops:g} '
+      'TFLOP/s; a real GPU reaches below its roofline)',
+  ]
+  lines += [f'warning: {w}' for w in a.warnings]
+  return lines
 
 
 def report(config, plan: Plan) -> tuple[str, bool]:
   """The plan as text, and whether it fits."""
   p, cl = config.plan, config.cluster
-  budget = p.hbm_fraction * cl.hbm_gib
+  hbm_gib = gpu_lib.spec(cl.gpu).hbm_gib
+  budget = p.hbm_fraction * hbm_gib
   fits = plan.per_device_gib <= budget
   peak = config.train.peak_tflops * 1e12
   step_s = plan.model_flops / (plan.devices * peak * p.mfu)
@@ -163,21 +282,32 @@ def report(config, plan: Plan) -> tuple[str, bool]:
   tokens = config.train.batch_size * plan.tokens_per_example
   gpu_hours = plan.devices * 24 * p.days
   steps_in_campaign = p.days * 86400 / step_s
+  how = ("XLA's GPU compiler on this CPU, no GPU present" if plan.target == 'gpu' else
+         'CPU stand-ins: pip install -r requirements-cuda.txt to compile for the GPUs')
   lines = [
       f'plan: {config.experiment} on {plan.nodes} nodes x {cl.gpus_per_node} {cl.gpu} '
       f'= {plan.devices} devices, mesh {plan.mesh}',
-      f'attention: {plan.attention}',
-      f'compile_s: {plan.compile_s:.1f}  (AOT, {plan.devices} simulated CPU devices)',
-      'memory per device (XLA buffer assignment of the compiled step):',
+      f'compiled_for: {plan.compiled_for}  ({how})',
+      f'attention: {plan.attention}  remat: {config.model.get("remat", "")}  '
+      f'microbatches: {config.train.microbatches}',
+      f'compile_s: {plan.compile_s:.1f}',
+      f'memory per device ({"XLA GPU" if plan.target == "gpu" else "XLA CPU"} buffer assignment '
+      'of the compiled step):',
       f'  arguments {plan.argument_gib:9.2f} GiB  (params, optimizer state, batch shard)',
       f'  outputs   {plan.output_gib:9.2f} GiB  (of which {plan.alias_gib:.2f} GiB alias the '
       'donated state)',
       f'  temps     {plan.temp_gib:9.2f} GiB  (activations, remat, gathered weights)',
       f'per_device_memory_gib: {plan.per_device_gib:.2f}  (budget {budget:.1f} = '
-      f'{p.hbm_fraction} x {cl.hbm_gib} GiB HBM)',
+      f'{p.hbm_fraction} x {hbm_gib:.1f} GiB HBM)',
       f'model_flops_per_step: {plan.model_flops:.4g}',
-      f'compiled_flops_per_step: {plan.compiled_flops:.4g}  (matmuls incl. remat; '
-      f'{plan.compiled_flops / max(plan.model_flops, 1):.2f}x model)',
+      f'compiled_flops_per_step: {plan.compiled_flops:.4g}  '
+      f'({plan.compiled_flops / max(plan.model_flops, 1):.2f}x model; '
+      f'{"read from the GPU HLO" if plan.target == "gpu" else "matmuls of the jaxpr"}, '
+      'remat included)',
+  ]
+  if plan.target == 'gpu':
+    lines += _gpu_lines(config, plan)
+  lines += [
       f'step_time_s: {step_s:.2f}  (at {p.mfu:.0%} MFU of {config.train.peak_tflops:g} TFLOP/s)',
       f'examples_per_day: {examples_per_day:.4g}',
       f'tokens_per_day: {tokens * 86400 / step_s:.4g}  ({tokens} tokens per step)',
@@ -189,15 +319,20 @@ def report(config, plan: Plan) -> tuple[str, bool]:
   return '\n'.join(lines), fits
 
 
-def plan(config) -> tuple[str, bool]:
+def plan(config, where: str) -> tuple[str, bool]:
+  check(config)
+  return report(config, compile_step(config, where))
+
+
+def check(config):
   if 'cluster' not in config:
-    raise ValueError(f'{config.experiment} has no cluster section; plan mode plans a cluster run '
-                     '(experiments with one: cwm_1b, cwm_80b, enigma_1b, ...)')
-  return report(config, compile_step(config))
+    raise ConfigError(f'{config.experiment} has no cluster section; plan mode plans a cluster '
+                      'run (experiments with one: cwm_1b, cwm_80b, enigma_1b, ...)')
+  gpu_lib.spec(config.cluster.gpu)
 
 
 def simulated_devices(config) -> int:
-  """How many CPU devices the plan of `config` needs (set before JAX starts)."""
+  """How many CPU devices the CPU plan of `config` needs (set before JAX starts)."""
   if 'cluster' not in config:
     return 1
   return config.cluster.nodes * max(config.cluster.gpus_per_node, 1)

@@ -46,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.plan.mfu = 0.45                  # step time is quoted at this model-FLOPs utilisation
   c.plan.usd_per_gpu_hour = 0.25
   c.plan.days = 30                   # the campaign costed
-  c.plan.hbm_fraction = 0.8          # of cluster.hbm_gib the compiled step may use
+  c.plan.hbm_fraction = 0.8          # of the GPU's HBM the compiled step may use
+  c.plan.target = 'auto'             # gpu (XLA's GPU compiler) | cpu (simulated devices) |
+                                     # auto: gpu when the CUDA plugin is installed
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
@@ -70,15 +72,20 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, tasks_per_node: int = 0,
-            gpu: str = 'H100-SXM-80GB', hbm_gib: int = 80, partition: str = '', account: str = '',
-            qos: str = '', grace_s: int = 300, cpus_per_task: int = 0) -> ml_collections.ConfigDict:
+            gpu: str = 'H100-SXM-80GB', nvlink_gbps: float = 450.0, infiniband_gbps: float = 50.0,
+            partition: str = '', account: str = '', qos: str = '', grace_s: int = 300,
+            cpus_per_task: int = 0) -> ml_collections.ConfigDict:
   """The `cluster` section of a large experiment: what its SLURM job asks for.
 
+  gpu names a type of brainscale/gpu.py:GPUS (H100-SXM-80GB, H200-SXM-141GB).
+  nvlink_gbps / infiniband_gbps: GB/s per GPU per direction within a node and
+  across nodes (a 400 Gb/s NIC per GPU is 50), for plan mode's speed estimate.
   gpus_per_node=0 is a CPU job. tasks_per_node=0 is one task per GPU (1 for a CPU job);
   grace_s is how long before time_limit the tasks get SIGTERM, to checkpoint;
   '' and 0 leave partition, account, qos and cpus_per_task to the cluster's defaults.
   """
   return ml_collections.ConfigDict(dict(
       nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, gpu=gpu,
-      hbm_gib=hbm_gib, time_limit=time_limit, partition=partition, account=account, qos=qos,
-      grace_s=grace_s, cpus_per_task=cpus_per_task))
+      nvlink_gbps=nvlink_gbps, infiniband_gbps=infiniband_gbps, time_limit=time_limit,
+      partition=partition, account=account, qos=qos, grace_s=grace_s,
+      cpus_per_task=cpus_per_task))

@@ -250,12 +250,16 @@ def _params(st: _Static, head_dim: int):
                                                       num_stages=st.blocks.num_stages))
 
 
-def _cost(st: _Static, q, k, matmuls: int, exps: int) -> pl.CostEstimate:
-  """What a kernel does over the visible pairs (half of them when causal)."""
+def _cost(st: _Static, q, k, matmuls: int, exps: int) -> dict:
+  """What a kernel does over the visible pairs (half of them when causal): its cost
+  estimate, and the same as the metadata its compiled custom call carries, where
+  brainscale.hlo reads its FLOPs."""
   b, t, n, h = q.shape
   pairs = b * n * t * k.shape[1] * (0.5 if st.causal else 1.0)
-  return pl.CostEstimate(flops=int(2 * h * matmuls * pairs), transcendentals=int(exps * pairs),
-                         bytes_accessed=int(2 * (q.size + k.size) * q.dtype.itemsize))
+  cost = dict(flops=int(2 * h * matmuls * pairs), transcendentals=int(exps * pairs),
+              bytes_accessed=int(2 * (q.size + k.size) * q.dtype.itemsize))
+  return dict(cost_estimate=pl.CostEstimate(**cost),
+              metadata={key: str(value) for key, value in cost.items()})
 
 
 def _query_block_specs(s: int, h: int, bq: int, bk: int, g: int) -> list[pl.BlockSpec]:
@@ -288,7 +292,7 @@ def _forward(q, k, v, aux, st: _Static):
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, n, t), jnp.float32)],
       interpret=st.interpret, name='flash_attention_fwd', **_params(st, h),
-      cost_estimate=_cost(st, q, k, matmuls=2, exps=1),
+      **_cost(st, q, k, matmuls=2, exps=1),
   )(kind, lo, hi, q_pos, q_seg, k_pos, k_seg, q, k, v)
   return o, lse
 
@@ -311,7 +315,7 @@ def _backward(q, k, v, aux, o, lse, do, st: _Static):
       out_specs=pl.BlockSpec((None, bq, None, h), lambda bi, ni, i: (bi, i, ni, 0)),
       out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
       interpret=st.interpret, name='flash_attention_dq', **_params(st, h),
-      cost_estimate=_cost(st, q, k, matmuls=3, exps=1),
+      **_cost(st, q, k, matmuls=3, exps=1),
   )(kind, lo, hi, q_pos, q_seg, k_pos, k_seg, q, k, v, do, lse, delta_BxNxT)
 
   kind_t, lo_t, hi_t = (kind.transpose(0, 2, 1),) + _ranges(kind.transpose(0, 2, 1))
@@ -337,7 +341,7 @@ def _backward(q, k, v, aux, o, lse, do, st: _Static):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)],
       interpret=st.interpret, name='flash_attention_dkv', **_params(st, h),
-      cost_estimate=_cost(st, q, k, matmuls=4, exps=1),
+      **_cost(st, q, k, matmuls=4, exps=1),
   )(kind_t, lo_t, hi_t, k_pos, k_seg, q_pos, q_seg, k, v, q, do, lse, delta_BxNxT)
   return dq, dk, dv
 

@@ -46,13 +46,20 @@ def submit(config):
 
 
 def plan(config):
-  """--mode=plan: one simulated CPU device per GPU of the cluster, set before JAX starts."""
+  """--mode=plan: for the cluster's GPUs, or one simulated CPU device per GPU (set before
+  JAX starts)."""
   import jax  # noqa: PLC0415
   from brainscale import plan as plan_lib  # noqa: PLC0415
-  jax.config.update('jax_platforms', 'cpu')
-  jax.config.update('jax_num_cpu_devices', plan_lib.simulated_devices(config))
   try:
-    text, fits = plan_lib.plan(config)
+    plan_lib.check(config)
+    where = plan_lib.target(config)
+  except config_lib.ConfigError as e:
+    fail(str(e))
+  jax.config.update('jax_platforms', 'cpu')   # a GPU target compiles here; nothing runs
+  if where == 'cpu':
+    jax.config.update('jax_num_cpu_devices', plan_lib.simulated_devices(config))
+  try:
+    text, fits = plan_lib.plan(config, where)
   except (ValueError, config_lib.ConfigError) as e:
     fail(str(e))
   print(text, flush=True)

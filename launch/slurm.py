@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 from brainscale import config as config_lib
+from brainscale.gpu import XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -23,20 +24,6 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (EX_TEMPFAIL). On it the batch script runs `scontrol requeue`, SLURM runs the same
 # script again with the same BRAINSCALE_RUN_ID, and training resumes from the checkpoint.
 REQUEUE_EXIT = 75
-
-# BUILD.md section 3: overlap collectives with compute, combine them to about a layer.
-GPU_XLA_FLAGS = (
-    '--xla_gpu_enable_latency_hiding_scheduler=true',
-    '--xla_gpu_enable_while_loop_double_buffering=true',
-    '--xla_gpu_enable_pipelined_all_gather=true',
-    '--xla_gpu_enable_pipelined_reduce_scatter=true',
-    '--xla_gpu_enable_pipelined_all_reduce=true',
-    '--xla_gpu_all_gather_combine_threshold_bytes=536870912',
-    '--xla_gpu_reduce_scatter_combine_threshold_bytes=536870912',
-    '--xla_gpu_all_reduce_combine_threshold_bytes=536870912',
-    '--xla_gpu_enable_triton_gemm=false',
-)
-
 
 class SubmitError(RuntimeError):
   """sbatch refused the script; the message is one line."""
@@ -69,7 +56,7 @@ def _header(cluster, experiment: str, workdir: pathlib.Path) -> list[str]:
 def _gpu_environment() -> list[str]:
   """BUILD.md sections 2 and 3; NCCL_IB_HCA and NCCL_SOCKET_IFNAME come from the
   submitting shell (sbatch exports it) since they name the cluster's own fabric."""
-  flags = ' \\\n  '.join(GPU_XLA_FLAGS)
+  flags = ' \\\n  '.join(XLA_FLAGS)
   return ['export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90',
           'export CUDA_DEVICE_MAX_CONNECTIONS=1',
           f'export XLA_FLAGS="{flags}"',

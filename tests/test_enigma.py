@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale import parallel
+from brainscale import gpu, parallel
 from brainscale.enigma import evaluation, masking, tokens
 from brainscale.enigma import task as task_lib
 from brainscale.enigma.model import Enigma
@@ -246,7 +246,7 @@ def test_describe_enigma_1b_core_params_without_allocating():
   assert per_neuron == c.model.neurons * c.model.neuron_dim
   assert "over 64 devices" in text and c.cluster.nodes == 8
   total = float(re.search(r'^  total\s+([\d.]+) GiB', text, re.M).group(1))
-  assert total < c.cluster.hbm_gib
+  assert total < gpu.spec(c.cluster.gpu).hbm_gib
 
 
 def _two_steps(batch, sizes, devices, extra=()):

@@ -1,4 +1,7 @@
-"""--mode=plan: the real train step compiled for a whole cluster on simulated CPU devices."""
+"""--mode=plan on simulated CPU devices (plan.target=cpu), and how the target is chosen.
+
+Plans compiled for the GPUs themselves are in tests/test_gpu_compile.py.
+"""
 
 import re
 
@@ -19,10 +22,12 @@ def _value(name: str, text: str) -> float:
 @pytest.mark.parametrize('experiment,devices', [('cwm_80b', 192), ('enigma_1b', 64),
                                                ('cwm_1b_1gpu', 1), ('enigma_1b_1gpu', 1)])
 def test_cluster_experiments_fit(experiment, devices):
-  result = run_cli(f'--experiment={experiment}', '--mode=plan', timeout=600)
+  result = run_cli(f'--experiment={experiment}', '--mode=plan', '--config.plan.target=cpu',
+                   timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
-  assert f'= {devices} devices' in out and f'{devices} simulated CPU devices' in out
+  assert f'= {devices} devices' in out
+  assert f'compiled_for: {devices} simulated CPU devices' in out
   assert _value('per_device_memory_gib', out) <= 64
   assert re.search(r'^fits: yes$', out, re.M)
   for name in ('model_flops_per_step', 'compiled_flops_per_step', 'step_time_s',
@@ -38,7 +43,7 @@ def test_cluster_experiments_fit(experiment, devices):
 def test_a_config_that_cannot_fit_says_no_and_exits_1():
   """cwm_1b with XLA attention (10k x 10k scores per head) and no micro-batching."""
   result = run_cli('--experiment=cwm_1b', '--mode=plan', '--config.model.attention=xla',
-                   '--config.train.microbatches=1', timeout=600)
+                   '--config.train.microbatches=1', '--config.plan.target=cpu', timeout=600)
   assert result.returncode == 1, result.stderr[-3000:]
   assert _value('per_device_memory_gib', result.stdout) > 64
   assert re.search(r'^fits: no$', result.stdout, re.M)
@@ -48,6 +53,24 @@ def test_plan_needs_a_cluster_section():
   result = run_cli('--experiment=smoke', '--mode=plan')
   assert result.returncode == 2
   assert 'smoke has no cluster section' in result.stderr
+
+
+def test_the_target_is_the_gpus_when_the_cuda_plugin_is_here(monkeypatch):
+  from brainscale import config as config_lib  # noqa: PLC0415
+  from brainscale import gpu  # noqa: PLC0415
+  config = config_lib.resolve('cwm_1b', [])
+  for installed in (True, False):
+    monkeypatch.setattr(gpu, 'compiler_available', lambda installed=installed: installed)
+    assert plan.target(config) == ('gpu' if installed else 'cpu')
+    cpu = config_lib.resolve('cwm_1b', ['--config.plan.target=cpu'])
+    assert plan.target(cpu) == 'cpu'
+  with pytest.raises(config_lib.ConfigError, match='requirements-cuda.txt'):
+    plan.target(config_lib.resolve('cwm_1b', ['--config.plan.target=gpu']))
+  with pytest.raises(config_lib.ConfigError, match="plan.target='tpu'"):
+    plan.target(config_lib.resolve('cwm_1b', ['--config.plan.target=tpu']))
+  result = run_cli('--experiment=cwm_1b', '--mode=plan', '--config.cluster.gpu=A100')
+  assert result.returncode == 2
+  assert "cluster.gpu='A100' is not a GPU brainscale knows" in result.stderr
 
 
 def test_flops_count_scan_bodies_times_their_length_and_shard_map_bodies_per_device():
