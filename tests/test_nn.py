@@ -464,6 +464,22 @@ def test_attend_cudnn_via_xla_matches_reference(rng, case):
   close_trees(grads, grads_ref, FP32_DEEP)
 
 
+@pytest.mark.parametrize('t,s,causal,valid', [(7, 7, True, False), (7, 7, True, True),
+                                              (5, 7, False, False), (7, 4, False, True)])
+def test_attend_cudnn_via_xla_pads_odd_lengths(rng, t, s, causal, valid):
+  """cuDNN trains only on even lengths: an odd T or S gets a padded row no query sees."""
+  q, k, v = _qkv(rng, 2, t, s, 4, 2, 8)
+  kv_valid = (np.arange(s)[None] < np.array([[s], [s - 2]])) if valid else None
+  mask = Mask(causal=causal, kv_valid_BxS=None if kv_valid is None else jnp.asarray(kv_valid))
+  mask_BxTxS = mask_ref(2, t, s, causal=causal, kv_valid=kv_valid)
+  ct_BxTxNxH = normal(rng, 2, t, 4, 8)
+  out, grads = cudnn_via_xla_vjp(q, k, v, mask, ct_BxTxNxH)
+  assert out.shape == (2, t, 4, 8)
+  close(out, attend_ref_np(q, k, v, mask_BxTxS), FP32)
+  _, grads_ref = attend_ref_vjp(q, k, v, mask_BxTxS, ct_BxTxNxH)
+  close_trees(grads, grads_ref, FP32_DEEP)
+
+
 def test_attend_cudnn_via_xla_all_padding_row_is_zero(rng):
   q, k, v = _qkv(rng, 2, 4, 4, 2, 2, 8)
   valid = np.ones((2, 4), bool)

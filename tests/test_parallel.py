@@ -282,6 +282,21 @@ def test_constrain_shards_by_the_rules_inside_jit(rng):
   np.testing.assert_array_equal(y_BxF, 2 * x_BxF)
 
 
+def test_constrain_splits_flattened_dims_and_leaves_out_axes_that_do_not_divide(rng):
+  mesh = mesh_of(data=2, fsdp=2, tensor=2)
+  rules = {**parallel.rules_table(RULES), 'act_length': ('tensor',)}
+  with parallel.axis_rules(mesh, rules):
+    # tokens of [B * T, D] split over the batch's axes and the length's
+    y_NxD = jax.jit(lambda x: parallel.constrain(x, (('batch', 'act_length'), None)))(
+        jnp.zeros((16, 4)))
+    assert y_NxD.sharding.spec == P(('data', 'fsdp', 'tensor'))
+    # 3 hidden units do not split over tensor=2: they stay whole, the batch still splits
+    y_BxN = jax.jit(lambda x: parallel.constrain(x, ('batch', 'act_mlp')))(jnp.zeros((4, 3)))
+    assert y_BxN.sharding.spec == P(('data', 'fsdp'))
+    with pytest.raises(ConfigError, match="'nonesuch'"):
+      jax.jit(lambda x: parallel.constrain(x, ('nonesuch',)))(jnp.zeros((4,)))
+
+
 def test_axis_rules_context_is_restored_on_exit():
   mesh = mesh_of(data=8, fsdp=1)
   with pytest.raises(RuntimeError):
