@@ -105,9 +105,13 @@ def topology(cluster):
   if cluster.gpus_per_node < 1:
     raise ConfigError(f'cluster.gpus_per_node={cluster.gpus_per_node}: a CPU job has no GPU '
                       'to compile for')
-  return topologies.get_topology_desc(
-      platform='cuda', target_config=gpu.target_config(),
-      topology=f'1x{cluster.nodes}x{cluster.gpus_per_node}').devices
+  try:
+    return topologies.get_topology_desc(
+        platform='cuda', target_config=gpu.target_config(),
+        topology=f'1x{cluster.nodes}x{cluster.gpus_per_node}').devices
+  except NotImplementedError as e:   # the CUDA backend was asked for and found no GPU
+    raise ConfigError("JAX's CUDA plugin did not load (no GPU here?): compile for GPUs "
+                      'with JAX_PLATFORMS=cpu') from e
 
 
 def compiler_options() -> dict:

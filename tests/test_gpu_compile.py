@@ -171,6 +171,20 @@ def test_an_oversized_config_says_no_and_exits_1():
   assert re.search(r'^fits: no$', result.stdout, re.M)
 
 
+def test_pallas_kernels_do_not_spill_at_the_models_tiles():
+  """Every flash kernel at every model shape, through Triton and ptxas for sm_90a."""
+  from benchmarks import kernels, shapes  # noqa: PLC0415
+  for name in ('cwm_10k', 'cwm_1b_10k', 'enigma_local', 'enigma_global', 'enigma_read',
+               'enigma_decode'):
+    found = kernels.resources(shapes.SHAPES[name])
+    assert sorted(r.kernel for r in found) == ['flash_attention_dkv', 'flash_attention_dq',
+                                               'flash_attention_fwd'], name
+    for r in found:
+      assert r.spill_stores == r.spill_loads == r.stack == 0, (name, r)
+      assert r.registers <= 255 and r.blocks_per_sm >= 1, (name, r)
+      assert 0 < r.shared <= 227 * 1024, (name, r)
+
+
 def test_the_gpu_targets():
   h100, h200 = gpu.spec('H100-SXM-80GB'), gpu.spec('H200-SXM-141GB')
   devices = gpu.topology(base.cluster(nodes=2, gpus_per_node=4, time_limit='1:00:00',
