@@ -30,7 +30,6 @@ import gzip
 import json
 import os
 import pathlib
-import re
 import statistics
 import sys
 import time
@@ -99,55 +98,6 @@ def seconds_per_step(compiled, state, batch, *, steps: int, repeats: int, warmup
 
 
 # ------------------------------------------------------------------ profile
-_COLLECTIVES = ('all-gather', 'reduce-scatter', 'all-reduce', 'all-to-all',
-                'collective-permute')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(')
-
-
-def hlo_op_kinds(hlo_text: str) -> dict[str, str]:
-  """Instruction name -> kind of op (matmul, attention, pallas kernel, fusion, collective, copy,
-  control, other) for every instruction of an HLO module's text."""
-  bodies, current = {}, None
-  for line in hlo_text.splitlines():
-    header = re.match(r'^\s*(?:ENTRY )?%?([\w.\-]+) [(].*[{]\s*$', line)
-    if header:
-      current = bodies.setdefault(header.group(1), [])
-    elif current is not None:
-      current.append(line)
-  kinds = {}
-  for lines in bodies.values():
-    for line in lines:
-      m = _INSTRUCTION.match(line)
-      if m:
-        kinds[m.group(1)] = _kind(m.group(2), line, bodies)
-  return kinds
-
-
-def _kind(opcode: str, line: str, bodies: dict) -> str:
-  text = line.lower()
-  if opcode.startswith(_COLLECTIVES):
-    return 'collective'
-  if opcode == 'custom-call':
-    if 'fmha' in text or 'cudnn$flash' in text or 'attention' in text:
-      return 'attention'
-    if 'triton' in text or 'pallas' in text or 'mosaic' in text:
-      return 'pallas kernel'
-    return 'matmul' if ('gemm' in text or 'cublas' in text) else 'other'
-  if opcode in ('dot', 'convolution'):
-    return 'matmul'
-  if opcode == 'fusion':
-    called = re.search(r'calls=%?([\w.\-]+)', line)
-    body = '\n'.join(bodies.get(called.group(1), [])) if called else ''
-    if 'gemm' in text or re.search(r'\s(dot|convolution)\(', body):
-      return 'matmul'
-    return 'fusion (elementwise, reductions)'
-  if opcode in ('copy', 'transpose', 'copy-start', 'copy-done', 'dynamic-update-slice'):
-    return 'copy'
-  if opcode in ('while', 'conditional', 'call'):
-    return 'control'   # its time is its body's ops, which are counted themselves
-  return 'other'
-
-
 def trace_op_times(trace_dir: str) -> collections.Counter:
   """Device time (s) per HLO op name in the newest perfetto trace under trace_dir.
 
@@ -181,7 +131,8 @@ def trace_op_times(trace_dir: str) -> collections.Counter:
 
 def profile_summary(trace_dir: str, hlo_text: str, steps: int) -> dict:
   """Milliseconds per step of each op kind and of the ten largest ops, from a trace."""
-  kinds = hlo_op_kinds(hlo_text)
+  from brainscale import hlo  # noqa: PLC0415
+  kinds = hlo.op_kinds(hlo_text)
   times = {op: t for op, t in trace_op_times(trace_dir).items()
            if kinds.get(op, 'control') != 'control'}
   if not times:
@@ -206,6 +157,25 @@ def profile(compiled, state, batch, directory: str, steps: int) -> dict:
 
 
 # --------------------------------------------------------------------- main
+def predicted(config, compiled, mesh) -> dict:
+  """plan mode's estimate of this very executable: its kernels at their roofline and its
+  collectives at the cluster's link bandwidths (brainscale/hlo.py), on a GPU it knows."""
+  import jax  # noqa: PLC0415
+  from brainscale import hlo  # noqa: PLC0415
+  device = jax.devices()[0]
+  spec = next((g for g in gpu.GPUS.values() if g.description == device.device_kind), None)
+  if device.platform != 'gpu' or spec is None:
+    return {}
+  analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+  links = config.get('cluster', {})
+  collective_s = analysis.collective_seconds(links.get('nvlink_gbps', 450.0) * 1e9,
+                                             links.get('infiniband_gbps', 50.0) * 1e9)
+  compute_s = analysis.compute_seconds(spec)
+  return {'predicted_compute_s': compute_s, 'predicted_collective_s': collective_s,
+          'predicted_step_s': [max(compute_s, collective_s), compute_s + collective_s],
+          'hlo_flops_per_step': analysis.flops() * jax.device_count(), 'predicted_gpu': spec.name}
+
+
 def measure(config) -> dict:
   """Everything the benchmark prints, as one flat record."""
   import jax  # noqa: PLC0415
@@ -246,6 +216,7 @@ def measure(config) -> dict:
       'loss': float(metrics.get('loss', float('nan'))),
       'xla_flags': os.environ.get('XLA_FLAGS', ''),
   }
+  record.update(predicted(config, compiled, setup.mesh))
   if FLAGS.profile:
     record['profile'] = profile(compiled, state, batch, FLAGS.profile, FLAGS.profile_steps)
   return record
@@ -268,6 +239,13 @@ def report(r: dict) -> str:
       f"compiled/model flops: {r['compiled_flops_per_step'] / r['model_flops_per_step']:.3f}  "
       f"(hardware FLOPs utilisation {r['mfu'] * r['compiled_flops_per_step'] / r['model_flops_per_step']:.4f})",
   ]
+  if 'predicted_step_s' in r:
+    fast, slow = r['predicted_step_s']
+    lines.append(f"predicted_step_s: {fast:.4f} .. {slow:.4f}  (plan's roofline estimate on "
+                 f"{r['predicted_gpu']}: collectives hidden .. not); measured / predicted: "
+                 f"{r['step_s'] / fast:.2f} .. {r['step_s'] / slow:.2f}")
+    lines.append(f"hlo_flops_per_step: {r['hlo_flops_per_step']:.4g}  (read from the compiled "
+                 f"HLO; jaxpr count {r['compiled_flops_per_step']:.4g})")
   if 'profile' in r:
     p = r['profile']
     lines.append(f"profile: {p['busy_ms']:.3f} ms busy per step of {1e3 * r['step_s']:.3f} ms")

@@ -110,44 +110,6 @@ def test_mfu_benchmark_figures_agree_with_each_other(tmp_path):
   assert 'mfu: ' in done.stdout and 'profile: ' in done.stdout
 
 
-def test_hlo_op_kinds_reads_gpu_style_modules():
-  hlo = '''HloModule jit_step
-
-%fused_dot (p0: bf16[8,16], p1: bf16[16,4]) -> bf16[8,4] {
-  %p0 = bf16[8,16]{1,0} parameter(0)
-  %p1 = bf16[16,4]{1,0} parameter(1)
-  ROOT %dot.1 = bf16[8,4]{1,0} dot(bf16[8,16]{1,0} %p0, bf16[16,4]{1,0} %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
-}
-
-%fused_exp (p0: f32[8]) -> f32[8] {
-  %p0 = f32[8]{0} parameter(0)
-  ROOT %exponential.2 = f32[8]{0} exponential(f32[8]{0} %p0)
-}
-
-ENTRY %main.9 (a: bf16[8,16], b: bf16[16,4], x: f32[8]) -> (bf16[8,4], f32[8]) {
-  %a = bf16[8,16]{1,0} parameter(0)
-  %b = bf16[16,4]{1,0} parameter(1)
-  %x = f32[8]{0} parameter(2)
-  %gemm_fusion.3 = bf16[8,4]{1,0} fusion(bf16[8,16]{1,0} %a, bf16[16,4]{1,0} %b), kind=kCustom, calls=%fused_dot
-  %loop_exp_fusion = f32[8]{0} fusion(f32[8]{0} %x), kind=kLoop, calls=%fused_exp
-  %custom-call.4 = (bf16[8,4]{1,0}, u8[0]{0}) custom-call(bf16[8,16]{1,0} %a), custom_call_target="__cudnn$fmhaSoftmax"
-  %custom-call.5 = bf16[8,4]{1,0} custom-call(bf16[8,16]{1,0} %a), custom_call_target="__cublas$lt$matmul"
-  %all-gather.6 = f32[16]{0} all-gather(f32[8]{0} %x), dimensions={0}
-  %while.7 = (f32[8]{0}) while((f32[8]{0}) %t), condition=%cond, body=%body
-  ROOT %tuple.8 = (bf16[8,4]{1,0}, f32[8]{0}) tuple(bf16[8,4]{1,0} %gemm_fusion.3, f32[8]{0} %loop_exp_fusion)
-}
-'''
-  from benchmarks import mfu  # noqa: PLC0415
-  kinds = mfu.hlo_op_kinds(hlo)
-  assert kinds['gemm_fusion.3'] == 'matmul'
-  assert kinds['loop_exp_fusion'] == 'fusion (elementwise, reductions)'
-  assert kinds['custom-call.4'] == 'attention'
-  assert kinds['custom-call.5'] == 'matmul'
-  assert kinds['all-gather.6'] == 'collective'
-  assert kinds['while.7'] == 'control'
-  assert kinds['dot.1'] == 'matmul'
-
-
 def test_trace_op_times_reads_only_the_xla_ops_line_of_a_gpu_trace(tmp_path):
   from benchmarks import mfu  # noqa: PLC0415
   meta = lambda kind, pid, tid, name: {'ph': 'M', 'name': kind, 'pid': pid, 'tid': tid,
