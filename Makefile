@@ -1,13 +1,15 @@
 # make run   — train the embedded default (smoke experiment, synthetic data, CPU)
 # make test  — the test suite (what CI runs)
-# Both create ./.venv from requirements.txt on first use.
+# make cuda  — add the CUDA build of JAX (requirements-cuda.txt) to ./.venv: the GPU-compile
+#              tests then run instead of skipping, and --mode=plan compiles for the GPUs
+# All create ./.venv from requirements.txt on first use.
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test clean
+.PHONY: run test cuda clean
 
 $(VENV)/.installed: requirements.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "brainscale needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -16,11 +18,17 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
+$(VENV)/.cuda-installed: requirements-cuda.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-cuda.txt
+	touch $@
+
+cuda: $(VENV)/.cuda-installed
+
 run: $(VENV)/.installed
 	$(PY) launch/run.py --experiment=smoke $(ARGS)
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=30 tests
 
 clean:
 	rm -rf $(VENV) runs
