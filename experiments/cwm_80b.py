@@ -2,9 +2,13 @@
 """The ~80B world model: 96 layers x 8192, 64 heads x 128, MLP 32,768, vocab 131,072.
 
 Two 256x256 frames = 10,240 tokens. 24 nodes x 8 H100 = 192 devices laid out
-as data 3 x fsdp 8 across nodes and tensor 8 within a node (192 = 3 x 64 and
-every model dimension is a power of two, so no axis may be 24): parameters and
-optimizer state shard 64 ways and replicate 3 ways (hybrid sharded data parallel).
+as data 3 x fsdp 8 across nodes and fsdp 8 within a node (192 = 3 x 64 and every
+model dimension is a power of two, so no axis may be 24): parameters and optimizer
+state shard 64 ways and replicate 3 ways (hybrid sharded data parallel), one
+sequence per GPU, no micro-batches, so each layer's weights are gathered twice a
+step (forward, and backward with its recomputation), over 8 nodes whose 8 NICs
+each carry an eighth. benchmarks/RESULTS.md compares this layout's GPU plan with
+tensor parallelism within a node and with micro-batching.
 """
 
 import ml_collections
@@ -20,8 +24,8 @@ def get_config():
   c.model.remat = 'full'
 
   c.train.steps = 250_000
-  c.train.batch_size = 192           # 8 per data x fsdp shard; 1.97M tokens per step
-  c.train.microbatches = 8           # 1 sequence per data shard at a time: activations ~18 GiB
+  c.train.batch_size = 192           # one sequence per GPU; 1.97M tokens per step
+  c.train.microbatches = 1
   c.train.learning_rate = 1.5e-4
   c.train.warmup_steps = 2000
   c.train.weight_decay = 0.1
@@ -31,10 +35,6 @@ def get_config():
   c.data.workers = 8
 
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=3, fsdp=8, sequence=1, tensor=1))
-  c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=8))
-  # Sequence parallelism: the residual stream between layers (what remat keeps, 96 x
-  # 10240 x 8192 per sequence) is split 8 ways along its length. --mode=plan: 49.4 GiB
-  # per device with it, 72.8 GiB without (budget 64).
-  c.mesh.rules.act_length = 'tensor'
+  c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=8, sequence=1, tensor=1))
   c.cluster = base.cluster(nodes=24, time_limit='30-00:00:00')
   return c

@@ -2,7 +2,10 @@
 """Enigma at ~1B shared parameters: 1536 x 30 layers (5 local : 1 global), 24 heads x 64.
 
 Per-neuron embeddings (256 per neuron, up to 2^21 neurons) are counted apart
-by describe. 8 nodes x 8 H100: data parallel across nodes, FSDP within.
+by describe. 8 nodes x 8 H100: data parallel across nodes, FSDP within. Attention
+runs the Pallas flash kernels, which skip the blocks outside the local layers' time
+windows and the padded keys; each layer keeps its projections for the backward
+(remat 'dots'). benchmarks/RESULTS.md has the GPU plans these were chosen by.
 """
 
 from experiments import _enigma, base
@@ -13,7 +16,9 @@ def get_config():
                      video_layers=2, decoder_layers=2, neuron_dim=256, max_neurons=1024,
                      table_rows=(2_097_152, 4096, 1024))
   c.train.steps = 300_000
-  c.train.batch_size = 512
+  c.model.attention = 'pallas'
+  c.model.remat = 'dots'
+  c.train.batch_size = 512           # 8 windows per GPU
   c.train.learning_rate = 3e-4
   c.train.warmup_steps = 3000
   c.train.log_every = 100
