@@ -27,7 +27,8 @@ Where to (`plan.target`, default `auto`):
   starts). The same program partitioned the same way, so parameter, optimizer and
   gradient shards are exact; cuDNN cannot compile for a CPU, so the Pallas kernels
   (interpreted, whose temporaries are an upper bound) stand in for it, and XLA GPU's
-  scheduling, workspaces and fusion differ (it has reported 10-24 GiB less).
+  scheduling, workspaces and fusion differ (it has reported 12-29 GiB less per device
+  for the committed configs: benchmarks/RESULTS.md).
 
 FLOPs: `model` FLOPs are the task's count (what MFU is quoted against); `compiled`
 FLOPs are what the step computes, remat recomputation included: on GPU read from the
