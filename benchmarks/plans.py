@@ -1,4 +1,4 @@
-# python benchmarks/plans.py --experiment=cwm_1b_1gpu --candidates="remat=full;remat=dots,train.batch_size=4"
+# python benchmarks/plans.py --experiment=cwm_1b_1gpu --candidates=";model.remat=dots"
 """Plan candidates of an experiment side by side, compiled for its cluster's GPUs.
 
 Each candidate is a set of `--config` overrides (KEY=VALUE, comma-separated; candidates
@@ -67,7 +67,8 @@ def main(argv):
       continue
     print(f"| {r['candidate']} | {r['gib']:.1f} | {'yes' if r['fits'] else 'no'} | "
           f"{r['ratio']:.2f} | {r['compute_s']:.3f} | {r['collective_s']:.3f} | "
-          f"{r['step_s'][0]:.3f} .. {r['step_s'][1]:.3f} | {r['mfu'][0]:.3f} .. {r['mfu'][1]:.3f} | "
+          f"{r['step_s'][0]:.3f} .. {r['step_s'][1]:.3f} | "
+          f"{r['mfu'][0]:.3f} .. {r['mfu'][1]:.3f} | "
           f"{r['nvlink_gb']:.1f} | {r['infiniband_gb']:.1f} |", flush=True)
 
 

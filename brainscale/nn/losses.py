@@ -100,13 +100,11 @@ def chunked_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax
   *lead, d = x_BxTxD.shape
   v = w_DxV.shape[1]
   chunk = min(chunk, v)
-
   if v % chunk:
     raise ValueError(f'vocabulary {v} is not a multiple of the loss chunk {chunk}; '
                      f'pad the vocabulary or pick a divisor')
   x_NxD = parallel.constrain(x_BxTxD.reshape(-1, d), (TOKENS, 'act_embed'))
-  nll_N = _nll(x_NxD, w_DxV, targets_BxT.reshape(-1).astype(jnp.int32),
-               chunk)
+  nll_N = _nll(x_NxD, w_DxV, targets_BxT.reshape(-1).astype(jnp.int32), chunk)
   return nll_N.reshape(lead)
 
 
