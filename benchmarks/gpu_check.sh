@@ -22,12 +22,12 @@ python3 -c 'import jax; print("jax", jax.__version__, jax.devices())' | tee -a "
 kind=$(python3 -c 'import jax; print(jax.devices()[0].device_kind)')
 case "$kind" in *H200*) gpu=H200-SXM-141GB ;; *) gpu=H100-SXM-80GB ;; esac
 
-timeout 200 python3 benchmarks/attention.py --repeats=5 \
+timeout 180 python3 benchmarks/attention.py --repeats=5 \
   --shapes=cwm_1b_10k,cwm_10k,enigma_local,enigma_global,enigma_decode 2>&1 \
   | grep -v '^W[0-9]' | tee "$OUT/attention.md"
 
 for experiment in cwm_1b_1gpu enigma_1b_1gpu; do
-  timeout 150 python3 benchmarks/mfu.py --experiment=$experiment --steps=5 --repeats=3 \
+  timeout 140 python3 benchmarks/mfu.py --experiment=$experiment --steps=5 --repeats=3 \
     --config.cluster.gpu=$gpu 2>&1 | grep -v '^W[0-9]' | tee "$OUT/mfu_$experiment.txt"
 done
 
