@@ -19,8 +19,7 @@ def _value(name: str, text: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('experiment,devices', [('cwm_1b', 8), ('enigma_1b', 64),
-                                               ('cwm_1b_1gpu', 1)])
+@pytest.mark.parametrize('experiment,devices', [('cwm_1b', 8), ('cwm_1b_1gpu', 1)])
 def test_cluster_experiments_fit(experiment, devices):
   result = run_cli(f'--experiment={experiment}', '--mode=plan', '--config.plan.target=cpu',
                    timeout=600)
