@@ -1,16 +1,22 @@
-"""Experiment lookup and command-line overrides.
+"""Experiment lookup, command-line overrides, and checks of the values before anything is built.
 
 `--experiment=NAME` resolves to `experiments/NAME.py:get_config()`, an
 ml_collections ConfigDict that is locked before overrides apply, so a typo in
 `--config.a.b=value` is an error that names the closest existing keys.
+`validate` and `check_workdir` turn bad values into one-line ConfigErrors. No JAX here
+(--submit imports this module), so the mesh's axis sizes are resolved here too.
 """
 
 import ast
 import json
 import difflib
 import importlib.util
+import math
+import os
 import pathlib
+import re
 import sys
+import tempfile
 
 import ml_collections
 
@@ -123,3 +129,214 @@ def resolve(name: str, overrides: list[str]) -> ml_collections.ConfigDict:
 def from_json(text: str) -> ml_collections.ConfigDict:
   """Rebuilds a saved config (as written beside each checkpoint)."""
   return ml_collections.ConfigDict(json.loads(text))
+
+
+# ----------------------------------------------------------------------------- mesh shape
+
+AXES = ('data', 'fsdp', 'sequence', 'tensor')
+
+
+def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
+  """Replaces one -1 in `sizes` by what is left of `total`."""
+  for axis, n in sizes.items():
+    if n < 1 and n != -1:
+      raise ConfigError(f'mesh.{what}.{axis}={n}; an axis size is a positive integer or -1 '
+                        f'(the rest)')
+  free = [a for a, n in sizes.items() if n == -1]
+  if len(free) > 1:
+    raise ConfigError(f'mesh.{what} has -1 on {", ".join(free)}; at most one axis may be -1')
+  known = math.prod(n for n in sizes.values() if n != -1)
+  if free:
+    if total % known:
+      raise ConfigError(f'mesh.{what} ({_fmt(sizes)}) needs a multiple of {known} devices, '
+                        f'this job has {total}')
+    sizes = {**sizes, free[0]: total // known}
+  if math.prod(sizes.values()) != total:
+    raise ConfigError(f'mesh.{what} ({_fmt(sizes)}) needs {math.prod(sizes.values())} '
+                      f'devices, this job has {total}')
+  return sizes
+
+
+def _fmt(sizes: dict[str, int]) -> str:
+  return ', '.join(f'{a}={n}' for a, n in sizes.items() if n != 1)
+
+
+def mesh_shape(mesh_config, num_devices: int, num_nodes: int) -> tuple[dict, dict]:
+  """Resolves the DCN and ICI axis sizes (no -1 left) for this many devices."""
+  for part in ('dcn', 'ici'):
+    unknown = set(mesh_config[part].keys()) - set(AXES)
+    if unknown:
+      raise ConfigError(f'mesh.{part} has unknown axes {sorted(unknown)}; axes are {AXES}')
+  dcn = {a: int(mesh_config.dcn.get(a, 1)) for a in AXES}
+  ici = {a: int(mesh_config.ici.get(a, 1)) for a in AXES}
+  if num_devices % num_nodes:
+    raise ConfigError(f'{num_devices} devices do not split evenly over {num_nodes} nodes')
+  dcn = _fill(dcn, num_nodes, 'dcn')
+  ici = _fill(ici, num_devices // num_nodes, 'ici')
+  return dcn, ici
+
+
+# ----------------------------------------------------------------------------- validate
+
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_POSITIVE_INT = (lambda v: _is_int(v) and v > 0, 'a positive integer')
+_COUNT = (lambda v: _is_int(v) and v >= 0, 'an integer >= 0')
+_POSITIVE = (lambda v: _is_number(v) and v > 0, 'a finite number > 0')
+_NON_NEGATIVE = (lambda v: _is_number(v) and v >= 0, 'a finite number >= 0')
+_FRACTION = (lambda v: _is_number(v) and 0 <= v <= 1, 'a number in [0, 1]')
+_BETA = (lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)')
+_LR_SCALE = (_NON_NEGATIVE[0], 'a finite number >= 0 (0 freezes the group)')
+
+# key -> (test, what is expected); keys an experiment does not have are skipped.
+RULES = {
+    'train.steps': _POSITIVE_INT,
+    'train.batch_size': _POSITIVE_INT,
+    'train.microbatches': _POSITIVE_INT,
+    'train.log_every': _POSITIVE_INT,
+    'train.eval_every': (_COUNT[0], 'an integer >= 0 (0: evaluate only at the end)'),
+    'train.eval_batches': _POSITIVE_INT,
+    'train.learning_rate': _POSITIVE,
+    'train.warmup_steps': _COUNT,
+    'train.min_lr_ratio': _FRACTION,
+    'train.weight_decay': _NON_NEGATIVE,
+    'train.b1': _BETA,
+    'train.b2': _BETA,
+    'train.grad_clip': (_NON_NEGATIVE[0], 'a finite number >= 0 (0: no clipping)'),
+    'train.peak_tflops': _POSITIVE,
+    'checkpoint.every_steps': _POSITIVE_INT,
+    'checkpoint.keep': (_POSITIVE_INT[0], 'a positive integer (checkpoints kept)'),
+    'probe.clips': (_COUNT[0], 'an integer >= 0 (0: no probes)'),
+    'probe.batch': _POSITIVE_INT,
+    'evaluation.sessions': (_COUNT[0], 'an integer >= 0 (0: none scored)'),
+    'evaluation.batch': _POSITIVE_INT,
+}
+
+_MISSING = object()
+
+
+def _get(config, key: str):
+  """config[a][b] for key 'a.b'; _MISSING when a part is absent."""
+  node = config
+  for part in key.split('.'):
+    if not isinstance(node, (dict, ml_collections.ConfigDict)) or part not in node:
+      return _MISSING
+    node = node[part]
+  return node
+
+
+def _check(key: str, value, rule):
+  test, expected = rule
+  if not test(value):
+    raise ConfigError(f'{key}={value!r}; expected {expected}')
+
+
+def _check_groups(groups):
+  """train.groups.NAME: a regex pattern, lr_scale >= 0 (0 freezes), weight_decay >= 0."""
+  for name, group in groups.items():
+    key = f'train.groups.{name}'
+    _check(f'{key}.lr_scale', group.get('lr_scale'), _LR_SCALE)
+    _check(f'{key}.weight_decay', group.get('weight_decay'), _NON_NEGATIVE)
+    try:
+      re.compile(group.get('pattern'))
+    except (re.error, TypeError) as e:
+      raise ConfigError(f'{key}.pattern={group.get("pattern")!r}; expected a regular '
+                        f'expression ({e})') from None
+
+
+def batch_axes(config, num_devices: int, num_nodes: int = 1) -> dict[str, int]:
+  """Sizes of the mesh axes that mesh.rules.batch shards the batch over (DCN x ICI)."""
+  dcn, ici = mesh_shape(config.mesh, num_devices, num_nodes)
+  names = [a.strip() for a in str(config.mesh.rules.get('batch', '')).split(',')]
+  return {a: dcn[a] * ici[a] for a in names if a in AXES}
+
+
+def _check_batch(config, num_devices: int, num_nodes: int, num_processes: int):
+  """The batch splits into micro-batches, each over the data shards, and over the processes."""
+  b, m = config.train.batch_size, config.train.get('microbatches', 1)
+  if b % m:
+    raise ConfigError(f'train.batch_size={b} does not split into train.microbatches={m}; '
+                      f'expected a multiple of {m}')
+  axes = batch_axes(config, num_devices, num_nodes)
+  shards = math.prod(axes.values())
+  if (b // m) % shards:
+    split = f' ({m} micro-batches of {b // m})' if m > 1 else ''
+    raise ConfigError(f'train.batch_size={b}{split} does not split over {shards} data shards '
+                      f'(mesh {_fmt(axes)} on {num_devices} devices); '
+                      f'expected a multiple of {m * shards}')
+  if b % num_processes:
+    raise ConfigError(f'train.batch_size={b} does not split over {num_processes} processes; '
+                      f'expected a multiple of {num_processes}')
+
+
+def validate(config, *, num_devices: int, num_nodes: int = 1, num_processes: int = 1):
+  """Raises a one-line ConfigError on the first value the trainer cannot run with.
+
+  Checks the keys of RULES this experiment has, train.groups, the mesh against
+  `num_devices` over `num_nodes`, and the batch against the mesh and the processes.
+  """
+  for key, rule in RULES.items():
+    value = _get(config, key)
+    if value is not _MISSING:
+      _check(key, value, rule)
+  groups = _get(config, 'train.groups')
+  if groups is not _MISSING:
+    _check_groups(groups)
+  _check_batch(config, num_devices, num_nodes, num_processes)
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def _reason(error: OSError) -> str:
+  return error.strerror or type(error).__name__
+
+
+def _existing_ancestor(path: pathlib.Path) -> pathlib.Path:
+  return next(p for p in path.absolute().parents if os.path.lexists(p))
+
+
+def _create(path: pathlib.Path):
+  """Makes `path` and its parents; a ConfigError names what stood in the way."""
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    blocker = _existing_ancestor(path)
+    why = f'{blocker} is a file' if not blocker.is_dir() else f'{_reason(e)} in {blocker}'
+    raise ConfigError(f'workdir={path} cannot be created ({why}); expected a directory '
+                      f'this job can create') from None
+
+
+def _probe_write(path: pathlib.Path):
+  """Writes and deletes a temporary file in `path` (os.access is wrong for root and NFS)."""
+  try:
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ConfigError(f'workdir={path} is not writable ({_reason(e)}); expected a directory '
+                      f'this job can write') from None
+
+
+def check_workdir(path, *, write: bool):
+  """Raises a one-line ConfigError if `path` cannot be this run's workdir.
+
+  write=True (train): creates it if missing and checks that a file can be written
+  there. write=False (eval): it must be an existing, readable directory.
+  """
+  path = pathlib.Path(path)
+  if os.path.lexists(path) and not path.is_dir():
+    what = 'a file' if path.is_file() else 'not a directory'
+    raise ConfigError(f'workdir={path} is {what}; expected a directory')
+  if write:
+    if not path.exists():
+      _create(path)
+    _probe_write(path)
+  elif not path.exists():
+    raise ConfigError(f'workdir={path} does not exist; expected the directory of a trained run')
+  elif not os.access(path, os.R_OK | os.X_OK):
+    raise ConfigError(f'workdir={path} is not readable; expected a directory this job can read')

@@ -16,9 +16,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from brainscale.config import ConfigError
-
-AXES = ('data', 'fsdp', 'sequence', 'tensor')
+from brainscale.config import AXES, ConfigError, mesh_shape  # noqa: F401  (JAX-free, in config)
 
 
 def initialize_distributed(mesh_config) -> bool:
@@ -39,46 +37,6 @@ def initialize_distributed(mesh_config) -> bool:
     jax.distributed.initialize(initialization_timeout=mesh_config.init_timeout_s)
     return True
   return False
-
-
-def _fill(sizes: dict[str, int], total: int, what: str) -> dict[str, int]:
-  """Replaces one -1 in `sizes` by what is left of `total`."""
-  for axis, n in sizes.items():
-    if n < 1 and n != -1:
-      raise ConfigError(f'mesh.{what}.{axis}={n}; an axis size is a positive integer or -1 '
-                        f'(the rest)')
-  free = [a for a, n in sizes.items() if n == -1]
-  if len(free) > 1:
-    raise ConfigError(f'mesh.{what} has -1 on {", ".join(free)}; at most one axis may be -1')
-  known = math.prod(n for n in sizes.values() if n != -1)
-  if free:
-    if total % known:
-      raise ConfigError(f'mesh.{what} ({_fmt(sizes)}) needs a multiple of {known} devices, '
-                        f'this job has {total}')
-    sizes = {**sizes, free[0]: total // known}
-  if math.prod(sizes.values()) != total:
-    raise ConfigError(f'mesh.{what} ({_fmt(sizes)}) needs {math.prod(sizes.values())} '
-                      f'devices, this job has {total}')
-  return sizes
-
-
-def _fmt(sizes: dict[str, int]) -> str:
-  return ', '.join(f'{a}={n}' for a, n in sizes.items() if n != 1)
-
-
-def mesh_shape(mesh_config, num_devices: int, num_nodes: int) -> tuple[dict, dict]:
-  """Resolves the DCN and ICI axis sizes (no -1 left) for this many devices."""
-  for part in ('dcn', 'ici'):
-    unknown = set(mesh_config[part].keys()) - set(AXES)
-    if unknown:
-      raise ConfigError(f'mesh.{part} has unknown axes {sorted(unknown)}; axes are {AXES}')
-  dcn = {a: int(mesh_config.dcn.get(a, 1)) for a in AXES}
-  ici = {a: int(mesh_config.ici.get(a, 1)) for a in AXES}
-  if num_devices % num_nodes:
-    raise ConfigError(f'{num_devices} devices do not split evenly over {num_nodes} nodes')
-  dcn = _fill(dcn, num_nodes, 'dcn')
-  ici = _fill(ici, num_devices // num_nodes, 'ici')
-  return dcn, ici
 
 
 def num_nodes() -> int:

@@ -5,11 +5,13 @@ written with tensorboardX (no TensorFlow needed). Only process 0 writes.
 MFU = model FLOPs per step / (step time x devices x peak FLOP/s per device).
 """
 
+import contextlib
 import datetime
 import functools
 import json
 import math
 import os
+import sys
 import time
 
 import jax
@@ -73,27 +75,50 @@ class Writer:
 
   metrics.jsonl holds one {"step": s, name: value, ...} line per report with
   full float precision; after a crash and resume a step may appear twice, and
-  the later line is the one that counts.
+  the later line is the one that counts. A workdir it cannot write (an eval of a
+  read-only run) gets one warning on stderr; the Writer then does nothing.
   """
 
   def __init__(self, workdir: str):
+    self.workdir = workdir
     self._writer, self._jsonl = None, None
     if jax.process_index() == 0:
-      from tensorboardX import SummaryWriter  # noqa: PLC0415 (only process 0 needs it)
-      self._writer = SummaryWriter(logdir=f'{workdir}/tb', flush_secs=10)
-      path = f'{workdir}/metrics.jsonl'
-      cut_short = os.path.exists(path) and not _ends_with_newline(path)
-      self._jsonl = open(path, 'a')  # noqa: SIM115
-      if cut_short:  # a crash stopped the last line midway
-        self._jsonl.write('\n')
+      try:
+        self._open()
+      except OSError as e:
+        self._give_up(e)
+
+  def _open(self):
+    from tensorboardX import SummaryWriter  # noqa: PLC0415 (only process 0 needs it)
+    self._writer = SummaryWriter(logdir=f'{self.workdir}/tb', flush_secs=10)
+    path = f'{self.workdir}/metrics.jsonl'
+    cut_short = os.path.exists(path) and not _ends_with_newline(path)
+    self._jsonl = open(path, 'a')  # noqa: SIM115
+    if cut_short:  # a crash stopped the last line midway
+      self._jsonl.write('\n')
+
+  def _give_up(self, error: OSError):
+    """Warns once and stops writing."""
+    print(f'brainscale: warning: cannot write metrics to {self.workdir} '
+          f'({error.strerror or error}); TensorBoard events and metrics.jsonl are skipped',
+          file=sys.stderr, flush=True)
+    writer, jsonl = self._writer, self._jsonl
+    self._writer, self._jsonl = None, None
+    for f in (writer, jsonl):
+      if f is not None:
+        with contextlib.suppress(OSError):
+          f.close()
 
   def scalars(self, step: int, scalars: dict[str, float]):
     if self._writer is None:
       return
-    for name, value in scalars.items():
-      self._writer.add_scalar(name, value, step)
-    self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
-    self._jsonl.flush()
+    try:
+      for name, value in scalars.items():
+        self._writer.add_scalar(name, value, step)
+      self._jsonl.write(json.dumps({'step': step, **scalars}) + '\n')
+      self._jsonl.flush()
+    except OSError as e:
+      self._give_up(e)
 
   def flush(self):
     if self._writer is not None:
