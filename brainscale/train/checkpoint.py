@@ -6,16 +6,75 @@ JSON). Orbax writes into a temporary directory and renames it when complete,
 so a crash mid-write leaves the previous checkpoint as the newest one.
 Restoring takes an abstract target with the *current* shardings, so a
 checkpoint restores onto any mesh or device count.
+
+Faults are stepped past, never fatal and never destructive: a checkpoint that
+fails to read (a truncated or overwritten file, a half-deleted step folder) is
+reported in one line and, once an older one has restored, moved to
+workdir/broken_checkpoints/ for a post-mortem. A save that fails (disk full, no
+permission) removes its own temporary folder, leaves the earlier checkpoints as
+they were and raises CheckpointError: training stops (exit SAVE_FAILED_EXIT)
+rather than going on without checkpoints.
 """
 
+import contextlib
 import json
 import pathlib
+import shutil
+import sys
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from brainscale.config import ConfigError
+
+SAVE_FAILED_EXIT = 74   # sysexits' EX_IOERR: a checkpoint could not be written
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint could be written, or none of those present could be read."""
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+  """The first line of an error's root cause (TensorStore's names the array and the file,
+  Orbax's wrapper only the index), at most `limit` characters."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  text = str(error).split(' See full TensorStore details')[0]
+  text = (text.strip().splitlines() or [type(error).__name__])[0]
+  return f'{type(error).__name__}: {text[:limit]}'
+
+
+def _quiet_orbax_echoes():
+  """After a failed read or write TensorStore's threads still call into Orbax's closed
+  asyncio loop, and Orbax's abandoned coroutines are collected with their error; Python
+  prints each as a traceback. The error itself surfaces through Orbax's API (and is
+  reported once, in one line): drop only those echoes."""
+  previous = sys.unraisablehook
+  if getattr(previous, 'brainscale', False):
+    return
+
+  def echo(unraisable) -> bool:
+    code = getattr(unraisable.object, 'cr_code', None)
+    return ((isinstance(unraisable.exc_value, RuntimeError)
+             and str(unraisable.exc_value) == 'Event loop is closed')
+            or (code is not None and '/orbax/' in code.co_filename))
+
+  def hook(unraisable):
+    if not echo(unraisable):
+      previous(unraisable)
+
+  hook.brainscale = True
+  sys.unraisablehook = hook
+
+
+def _all_processes(ok: bool) -> bool:
+  """Whether `ok` holds on every process."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
 class Checkpoints:
@@ -23,6 +82,9 @@ class Checkpoints:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     self.directory = pathlib.Path(workdir).resolve() / 'checkpoints'
+    self.broken = self.directory.parent / 'broken_checkpoints'
+    _quiet_orbax_echoes()
+    self._in_flight = None   # the step of an async save not yet committed
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -39,12 +101,36 @@ class Checkpoints:
     return self.manager.latest_step()
 
   def save(self, step: int, state, data_iterator, config, *, force: bool = False) -> bool:
-    """Starts an (async) save of `state` at `step`; returns whether one started."""
+    """Starts an (async) save of `state` at `step`; returns whether one started.
+
+    A failure of the save still in flight surfaces here (or at wait() or close()).
+    """
     args = {'state': ocp.args.StandardSave(state),
             'config': ocp.args.JsonSave(json.loads(config.to_json()))}
     if data_iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    self.wait()
+    with self._failing_as(step):
+      started = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    self._in_flight = step if started else None
+    return started
+
+  @contextlib.contextmanager
+  def _failing_as(self, step: int | None):
+    """A failed save becomes CheckpointError, once its temporary folder is removed."""
+    try:
+      yield
+    except Exception as e:
+      self._remove_temporary()
+      which = f'checkpoint step {step}' if step is not None else 'a checkpoint'
+      raise CheckpointError(f'could not save {which} in {self.directory} ({one_line(e)}); '
+                            f'the checkpoints before it are intact') from e
+
+  def _remove_temporary(self):
+    if jax.process_index() != 0 or not self.directory.is_dir():
+      return
+    for path in self.directory.glob('*.orbax-checkpoint-tmp*'):
+      shutil.rmtree(path, ignore_errors=True)
 
   def check_compatible(self, step: int, abstract_state):
     """Raises a one-line ConfigError naming the first parameter that does not fit."""
@@ -77,13 +163,61 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored['state']
 
+  def restore_newest(self, abstract_state, data_iterator=None, *, log=print, set_aside=True):
+    """(step, state) of the newest checkpoint that reads back; (None, None) if there is none.
+
+    Each one that fails is reported by `log` in one line; once an older one has restored,
+    the failed ones are moved aside (if `set_aside`; an eval of a read-only run leaves
+    them). If checkpoints exist but none reads, CheckpointError.
+    A checkpoint of another model (ConfigError) is not a broken one: that error stands.
+    """
+    failed = {}
+    for step in reversed(self.steps()):
+      try:
+        state, error = self.restore(step, abstract_state, data_iterator), None
+      except ConfigError:
+        raise
+      except Exception as e:
+        state, error = None, e
+      if _all_processes(error is None):
+        for bad in failed if set_aside else ():
+          self._set_aside(bad)
+        return step, state
+      failed[step] = error or 'unreadable on another process'
+      log(f'checkpoint step {step} in {self.directory} cannot be read '
+          f'({one_line(error) if error else failed[step]}); trying the one before')
+    if failed:
+      raise CheckpointError(f'none of the checkpoints in {self.directory} can be read (steps '
+                            f'{sorted(failed)}); move them away to start from scratch')
+    return None, None
+
+  def _set_aside(self, step: int):
+    """Moves a broken step folder to workdir/broken_checkpoints/ (never deletes it)."""
+    if jax.process_index() == 0:
+      self.broken.mkdir(exist_ok=True)
+      target, n = self.broken / str(step), 1
+      while target.exists():
+        target, n = self.broken / f'{step}.{n}', n + 1
+      shutil.move(self.directory / str(step), target)
+      print(f'brainscale: moved the unreadable checkpoint step {step} to {target}',
+            file=sys.stderr, flush=True)
+    multihost_utils.sync_global_devices(f'set aside checkpoint {step}')
+    self.manager.reload()
+
   def config(self, step: int) -> dict:
     return self.manager.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))['config']
 
   def wait(self):
-    self.manager.wait_until_finished()
+    with self._failing_as(self._in_flight):
+      self.manager.wait_until_finished()
+    self._in_flight = None
 
   def close(self):
-    self.manager.wait_until_finished()
+    try:
+      self.wait()
+    except CheckpointError:
+      with contextlib.suppress(Exception):
+        self.manager.close()
+      raise
     self.manager.close()

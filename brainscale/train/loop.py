@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from brainscale import parallel
@@ -208,7 +209,7 @@ def prerequisite_params(setup: Setup, workdir: str) -> dict:
     train(config, run_dir)
     pre = build(config, setup.mesh)
     checkpoints = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
-    restored = checkpoints.restore(checkpoints.latest(), pre.abstract_state)['params']
+    restored = checkpoints.restore_newest(pre.abstract_state, log=report.log)[1]['params']
     checkpoints.close()
     if source:
       restored = restored[source[0]]
@@ -252,20 +253,18 @@ def train(config, workdir: str) -> dict:
                f'{os.environ.get("SLURM_RESTART_COUNT", "0")}')
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   data = setup.task.train_data(jax.process_index(), jax.process_count())
-  start = checkpoints.latest()
+  start, state = checkpoints.restore_newest(setup.abstract_state, data, log=report.log)
   if start is None:
     state = init_state(setup)
     state['params'].update(prerequisite_params(setup, workdir))
     step = 0
     report.log(f'starting {c.experiment} from scratch in {workdir}')
   else:
-    state = checkpoints.restore(start, setup.abstract_state, data)
     step = int(jax.device_get(state['step']))
     report.log(f'resuming from step {step} ({checkpoints.directory / str(start)})')
   if step >= c.train.steps:
-    report.log(f'step {step} >= train.steps={c.train.steps}; nothing to do')
     checkpoints.close()
-    return {}
+    return _complete(setup, state, step, workdir)
 
   writer = report.Writer(workdir)
   first = next(data)
@@ -326,6 +325,33 @@ def train(config, workdir: str) -> dict:
   return {**last, **{f'eval_{k}': v for k, v in final.items()}}
 
 
+def _complete(setup: Setup, state, step: int, workdir: str) -> dict:
+  """A finished run: writes its final eval if a crash kept it from metrics.jsonl."""
+  if not _eval_missing(workdir, step):
+    report.log(f'step {step} >= train.steps={setup.config.train.steps}; nothing to do')
+    return {}
+  report.log(f'step {step} is trained but its final eval is missing from '
+             f'{workdir}/metrics.jsonl; evaluating it now')
+  writer = report.Writer(workdir)
+  final = _eval_and_write(setup, state['params'], step, writer)
+  writer.close()
+  return {f'eval_{k}': v for k, v in final.items()}
+
+
+def _eval_missing(workdir: str, step: int) -> bool:
+  """Whether metrics.jsonl holds no eval of `step` (process 0 reads, all agree)."""
+  missing = False
+  if jax.process_index() == 0:
+    try:
+      record = report.read_jsonl(os.path.join(workdir, 'metrics.jsonl')).get(step, {})
+    except FileNotFoundError:
+      record = {}
+    missing = not any(k.startswith('eval/') for k in record)
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.array(missing)))
+  return missing
+
+
 def _eval_and_write(setup: Setup, params, step: int, writer: report.Writer) -> dict:
   start = time.perf_counter()
   metrics = evaluate_params(setup, params)
@@ -340,10 +366,10 @@ def evaluate(config, workdir: str) -> dict:
   """Evaluates the newest checkpoint in `workdir`."""
   setup = build(config)
   checkpoints = Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False)
-  step = checkpoints.latest()
+  step, state = checkpoints.restore_newest(setup.abstract_state, log=report.log,
+                                           set_aside=False)
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {checkpoints.directory}; train first')
-  state = checkpoints.restore(step, setup.abstract_state)
   writer = report.Writer(workdir)
   metrics = _eval_and_write(setup, state['params'], step, writer)
   writer.close()
