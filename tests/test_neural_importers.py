@@ -130,6 +130,10 @@ def _resave(path, change):
   np.save(path, change(np.load(path)))
 
 
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:200])   # the header and part of the data
+
+
 BREAKAGES = {   # name: (how the folder is broken, what the error names)
     'responses folder': (lambda f: _delete(f / 'data/responses'), 'data/responses'),
     'pupil_center folder': (lambda f: _delete(f / 'data/pupil_center'), 'data/pupil_center'),
@@ -142,6 +146,7 @@ BREAKAGES = {   # name: (how the folder is broken, what the error names)
                 'data/responses/2.npy'),
     'frames': (lambda f: _resave(f / 'data/behavior/3.npy', lambda b: b[:, :-1]),
                'data/behavior/3.npy'),
+    'truncated': (lambda f: _truncate(f / 'data/videos/3.npy'), 'data/videos/3.npy'),
 }
 
 
@@ -222,8 +227,9 @@ def _behavior(nwbfile, rng, names) -> dict:
 
 
 def write_nwb(path, rng, *, activity='calcium', behavior=BEHAVIOR, stimulus='in_file',
-              trials=True) -> dict:
-  """An NWB file with pynwb; returns what it holds, for the references."""
+              trials=NWB_TRIALS, tier_column=True, extra=None) -> dict:
+  """An NWB file with pynwb; returns what it holds, for the references. trials: rows
+  (start, stop, tier, stimulus), or none; extra(nwbfile) adds more before it is written."""
   nwbfile = pynwb.NWBFile(session_description='importer test', identifier=path.stem,
                           session_start_time=START,
                           subject=pynwb.file.Subject(subject_id='mouse7', species='Mus musculus'))
@@ -241,10 +247,14 @@ def write_nwb(path, rng, *, activity='calcium', behavior=BEHAVIOR, stimulus='in_
                                      starting_frame=[0], unit='n.a.',
                                      timestamps=written['frame_times']))
   if trials:
-    nwbfile.add_trial_column('tier', 'store tier')
+    if tier_column:
+      nwbfile.add_trial_column('tier', 'store tier')
     nwbfile.add_trial_column('stimulus', 'stimulus id')
-    for start, stop, tier, stimulus_id in NWB_TRIALS:
-      nwbfile.add_trial(start_time=start, stop_time=stop, tier=tier, stimulus=stimulus_id)
+    for start, stop, tier, stimulus_id in trials:
+      nwbfile.add_trial(start_time=start, stop_time=stop, stimulus=stimulus_id,
+                        **({'tier': tier} if tier_column else {}))
+  if extra:
+    extra(nwbfile)
   with pynwb.NWBHDF5IO(str(path), 'w') as io:
     io.write(nwbfile)
   return written
@@ -373,8 +383,11 @@ def test_nwb_missing_behavior_nan(tmp_path, rng):
   behavior_TxC = session.read(0, session.num_samples)['behavior']
   assert np.isnan(behavior_TxC[:, neural.CHANNELS.index('running_speed')]).all()
   assert np.isfinite(behavior_TxC[:, neural.CHANNELS.index('pupil_size')]).any()
-  assert session.trials['tier'].tolist() == ['train']   # no trials table: one over everything
-  assert session.trials['stop'].tolist() == [session.num_samples]
+  edges = np.round(np.linspace(0, session.num_samples, 11)).astype(int)   # no trials table:
+  assert session.trials['start'].tolist() == edges[:-1].tolist()          # 10 equal trials
+  assert session.trials['stop'].tolist() == edges[1:].tolist()
+  tiers = ['train'] * 4 + ['validation'] + ['train'] * 4 + ['test']
+  assert session.trials['tier'].tolist() == tiers
   assert written['behavior'].keys() == {'pupil_position', 'pupil_area'}
 
 

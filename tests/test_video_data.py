@@ -204,9 +204,10 @@ def test_existing_import_is_an_error_unless_overwrite(tmp_path, capsys):
   write_video(tmp_path / 'src' / 'x.mp4', 'libx264', 32, 32, 10, 4)
   assert importer.main([str(tmp_path / 'src'), str(tmp_path / 'out'), '--quiet']) == 0
   assert 'imported 1 videos as 1 clips' in capsys.readouterr().out
-  assert importer.main([str(tmp_path / 'src'), str(tmp_path / 'out'), '--quiet']) == 1
-  assert 'already holds imported videos' in capsys.readouterr().err
-  with pytest.raises(FileExistsError, match='overwrite=True'):
+  assert importer.main([str(tmp_path / 'src'), str(tmp_path / 'out'), '--quiet']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('brainscale: ') and 'already holds' in err
+  with pytest.raises(ValueError, match='overwrite=True'):
     import_quietly(tmp_path / 'src', tmp_path / 'out')
   report = import_quietly(tmp_path / 'src', tmp_path / 'out', overwrite=True, clip_seconds=0.2)
   assert report.imported[0]['clips'] == 2

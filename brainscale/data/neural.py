@@ -592,6 +592,14 @@ def windows(store, *, tiers, window: int, stride: int, sessions=None) -> WindowI
   return WindowIndex(window, stride, *columns)
 
 
+def tier_counts(store, sessions=None) -> dict[str, int]:
+  """Trials per tier (TIERS order, absent tiers left out) in the given sessions (None: all)."""
+  store = store if isinstance(store, Store) else Store(store)
+  names = store.session_names if sessions is None else list(sessions)
+  tiers = np.concatenate([store.session(name).trials['tier'] for name in names] or [[]])
+  return {t: int(np.sum(tiers == t)) for t in TIERS if np.any(tiers == t)}
+
+
 # ---------------------------------------------------------------- pipeline
 
 def example(session: Session, start: int, window: int, *, neurons, max_neurons: int,

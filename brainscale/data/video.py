@@ -24,6 +24,8 @@ MAGIC = b'BSV1'
 IMPORT_COMMAND = 'python -m brainscale.data.importers.videos SOURCE OUT'
 _PRIME = 1_000_003   # record r that fails is replaced by r + k * _PRIME (mod records)
 _TRIES = 8           # records tried per example before the pipeline gives up
+UPRIGHT = (False, False, False)   # display_orientation of a frame shown as decoded
+_TURNS = {UPRIGHT: 0, (True, True, False): 90, (False, True, True): 180, (True, False, True): 270}
 
 
 # ---------------------------------------------------------------- records
@@ -112,8 +114,47 @@ def decode_frames(video: bytes, frame_indices: list[int], *, width: int | None =
 
 
 def _rgb(frame: av.VideoFrame, width: int | None, height: int | None) -> np.ndarray:
-  """The frame as RGB [H, W, 3], resized if asked (one thread: a new scaler per call is cheap)."""
-  return frame.reformat(width=width, height=height, format='rgb24', threads=1).to_ndarray()
+  """The frame upright (display matrix applied) as RGB [H, W, 3], resized if asked."""
+  orientation = display_orientation(frame)
+  if orientation == UPRIGHT:   # one thread: a new scaler per call is cheap
+    return frame.reformat(width=width, height=height, format='rgb24', threads=1).to_ndarray()
+  rgb_HxWx3 = upright(frame.to_ndarray(format='rgb24'), orientation)
+  frame = av.VideoFrame.from_ndarray(rgb_HxWx3, format='rgb24')
+  return frame.reformat(width=width, height=height, threads=1).to_ndarray()
+
+
+def display_orientation(frame: av.VideoFrame) -> tuple[bool, bool, bool]:
+  """(transpose, flip rows, flip columns) that show a decoded frame as players do.
+
+  Read from the frame's display matrix (phone video: 'rotate' metadata, a rotation
+  and mirroring); UPRIGHT without one. Rotations other than multiples of 90° raise.
+  """
+  side_data = frame.side_data.get('DISPLAYMATRIX')
+  if side_data is None:
+    return UPRIGHT
+  a, b, _, c, d = np.frombuffer(bytes(side_data), np.int32)[:5] / 65536   # 16.16 fixed point
+  transpose = abs(b) > abs(a)
+  if min(abs(a), abs(b)) > 1e-3 or min(abs(c), abs(d)) > 1e-3:
+    degrees = np.degrees(np.arctan2(-b, a))
+    raise ValueError(f'display matrix rotates the video by {degrees:.1f} degrees '
+                     'counter-clockwise; expected a multiple of 90')
+  return (bool(transpose), bool((b if transpose else d) < 0), bool((c if transpose else a) < 0))
+
+
+def orientation_name(orientation: tuple[bool, bool, bool]) -> str:
+  """What a display_orientation does, in words: 'rotated 90° counter-clockwise[, mirrored]'."""
+  transpose, flip_rows, flip_columns = orientation
+  mirrored = orientation not in _TURNS   # a turn, then the columns flipped
+  turn = _TURNS[(transpose, flip_rows, flip_columns != mirrored)]
+  return f'rotated {turn}° counter-clockwise' + (', then mirrored left-right' if mirrored else '')
+
+
+def upright(image_HxWxC: np.ndarray, orientation: tuple[bool, bool, bool]) -> np.ndarray:
+  """The image transposed and flipped as display_orientation says, contiguous."""
+  transpose, flip_rows, flip_columns = orientation
+  image = image_HxWxC.swapaxes(0, 1) if transpose else image_HxWxC
+  image = image[::-1] if flip_rows else image
+  return np.ascontiguousarray(image[:, ::-1] if flip_columns else image)
 
 
 def resize_flow(flow_HxWx2: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -73,13 +73,35 @@ class Task(task.Task):
 
   def sessions(self) -> list[str]:
     """Sessions this run trains on: data.sessions, or all but data.holdout."""
-    d = self.config.data
-    names = list(d.sessions) or [s for s in self.store.session_names if s not in d.holdout]
-    unknown = sorted(set(names) - set(self.store.session_names))
-    if unknown or not names:
-      raise config_lib.ConfigError(f'data.sessions {unknown or names} not in the store; it has '
-                                   f'{self.store.session_names}')
+    d, available = self.config.data, self.store.session_names
+    missing = [s for s in d.holdout if s not in available]
+    if missing:
+      raise config_lib.ConfigError(
+          f'data.holdout={tuple(d.holdout)}: {", ".join(map(repr, missing))} is not a session '
+          f'of the store {self.store.root}; its sessions are {available} (data.holdout=() '
+          'holds none out)')
+    names = list(d.sessions) or [s for s in available if s not in d.holdout]
+    unknown = sorted(set(names) - set(available))
+    if unknown:
+      raise config_lib.ConfigError(f'data.sessions {unknown} not in the store; it has '
+                                   f'{available}')
+    if not names:
+      raise config_lib.ConfigError(
+          f'data.sessions={tuple(d.sessions)} and data.holdout={tuple(d.holdout)} leave no '
+          f'session to train on; the store {self.store.root} has {available}')
     return names
+
+  def _check_eval_tiers(self):
+    """Raises at start-up unless data.eval_tiers holds a window in the sessions trained on."""
+    d, sessions = self.config.data, self.sessions()
+    index = neural.windows(self.store, tiers=tuple(d.eval_tiers), window=d.window,
+                           stride=d.stride, sessions=sessions)
+    if not len(index):
+      tiers = neural.tier_counts(self.store, sessions)
+      raise config_lib.ConfigError(
+          f'data.eval_tiers={tuple(d.eval_tiers)}: no window of {d.window} samples fits inside '
+          f'a trial of these tiers in sessions {sessions} of {self.store.root} (their trials: '
+          f'{tiers}); import the data with held-out trials, or set data.eval_tiers to tiers it has')
 
   def _pipeline(self, *, tiers, train, seed, batch_size, process_index, process_count):
     d = self.config.data
@@ -92,6 +114,7 @@ class Task(task.Task):
 
   def train_data(self, process_index, process_count):
     c = self.config
+    self._check_eval_tiers()   # the final evaluation needs them: fail now, not after training
     return iter(self._pipeline(tiers=('train',), train=True, seed=c.seed,
                                batch_size=c.train.batch_size, process_index=process_index,
                                process_count=process_count))

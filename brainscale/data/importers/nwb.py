@@ -5,9 +5,12 @@
 Calcium traces (processing['ophys']: DfOverF, else Fluorescence, else a RoiResponseSeries) are
 linearly resampled to `rate`; without them the units table's spike times are binned at `rate`.
 Behaviour is aligned to that clock per channel; stimulus frames keep theirs (the store aligns).
+Trials take the tiers of a 'tier' column; without one, the 5th and 10th of every 10 trials in
+time order are validation and test (a file without trials is cut into 10 equal trials first).
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -18,10 +21,13 @@ import numpy as np
 import pynwb
 import tqdm
 from pynwb.base import TimeSeries
+from pynwb.ecephys import ElectricalSeries
 from pynwb.image import ImageSeries
 from pynwb.ophys import DfOverF, Fluorescence, RoiResponseSeries
 
 from brainscale.data import neural
+from brainscale.data import video as video_lib
+from brainscale.data.importers import InputError, failed, store_errors
 
 CHUNK = 4096   # neural samples resampled per read
 FRAME_VALUES = 1 << 24   # stimulus pixel values converted per block (64 MB as float32)
@@ -29,11 +35,17 @@ POSITION_COLUMNS = ('position', 'positions', 'centroid', 'center', 'xyz')
 AREA_COLUMNS = ('area', 'brain_area', 'location')
 EYE = ('pupil', 'eye')
 # behaviour series, found by the words of their 'container/name' path: one word of each group
-# and none of the excluded words
+# and none of the excluded words; the first place with a match gives the shortest such name
 LOOKUPS = {'pupil_x/pupil_y': ((EYE, ('position', 'center', 'centre')), ()),
            'pupil_size': ((EYE, ('size', 'area', 'diameter')), ()),
-           'running_speed': ((('running', 'speed', 'velocity'),), EYE)}
-BEHAVIOR_PLACES = "processing['behavior'] and acquisition"
+           'running_speed': ((('running', 'speed', 'velocity'),), EYE + ('end_time', 'rotation'))}
+BEHAVIOR_MODULES = ('behavior', 'behaviour', 'running', 'eye_tracking')   # searched first
+BEHAVIOR_PLACES = ("processing['behavior'], ['running'] and ['eye_tracking'], then acquisition, "
+                   'then the other processing modules')
+NOT_BEHAVIOR = (ImageSeries, RoiResponseSeries, ElectricalSeries)
+HELD_OUT = {4: 'validation', 9: 'test'}   # trial position mod 10 → tier, for a file without tiers
+PIECES = 10   # equal trials a recording without a trials table is cut into
+READ_ERRORS = (OSError, RuntimeError, KeyError, TypeError, ValueError)   # h5py/hdmf, bad files
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # ITU-R BT.601
 
 
@@ -96,7 +108,7 @@ def _areas(table, rows: np.ndarray, default: str | None) -> list[str] | None:
 def _grid_interpolation(times_S: np.ndarray, rate: float, where: str):
   """(grid times [T], left sample [T], weight of the right sample [T]) of a regular grid."""
   if len(times_S) < 2 or not np.all(np.diff(times_S) > 0):
-    raise ValueError(f'{where} has {len(times_S)} timestamps; expected at least 2, increasing')
+    raise InputError(f'{where} has {len(times_S)} timestamps; expected at least 2, increasing')
   count = int(np.floor((times_S[-1] - times_S[0]) * rate + 1e-6)) + 1
   grid_T = times_S[0] + np.arange(count) / rate
   right_T = np.clip(np.searchsorted(times_S, grid_T, 'right'), 1, len(times_S) - 1)
@@ -108,7 +120,7 @@ def _resampled(series: RoiResponseSeries, rate: float, where: str, progress) -> 
   """[T, N] float32 linear interpolation at `rate` from the first timestamp; NaN stays NaN."""
   times_S = _times(series)
   if series.data.shape[0] != len(times_S):
-    raise ValueError(f'{where} has {series.data.shape[0]} samples and {len(times_S)} '
+    raise InputError(f'{where} has {series.data.shape[0]} samples and {len(times_S)} '
                      'timestamps; expected one per sample')
   grid_T, left_T, weight_T = _grid_interpolation(times_S, rate, where)
   out_TxN = np.empty((len(grid_T), _values(series, slice(0, 1)).shape[1]), np.float32)
@@ -130,7 +142,7 @@ def _calcium(series: RoiResponseSeries, path, rate: float, progress) -> _Neural:
   responses_TxN = _resampled(series, rate, where, progress)
   rows = np.asarray(series.rois.data[:], np.int64)
   if len(rows) != responses_TxN.shape[1]:
-    raise ValueError(f'{where} has {responses_TxN.shape[1]} traces and {len(rows)} rois; '
+    raise InputError(f'{where} has {responses_TxN.shape[1]} traces and {len(rows)} rois; '
                      'expected one roi per trace')
   table = series.rois.table
   plane = getattr(table, 'imaging_plane', None)
@@ -142,11 +154,11 @@ def _calcium(series: RoiResponseSeries, path, rate: float, progress) -> _Neural:
 def _spikes(units, path, span: tuple[float, float], rate: float, progress) -> _Neural:
   """Spike counts in bins of 1 / rate over the spikes and trials; timestamps at bin centres."""
   if 'spike_times' not in units.colnames:
-    raise ValueError(f'units table of {path} has no spike_times column; expected one')
+    raise InputError(f'units table of {path} has no spike_times column; expected one')
   ends = np.asarray(units.spike_times_index.data[:], np.int64)
   times = np.asarray(units.spike_times.data[:], np.float64)
   if not len(times) and span[0] > span[1]:
-    raise ValueError(f'units table of {path} holds no spikes and {path} no trials; '
+    raise InputError(f'units table of {path} holds no spikes and {path} no trials; '
                      'expected spikes to bin')
   first = min(span[0], times.min(initial=np.inf))
   count = int(np.floor((max(span[1], times.max(initial=-np.inf)) - first) * rate)) + 1
@@ -171,23 +183,32 @@ def _trial_span(nwbfile) -> tuple[float, float]:
 def _neural_source(nwbfile, path):
   series = _calcium_series(nwbfile)
   if series is None and (nwbfile.units is None or not len(nwbfile.units)):
-    raise ValueError('no calcium traces (processing/ophys DfOverF/Fluorescence/RoiResponseSeries) '
+    raise InputError('no calcium traces (processing/ophys DfOverF/Fluorescence/RoiResponseSeries) '
                      f'and no units table in {path}')
   return series if series is not None else nwbfile.units
 
 
 # ---------------------------------------------------------------- behaviour
 
-def _behavior_candidates(nwbfile) -> list[tuple[str, TimeSeries]]:
-  """('container/name', series) of every non-image TimeSeries in behaviour and acquisition."""
-  places = [nwbfile.processing[m].data_interfaces for m in ('behavior', 'behaviour')
-            if m in nwbfile.processing] + [nwbfile.acquisition]
+def _behavior_places(nwbfile) -> list[tuple[str, dict]]:
+  """(place, its data interfaces) in search order: BEHAVIOR_MODULES, acquisition, the rest."""
+  modules = nwbfile.processing
+  first = [m for m in BEHAVIOR_MODULES if m in modules]
+  rest = sorted(m for m in modules if m not in first)
+  place = lambda m: (f"processing['{m}']", modules[m].data_interfaces)
+  return [place(m) for m in first] + [('acquisition', nwbfile.acquisition)] + [
+      place(m) for m in rest]
+
+
+def _behavior_candidates(nwbfile) -> list[tuple[str, str, TimeSeries]]:
+  """(place, 'container/name', series) of each TimeSeries that may be behaviour, in search
+  order; containers (BehavioralTimeSeries, EyeTracking, PupilTracking, ...) are opened."""
   found = []
-  for interfaces in places:
+  for place, interfaces in _behavior_places(nwbfile):
     for name, obj in interfaces.items():
       children = [(name, obj)] if isinstance(obj, TimeSeries) else [
           (f'{name}/{c.name}', c) for c in obj.children if isinstance(c, TimeSeries)]
-      found += [(n, s) for n, s in children if not isinstance(s, ImageSeries)]
+      found += [(place, n, s) for n, s in children if not isinstance(s, NOT_BEHAVIOR)]
   return found
 
 
@@ -197,15 +218,27 @@ def _matches(name: str, groups, exclude) -> bool:
       w in name for w in exclude)
 
 
+def _best(candidates, groups, exclude) -> tuple[str, TimeSeries] | None:
+  """('place/container/name', series): in the first place with a match, the shortest name."""
+  matches = [(place, n, s) for place, n, s in candidates if _matches(n, groups, exclude)]
+  if not matches:
+    return None
+  place, name, series = min((m for m in matches if m[0] == matches[0][0]),
+                            key=lambda m: len(m[1]))
+  return f'{place}/{name}', series
+
+
 def _behavior_sources(nwbfile, path, missing: str) -> dict[str, tuple[str, TimeSeries] | None]:
-  """The first matching ('container/name', series) per LOOKUPS entry; None if missing='nan'."""
+  """The chosen ('place/container/name', series) per LOOKUPS entry; None if missing='nan'."""
   candidates, sources = _behavior_candidates(nwbfile), {}
   for channel, (groups, exclude) in LOOKUPS.items():
-    sources[channel] = next(((n, s) for n, s in candidates if _matches(n, groups, exclude)), None)
+    sources[channel] = _best(candidates, groups, exclude)
     if sources[channel] is None and missing == 'error':
       words = ' and '.join('/'.join(repr(w) for w in group) for group in groups)
-      raise ValueError(f'no {channel} in {path}: looked for a TimeSeries whose name has {words} '
-                       f'in {BEHAVIOR_PLACES} (found {[n for n, _ in candidates] or "none"}); '
+      found = [f'{place}/{n}' for place, n, _ in candidates]
+      listed = ', '.join(found[:12]) + (f' and {len(found) - 12} more' if len(found) > 12 else '')
+      raise InputError(f'no {channel} in {path}: looked for a TimeSeries whose name has {words} '
+                       f'in {BEHAVIOR_PLACES} (found {listed or "none"}); '
                        "pass missing_behavior='nan' (--missing_behavior nan) to import it as NaN")
   return sources
 
@@ -217,12 +250,12 @@ def _aligned(source, width: int, times_T, path) -> np.ndarray:
   name, series = source
   values_SxC, times_S = _values(series), _times(series)
   if values_SxC.shape[1] < width or len(values_SxC) != len(times_S):
-    raise ValueError(f'behaviour series {name} in {path} has data {values_SxC.shape} and '
+    raise InputError(f'behaviour series {name} in {path} has data {values_SxC.shape} and '
                      f'{len(times_S)} timestamps; expected [S, {width}] with S timestamps')
   try:
     return neural.align_behavior(times_T, times_S, values_SxC[:, :width])
   except ValueError as e:
-    raise ValueError(f'behaviour series {name} in {path}: {e}') from None
+    raise InputError(f'behaviour series {name} in {path}: {e}') from None
 
 
 def _behavior_TxC(sources, times_T, rate: float, path) -> np.ndarray:
@@ -261,7 +294,7 @@ def _gray_resized(frames, frame_shape, where: str) -> np.ndarray:
   if frames.ndim == 4 and frames.shape[3] == 3:
     frames = frames @ LUMA
   if frames.ndim != 3:
-    raise ValueError(f'{where} has frames of shape {frames.shape[1:]}; expected [H, W] or '
+    raise InputError(f'{where} has frames of shape {frames.shape[1:]}; expected [H, W] or '
                      '[H, W, 3]')
   rows_hxH = _resize_matrix(frames.shape[1], frame_shape[0]).astype(np.float32)
   cols_wxW = _resize_matrix(frames.shape[2], frame_shape[1]).astype(np.float32)
@@ -291,23 +324,39 @@ def _series_frames(series: ImageSeries, frame_shape, path, progress) -> np.ndarr
   return _uint8(frames, series.data.dtype.kind == 'f' and np.nanmax(frames) <= 1)
 
 
+def _movie_rgb(movie: pathlib.Path):
+  """Every frame of a video file (PyAV) as players show it (display rotation applied), RGB."""
+  try:
+    with av.open(str(movie)) as container:
+      if not container.streams.video:
+        raise InputError(f'movie {movie} has no video stream; expected a video file')
+      for frame in container.decode(container.streams.video[0]):
+        orientation = video_lib.display_orientation(frame)
+        yield video_lib.upright(frame.to_ndarray(format='rgb24'), orientation)
+  except InputError:
+    raise
+  except (av.FFmpegError, OSError) as e:
+    raise InputError(f'movie {movie} cannot be decoded ({type(e).__name__}: {e}); expected a '
+                     'video file FFmpeg reads') from None
+  except ValueError as e:   # a display matrix that is no multiple of 90°
+    raise InputError(f'movie {movie}: {e}') from None
+
+
 def _movie_frames(movie: pathlib.Path, frame_shape, progress) -> np.ndarray:
-  """Every frame of a video file (PyAV), gray and resized, [F, h, w] uint8."""
+  """Every frame of a video file (PyAV), upright, gray and resized, [F, h, w] uint8."""
   if not movie.is_file():
-    raise ValueError(f'movie {movie} is not a file; expected a video file PyAV reads')
+    raise InputError(f'movie {movie} is not a file; expected a video file PyAV reads')
   chunks, chunk = [], []
-  with av.open(str(movie)) as container:
-    stream = container.streams.video[0]
-    for frame in tqdm.tqdm(container.decode(stream), total=stream.frames or None,
-                           desc=f'read {movie.name}', unit='frame', disable=not progress):
-      chunk.append(frame.to_ndarray(format='rgb24'))
-      if len(chunk) == _block(chunk[0].shape):
-        chunks.append(_gray_resized(np.stack(chunk), frame_shape, f'movie {movie}'))
-        chunk = []
+  for rgb_HxWx3 in tqdm.tqdm(_movie_rgb(movie), desc=f'read {movie.name}', unit='frame',
+                             disable=not progress):
+    chunk.append(rgb_HxWx3)
+    if len(chunk) == _block(chunk[0].shape):
+      chunks.append(_gray_resized(np.stack(chunk), frame_shape, f'movie {movie}'))
+      chunk = []
   if chunk:
     chunks.append(_gray_resized(np.stack(chunk), frame_shape, f'movie {movie}'))
   if not chunks:
-    raise ValueError(f'movie {movie} has no frames; expected a video')
+    raise InputError(f'movie {movie} has no frames; expected a video')
   return _uint8(np.concatenate(chunks), False)
 
 
@@ -320,13 +369,13 @@ def _stimulus_source(nwbfile, path: pathlib.Path, movie, movie_times):
     movie = path.parent / _text(external[0].external_file[0])
   if movie is None:
     if not internal:
-      raise ValueError(f'no stimulus frames in {path}: expected an ImageSeries/OpticalSeries in '
+      raise InputError(f'no stimulus frames in {path}: expected an ImageSeries/OpticalSeries in '
                        'nwbfile.stimulus (data [F, H, W] or [F, H, W, 3]), or movie=PATH (--movie)')
     return internal, None, None
   if movie_times is None and external and external[0].timestamps is not None:
     movie_times = external[0].timestamps[:]
   if movie_times is None:
-    raise ValueError(f'movie {movie} has no frame times: pass movie_times (--movie_times), or '
+    raise InputError(f'movie {movie} has no frame times: pass movie_times (--movie_times), or '
                      f'give {path} an external ImageSeries with timestamps in nwbfile.stimulus')
   return None, pathlib.Path(movie), np.asarray(movie_times, np.float64)
 
@@ -337,7 +386,7 @@ def _stimulus(source, path, frame_shape, progress) -> tuple[np.ndarray, np.ndarr
   if movie is not None:
     frames = _movie_frames(movie, frame_shape, progress)
     if len(frames) != len(movie_times):
-      raise ValueError(f'movie {movie} has {len(frames)} frames and {len(movie_times)} frame '
+      raise InputError(f'movie {movie} has {len(frames)} frames and {len(movie_times)} frame '
                        'times; expected one time per frame')
     return frames, movie_times
   frames = np.concatenate([_series_frames(s, frame_shape, path, progress) for s in internal])
@@ -357,31 +406,127 @@ def _stimulus_ids(values) -> np.ndarray:
   return np.array([ids.setdefault(_text(v), len(ids)) for v in values], np.int64)
 
 
-def _trials(nwbfile, times_T) -> tuple[dict, int]:
-  """(trials as sample indices [start, stop) on times_T, trials left out as empty there)."""
+def _positional_tiers(start_K: np.ndarray) -> list[str]:
+  """Tiers by position in time: of every 10 trials, the 5th is validation, the 10th test."""
+  position_K = np.argsort(np.argsort(start_K, kind='stable'), kind='stable')
+  return [HELD_OUT.get(int(k) % 10, 'train') for k in position_K]
+
+
+def _pieces(count: int) -> dict:
+  """The recording [0, count) cut into PIECES equal trials (empty ones left out)."""
+  edges = np.round(np.linspace(0, count, PIECES + 1)).astype(np.int64)
+  keep = edges[1:] > edges[:-1]
+  return {'start': edges[:-1][keep], 'stop': edges[1:][keep], 'stimulus': np.arange(keep.sum())}
+
+
+def _tiers(table, keep, path) -> list[str] | None:
+  """The kept trials' 'tier' column, checked; None without one."""
+  if 'tier' not in table.colnames:
+    return None
+  tiers = [_text(t) for t in np.asarray(table['tier'].data[:])[keep]]
+  bad = next((k for k, t in enumerate(tiers) if t not in neural.TIERS), None)
+  if bad is not None:
+    raise InputError(f'trial {np.flatnonzero(keep)[bad]} of {path} has tier {tiers[bad]!r}; '
+                     f'expected one of {neural.TIERS}')
+  return tiers
+
+
+def _trials(nwbfile, times_T, path) -> tuple[dict, int, str]:
+  """(trials as sample indices [start, stop) on times_T, trials left out as empty there,
+  where their tiers came from: 'column', 'position' or 'pieces')."""
   if nwbfile.trials is None or not len(nwbfile.trials):
-    return {'start': [0], 'stop': [len(times_T)], 'tier': ['train'], 'stimulus': [0]}, 0
+    trials = _pieces(len(times_T))
+    return {**trials, 'tier': _positional_tiers(trials['start'])}, 0, 'pieces'
   table = nwbfile.trials
   start = np.searchsorted(times_T, table['start_time'].data[:], 'left')
   stop = np.searchsorted(times_T, table['stop_time'].data[:], 'left')
-  tier = ([_text(t) for t in table['tier'].data[:]] if 'tier' in table.colnames
-          else ['train'] * len(start))
   stimulus = (_stimulus_ids(table['stimulus'].data[:]) if 'stimulus' in table.colnames
               else np.arange(len(start)))
   keep = stop > start
-  return {'start': start[keep], 'stop': stop[keep], 'tier': [t for t, k in zip(tier, keep) if k],
-          'stimulus': stimulus[keep]}, int(np.sum(~keep))
+  tiers = _tiers(table, keep, path)
+  trials = {'start': start[keep], 'stop': stop[keep], 'stimulus': stimulus[keep],
+            'tier': tiers or _positional_tiers(start[keep])}
+  return trials, int(np.sum(~keep)), 'position' if tiers is None else 'column'
+
+
+TIER_RULES = {'column': '',
+              'position': '; no tier column, so the 5th and 10th of every 10 trials in time '
+                          'order are validation and test',
+              'pieces': '; no trials table, so the recording was cut into 10 equal trials, the '
+                        '5th validation and the 10th test'}
+
+
+def _trial_summary(trials: dict, dropped: int, rule: str) -> str:
+  """'12 trials (train 10, validation 1, test 1); left out 0 trials ...[; how tiers were set]'."""
+  counts = ', '.join(f'{t} {trials["tier"].count(t)}' for t in neural.TIERS
+                     if t in trials['tier'])
+  return (f'{len(trials["start"])} trials ({counts}); left out {dropped} trials outside the '
+          f'recording{TIER_RULES[rule]}')
 
 
 # ---------------------------------------------------------------- the import
 
 def _check_options(rate: float, frame_shape, missing_behavior: str):
   if not rate > 0:
-    raise ValueError(f'rate {rate}; expected samples per second > 0')
+    raise InputError(f'rate {rate}; expected samples per second > 0')
   if len(frame_shape) != 2 or min(frame_shape) < 1:
-    raise ValueError(f'frame_shape {tuple(frame_shape)}; expected (height, width), both ≥ 1')
+    raise InputError(f'frame_shape {tuple(frame_shape)}; expected (height, width), both ≥ 1')
   if missing_behavior not in ('error', 'nan'):
-    raise ValueError(f"missing_behavior={missing_behavior!r}; expected 'error' or 'nan'")
+    raise InputError(f"missing_behavior={missing_behavior!r}; expected 'error' or 'nan'")
+
+
+def _unreadable(path: pathlib.Path, error: Exception) -> InputError:
+  return InputError(f'{path} is not a readable NWB file ({type(error).__name__}: {error}); '
+                    'expected a whole NWB 2 (HDF5) file')
+
+
+@contextlib.contextmanager
+def _nwb_file(path: pathlib.Path):
+  """The NWBFile at path, open for reading; what HDF5 or NWB cannot read is an InputError."""
+  try:
+    io = pynwb.NWBHDF5IO(str(path), 'r')
+  except READ_ERRORS as e:
+    raise _unreadable(path, e) from None
+  with io:
+    try:
+      nwbfile = io.read()
+    except READ_ERRORS as e:
+      raise _unreadable(path, e) from None
+    try:
+      yield nwbfile
+    except (OSError, RuntimeError) as e:   # h5py on a damaged dataset
+      raise InputError(f'{path} is damaged: reading it failed ({type(e).__name__}: {e})') from None
+
+
+@dataclasses.dataclass
+class _Session:
+  """What import_nwb writes: the file read and put on the neural clock."""
+  data: _Neural
+  kind: str   # 'calcium traces' or 'binned spikes'
+  times_T: np.ndarray
+  behavior_TxC: np.ndarray
+  frames_FxHxW: np.ndarray
+  frame_times_F: np.ndarray
+  trials: dict
+  summary: str   # of the trials and their tiers
+  animal: str | None   # the file's subject_id
+
+
+def _read_session(nwbfile, path, *, rate, frame_shape, movie, movie_times, missing_behavior,
+                  progress) -> _Session:
+  source = _neural_source(nwbfile, path)
+  stimulus_source = _stimulus_source(nwbfile, path, movie, movie_times)
+  behavior_sources = _behavior_sources(nwbfile, path, missing_behavior)
+  calcium = isinstance(source, RoiResponseSeries)
+  data = (_calcium(source, path, rate, progress) if calcium
+          else _spikes(source, path, _trial_span(nwbfile), rate, progress))
+  times_T = data.start_time + np.arange(len(data.responses_TxN)) / rate
+  behavior_TxC = _behavior_TxC(behavior_sources, times_T, rate, path)
+  frames_FxHxW, frame_times_F = _stimulus(stimulus_source, path, tuple(frame_shape), progress)
+  trials, dropped, rule = _trials(nwbfile, times_T, path)
+  return _Session(data, 'calcium traces' if calcium else 'binned spikes', times_T, behavior_TxC,
+                  frames_FxHxW, frame_times_F, trials, _trial_summary(trials, dropped, rule),
+                  nwbfile.subject and nwbfile.subject.subject_id)
 
 
 def import_nwb(path, root, *, session: str | None = None, animal: str | None = None,
@@ -394,36 +539,32 @@ def import_nwb(path, root, *, session: str | None = None, animal: str | None = N
   movie: a video file of the stimulus (PyAV); its frame times are movie_times, else the
   timestamps of an ImageSeries in nwbfile.stimulus whose data is that external file.
   missing_behavior: 'error' raises for a channel not found, 'nan' imports it as all-NaN.
+  Without a 'tier' column trials get tiers by position (see the module docstring); what
+  cannot be read or used raises InputError naming the file.
   """
   path = pathlib.Path(path)
   _check_options(rate, frame_shape, missing_behavior)
   if not path.is_file():
-    raise ValueError(f'NWB file {path} is not a file; expected an NWB (HDF5) file')
+    raise InputError(f'NWB file {path} is not a file; expected an NWB (HDF5) file')
   name = session or path.stem
-  neural.check_fits(root, name, rate=rate, frame_shape=frame_shape, overwrite=overwrite)
-  with pynwb.NWBHDF5IO(str(path), 'r') as io:
-    nwbfile = io.read()
-    source = _neural_source(nwbfile, path)
-    stimulus_source = _stimulus_source(nwbfile, path, movie, movie_times)
-    behavior_sources = _behavior_sources(nwbfile, path, missing_behavior)
-    data = (_calcium(source, path, rate, progress) if isinstance(source, RoiResponseSeries)
-            else _spikes(source, path, _trial_span(nwbfile), rate, progress))
-    times_T = data.start_time + np.arange(len(data.responses_TxN)) / rate
-    behavior_TxC = _behavior_TxC(behavior_sources, times_T, rate, path)
-    frames_FxHxW, frame_times_F = _stimulus(stimulus_source, path, tuple(frame_shape), progress)
-    trials, dropped = _trials(nwbfile, times_T)
-    animal = animal or (nwbfile.subject and nwbfile.subject.subject_id) or name
-  neural.write_session(
-      root, name, animal=animal, rate=rate, responses_TxN=data.responses_TxN,
-      frames_FxHxW=frames_FxHxW, frame_times_F=frame_times_F, behavior_SxC=behavior_TxC,
-      behavior_times_S=times_T, unit_ids=data.unit_ids, trials=trials,
-      positions_Nx3=data.positions_Nx3, areas=data.areas, start_time=data.start_time,
-      overwrite=overwrite)
+  with store_errors(path):
+    neural.check_fits(root, name, rate=rate, frame_shape=frame_shape, overwrite=overwrite)
+  with _nwb_file(path) as nwbfile:
+    read = _read_session(nwbfile, path, rate=rate, frame_shape=frame_shape, movie=movie,
+                         movie_times=movie_times, missing_behavior=missing_behavior,
+                         progress=progress)
+  with store_errors(path):
+    neural.write_session(
+        root, name, animal=animal or read.animal or name, rate=rate,
+        responses_TxN=read.data.responses_TxN, frames_FxHxW=read.frames_FxHxW,
+        frame_times_F=read.frame_times_F, behavior_SxC=read.behavior_TxC,
+        behavior_times_S=read.times_T, unit_ids=read.data.unit_ids, trials=read.trials,
+        positions_Nx3=read.data.positions_Nx3, areas=read.data.areas,
+        start_time=read.data.start_time, overwrite=overwrite)
   if progress:
-    kind = 'calcium traces' if isinstance(source, RoiResponseSeries) else 'binned spikes'
-    print(f'brainscale: imported {path} as session {name!r} of {root}: {kind} of '
-          f'{len(data.unit_ids)} neurons, {len(times_T)} samples, {len(frames_FxHxW)} frames, '
-          f'{len(trials["start"])} trials; left out {dropped} trials outside the recording')
+    print(f'brainscale: imported {path} as session {name!r} of {root}: {read.kind} of '
+          f'{len(read.data.unit_ids)} neurons, {len(read.times_T)} samples, '
+          f'{len(read.frames_FxHxW)} frames, {read.summary}')
   return name
 
 
@@ -434,7 +575,13 @@ def _frame_shape(text: str) -> tuple[int, int]:
 
 def _load_times(text: str) -> np.ndarray:
   """Frame times from a .npy file, else a text file of numbers."""
-  return np.load(text, allow_pickle=False) if text.endswith('.npy') else np.loadtxt(text, ndmin=1)
+  try:
+    if text.endswith('.npy'):
+      return np.load(text, allow_pickle=False)
+    return np.loadtxt(text, ndmin=1)
+  except (OSError, ValueError) as e:
+    raise InputError(f'movie times {text} cannot be read ({type(e).__name__}: {e}); expected '
+                     'a .npy file or a text file of seconds') from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -458,9 +605,8 @@ def main(argv: list[str] | None = None) -> int:
                frame_shape=args.frame_shape, movie=args.movie, movie_times=movie_times,
                missing_behavior=args.missing_behavior, progress=not args.quiet,
                overwrite=args.overwrite)
-  except (OSError, ValueError) as e:
-    print(f'brainscale: {e}', file=sys.stderr)
-    return 2
+  except (InputError, OSError) as e:
+    return failed(e)
   return 0
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from brainscale.data import neural
+from brainscale.data.importers import InputError, failed, store_errors
 
 MODALITIES = ('videos', 'responses', 'behavior', 'pupil_center')
 TIERS = {'train': 'train', 'oracle': 'repeats', 'live_test_main': 'test',
@@ -34,7 +35,7 @@ class _Trial:
 
 def _required(path: pathlib.Path, expected: str) -> pathlib.Path:
   if not path.exists():
-    raise ValueError(f'{path} is missing; expected {expected}')
+    raise InputError(f'{path} is missing; expected {expected}')
   return path
 
 
@@ -43,7 +44,7 @@ def _load(path: pathlib.Path, expected: str) -> np.ndarray:
   try:
     return np.load(_required(path, expected), mmap_mode='r', allow_pickle=False)
   except (OSError, ValueError) as e:
-    raise ValueError(f'{path} is not a readable .npy file ({e}); expected {expected}') from None
+    raise InputError(f'{path} is not a readable .npy file ({e}); expected {expected}') from None
 
 
 def _meta(folder: pathlib.Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -52,10 +53,10 @@ def _meta(folder: pathlib.Path) -> tuple[list[str], np.ndarray, np.ndarray]:
   positions_Nx3 = _load(folder / 'meta/neurons/cell_motor_coordinates.npy', 'positions [N, 3]')
   tiers = _load(folder / 'meta/trials/tiers.npy', 'one tier per trial')
   if unit_ids.ndim != 1 or not len(unit_ids):
-    raise ValueError(f'{folder / "meta/neurons/unit_ids.npy"} has shape {unit_ids.shape}; '
+    raise InputError(f'{folder / "meta/neurons/unit_ids.npy"} has shape {unit_ids.shape}; '
                      'expected one id per neuron, at least one')
   if positions_Nx3.shape != (len(unit_ids), 3):
-    raise ValueError(f'{folder / "meta/neurons/cell_motor_coordinates.npy"} has shape '
+    raise InputError(f'{folder / "meta/neurons/cell_motor_coordinates.npy"} has shape '
                      f'{positions_Nx3.shape}; expected ({len(unit_ids)}, 3) like unit_ids')
   return [str(u) for u in unit_ids], np.asarray(positions_Nx3, np.float32), np.asarray(tiers)
 
@@ -67,10 +68,10 @@ def _trial_ids(folder: pathlib.Path) -> list[int]:
   ids = []
   for path in (folder / 'data/videos').glob('*.npy'):
     if not path.stem.isdigit():
-      raise ValueError(f'{path} is not named by a trial number; expected data/videos/<int>.npy')
+      raise InputError(f'{path} is not named by a trial number; expected data/videos/<int>.npy')
     ids.append(int(path.stem))
   if not ids:
-    raise ValueError(f'{folder / "data/videos"} holds no <trial>.npy files; expected one per trial')
+    raise InputError(f'{folder / "data/videos"} holds no <trial>.npy files; expected one per trial')
   return sorted(ids)
 
 
@@ -87,7 +88,7 @@ def _trial_arrays(folder: pathlib.Path, trial: int, neurons: int) -> dict[str, n
         'pupil_center': arrays['pupil_center'].shape == (2, frames)}
   for m in MODALITIES:
     if not ok[m]:
-      raise ValueError(f'{folder / "data" / m / f"{trial}.npy"} has shape {arrays[m].shape}; '
+      raise InputError(f'{folder / "data" / m / f"{trial}.npy"} has shape {arrays[m].shape}; '
                        f'expected {expected[m]} (neurons from unit_ids, frames from the video)')
   return arrays
 
@@ -109,11 +110,11 @@ def _gray_uint8(video_HxWxF) -> np.ndarray:
 
 def _tier(tiers: np.ndarray, trial: int, folder: pathlib.Path) -> str | None:
   if trial >= len(tiers):
-    raise ValueError(f'trial {trial} has no entry in {folder / "meta/trials/tiers.npy"} '
+    raise InputError(f'trial {trial} has no entry in {folder / "meta/trials/tiers.npy"} '
                      f'({len(tiers)} entries); expected one per trial')
   tier = str(tiers[trial])
   if tier not in TIERS:
-    raise ValueError(f'trial {trial} has tier {tier!r} in {folder / "meta/trials/tiers.npy"}; '
+    raise InputError(f'trial {trial} has tier {tier!r} in {folder / "meta/trials/tiers.npy"}; '
                      f'expected one of {sorted(TIERS)}')
   return TIERS[tier]
 
@@ -125,7 +126,7 @@ def _scan(folder, ids, neurons, tiers, progress) -> tuple[list[_Trial], dict[str
     arrays = _trial_arrays(folder, trial, neurons)
     shape = shape or arrays['videos'].shape[:2]
     if arrays['videos'].shape[:2] != shape:
-      raise ValueError(f'{folder / "data/videos" / f"{trial}.npy"} has frames of '
+      raise InputError(f'{folder / "data/videos" / f"{trial}.npy"} has frames of '
                        f'{arrays["videos"].shape[:2]}; expected {shape} like the other trials')
     tier = _tier(tiers, trial, folder)
     length = _trimmed_length(arrays['videos'], arrays['responses']) if tier else 0
@@ -135,7 +136,7 @@ def _scan(folder, ids, neurons, tiers, progress) -> tuple[list[_Trial], dict[str
     digest = hashlib.sha1(_gray_uint8(arrays['videos'][..., :length]).tobytes()).hexdigest()
     kept.append(_Trial(trial, tier, length, digest))
   if not kept:
-    raise ValueError(f'{folder} has no trial to import ({skipped}); expected train, oracle or '
+    raise InputError(f'{folder} has no trial to import ({skipped}); expected train, oracle or '
                      'test trials with frames that are not NaN')
   return kept, skipped
 
@@ -184,24 +185,26 @@ def import_sensorium(folder, root, *, session: str | None = None, animal: str | 
   """
   folder = pathlib.Path(folder)
   if not folder.is_dir():
-    raise ValueError(f'Sensorium folder {folder} is not a folder; expected one with data/, meta/')
+    raise InputError(f'Sensorium folder {folder} is not a folder; expected one with data/, meta/')
   if not rate > 0:
-    raise ValueError(f'rate {rate}; expected frames per second > 0')
+    raise InputError(f'rate {rate}; expected frames per second > 0')
   name = session or folder.name
   unit_ids, positions_Nx3, tiers = _meta(folder)
   ids = _trial_ids(folder)
   first = _load(folder / 'data/videos' / f'{ids[0]}.npy', 'a video (H, W, frames)')
-  neural.check_fits(root, name, rate=rate, frame_shape=first.shape[:2], overwrite=overwrite)
+  with store_errors(folder):
+    neural.check_fits(root, name, rate=rate, frame_shape=first.shape[:2], overwrite=overwrite)
   trials, skipped = _scan(folder, ids, len(unit_ids), tiers, progress)
   data = _concatenate(folder, trials, len(unit_ids), rate, progress)
   times_T = np.arange(len(data['responses_TxN'])) / rate
-  neural.write_session(
-      root, name, animal=animal or folder.name.split('-')[0], rate=rate,
-      responses_TxN=data['responses_TxN'], frames_FxHxW=data['frames_TxHxW'],
-      frame_times_F=times_T, behavior_SxC=data['behavior_TxC'], behavior_times_S=times_T,
-      unit_ids=unit_ids, positions_Nx3=positions_Nx3, overwrite=overwrite,
-      trials={'start': data['start'], 'stop': data['stop'], 'tier': [t.tier for t in trials],
-              'stimulus': _stimulus_ids(trials)})
+  with store_errors(folder):
+    neural.write_session(
+        root, name, animal=animal or folder.name.split('-')[0], rate=rate,
+        responses_TxN=data['responses_TxN'], frames_FxHxW=data['frames_TxHxW'],
+        frame_times_F=times_T, behavior_SxC=data['behavior_TxC'], behavior_times_S=times_T,
+        unit_ids=unit_ids, positions_Nx3=positions_Nx3, overwrite=overwrite,
+        trials={'start': data['start'], 'stop': data['stop'], 'tier': [t.tier for t in trials],
+                'stimulus': _stimulus_ids(trials)})
   if progress:
     counts = {tier: sum(t.tier == tier for t in trials) for tier in ('train', 'repeats', 'test')}
     print(f'brainscale: imported {folder} as session {name!r} of {root}: {len(trials)} trials '
@@ -224,9 +227,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     import_sensorium(args.folder, args.root, session=args.session, animal=args.animal,
                      rate=args.rate, progress=not args.quiet, overwrite=args.overwrite)
-  except (OSError, ValueError) as e:
-    print(f'brainscale: {e}', file=sys.stderr)
-    return 2
+  except (InputError, OSError) as e:
+    return failed(e)
   return 0
 
 

@@ -7,6 +7,7 @@ clips of ≤ clip_seconds and re-encoded in memory with a short GOP; one record 
 clip (see brainscale.data.video). X.flow.npy + X.json ("flow_gap_frames") next
 to X.mp4 add ground-truth flow. Unreadable files are skipped and reported.
 OUT is written atomically: shards, index.json and report.json appear together.
+Frames are stored as players show them: a display matrix (phone video's rotation) is applied.
 """
 
 import argparse
@@ -30,6 +31,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from brainscale.data import video as video_lib
+from brainscale.data.importers import InputError, failed
 
 VIDEO_SUFFIXES = frozenset({'.mp4', '.m4v', '.mov', '.webm', '.mkv', '.avi', '.mpg', '.mpeg',
                             '.ts', '.mts', '.m2ts', '.flv', '.wmv', '.ogv', '.3gp', '.3g2'})
@@ -136,11 +138,21 @@ class _Clipper:
     self.name, self.rate, self.options, self.emit = name, rate, options, emit
     self.flow, self.gap = flow, gap
     self.per_clip = max(1, math.floor(options.clip_seconds * rate + 1e-6))
-    self.size = self.source_size = self.encoder = None
+    self.size = self.source_size = self.encoder = self.display = None
     self.scaler = av.video.reformatter.VideoReformatter()   # keeps its context between frames
     self.clips, self.frames, self.notes = 0, 0, []
 
+  def upright(self, frame: av.VideoFrame) -> av.VideoFrame:
+    """The frame as players show it: its display matrix (phone video's rotation) applied."""
+    orientation = video_lib.display_orientation(frame)
+    if orientation == video_lib.UPRIGHT:
+      return frame
+    self.display = self.display or video_lib.orientation_name(orientation)
+    rgb_HxWx3 = video_lib.upright(frame.to_ndarray(format='rgb24'), orientation)
+    return av.VideoFrame.from_ndarray(rgb_HxWx3, format='rgb24')
+
   def add(self, frame: av.VideoFrame):
+    frame = self.upright(frame)
     if self.size is None:
       self.source_size = (frame.width, frame.height)
       self.size = _target_size(frame.width, frame.height, self.options.max_side)
@@ -189,6 +201,7 @@ class _Clipper:
     entry = {'path': self.name, 'clips': self.clips, 'frames': self.frames, 'fps': float(self.rate),
              'width': self.size[0], 'height': self.size[1], 'source_width': self.source_size[0],
              'source_height': self.source_size[1], 'has_flow': self.flow is not None}
+    entry = {**entry, 'display': self.display} if self.display else entry
     return {**entry, 'note': '; '.join(self.notes)} if self.notes else entry
 
 
@@ -344,11 +357,11 @@ def _check_out_dir(out_dir: pathlib.Path, overwrite: bool):
     return
   if (out_dir / 'index.json').is_file():
     if not overwrite:
-      raise FileExistsError(f'{out_dir} already holds imported videos (index.json); '
-                            'pass overwrite=True (--overwrite) to import again')
+      raise InputError(f'{out_dir} already holds imported videos (index.json); '
+                       'pass overwrite=True (--overwrite) to import again')
   elif not out_dir.is_dir() or any(out_dir.iterdir()):
-    raise FileExistsError(f'{out_dir} exists and is not an imported video folder; '
-                          'choose another OUT')
+    raise InputError(f'{out_dir} exists and is not an imported video folder; '
+                     'choose another OUT')
 
 
 def import_videos(source_dir, out_dir, *, clip_seconds: float = 10.0, max_side: int = 320,
@@ -363,7 +376,7 @@ def import_videos(source_dir, out_dir, *, clip_seconds: float = 10.0, max_side: 
   """
   source_dir, out_dir = pathlib.Path(source_dir), pathlib.Path(out_dir)
   if not source_dir.is_dir():
-    raise FileNotFoundError(f'video source {source_dir} is not a folder')
+    raise InputError(f'video source {source_dir} is not a folder; expected a folder of videos')
   _check_out_dir(out_dir, overwrite)
   files = sorted((p for p in source_dir.rglob('*') if p.is_file()),
                  key=lambda p: p.relative_to(source_dir).as_posix())
@@ -378,7 +391,7 @@ def import_videos(source_dir, out_dir, *, clip_seconds: float = 10.0, max_side: 
              options) for i, p in enumerate(videos)]
     index = _write_shards(staging, jobs, report, records_per_shard, workers, progress)
     if not index['clips']:
-      raise ValueError(f'no readable video in {source_dir}: {report.summary()}')
+      raise InputError(f'no readable video in {source_dir}: {report.summary()}')
     index.update(videos=len(report.imported), options=dataclasses.asdict(options))
     shutil.rmtree(staging / 'parts')
     (staging / 'report.json').write_text(json.dumps(dataclasses.asdict(report), indent=1))
@@ -448,9 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                            max_side=args.max_side, records_per_shard=args.records_per_shard,
                            workers=args.workers, crf=args.crf, gop=args.gop,
                            progress=not args.quiet, overwrite=args.overwrite)
-  except (OSError, ValueError) as e:
-    print(f'brainscale: {e}', file=sys.stderr)
-    return 1
+  except (InputError, OSError) as e:
+    return failed(e)
   for skipped in report.skipped:
     print(f'skipped {skipped["path"]}: {skipped["reason"]}', file=sys.stderr)
   print(f'brainscale: {report.summary()}; see {pathlib.Path(args.out) / "report.json"}')
