@@ -1,5 +1,5 @@
 # make run   — train the embedded default (smoke experiment, synthetic data, CPU)
-# make test  — the test suite (what CI runs)
+# make test  — the test suite (what CI runs), on JOBS=2 worker processes
 # make cuda  — add the CUDA build of JAX (requirements-cuda.txt) to ./.venv: the GPU-compile
 #              tests then run instead of skipping, and --mode=plan compiles for the GPUs
 # All create ./.venv from requirements.txt on first use.
@@ -27,8 +27,13 @@ cuda: $(VENV)/.cuda-installed
 run: $(VENV)/.installed
 	$(PY) launch/run.py --experiment=smoke $(ARGS)
 
+# Two workers, each test module whole on one (its module fixtures are made once); the
+# longest modules go first so that both workers finish together.
+JOBS ?= 2
+LONGEST := tests/test_enigma_train.py tests/test_gpu_compile.py tests/test_slurm.py
+
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=30 tests
+	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile $(LONGEST) tests
 
 clean:
 	rm -rf $(VENV) runs

@@ -6,10 +6,18 @@
 
 --submit sbatches the experiment on its `cluster` section (launch/slurm.py).
 Inside a multi-task srun step it calls jax.distributed.initialize() itself.
+Every expected failure (a bad config value or workdir, a missing or corrupt input
+file, a checkpoint that cannot be written) is one line on stderr, `brainscale: ...`,
+naming the key or file; --traceback shows the Python traceback as well. Anything
+else is a bug and keeps its traceback.
+
 Exit status: 0 done; 1 a run that failed (non-finite loss, a plan that does not
-fit); 2 bad input; 75 stopped by SIGTERM with a checkpoint saved (requeue me).
+fit) or a bug; 2 bad input; 74 a checkpoint could not be written, or none of the
+checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
+(requeue me).
 """
 
+import logging as std_logging
 import os
 import pathlib
 import sys
@@ -24,6 +32,7 @@ flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
 flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan'], 'what to do')
 flags.DEFINE_bool('submit', False, 'sbatch the experiment on its cluster section')
+flags.DEFINE_bool('traceback', False, 'show the Python traceback of an expected failure too')
 FLAGS = flags.FLAGS
 
 _OVERRIDES: list[str] = []
@@ -34,10 +43,20 @@ def fail(message: str, code: int = 2):
   sys.exit(code)
 
 
+def cluster_size(config) -> dict:
+  """validate()'s sizes for the experiment's cluster section (plan and submit)."""
+  from launch import slurm  # noqa: PLC0415
+  cluster = config.cluster
+  return dict(num_devices=cluster.nodes * max(cluster.gpus_per_node, 1), num_nodes=cluster.nodes,
+              num_processes=cluster.nodes * slurm.tasks_per_node(cluster))
+
+
 def submit(config):
   """--submit: writes and sbatches the job script; imports no JAX."""
   from launch import slurm  # noqa: PLC0415
   try:
+    if 'cluster' in config:
+      config_lib.validate(config, **cluster_size(config))
     slurm.submit(config, workdir=FLAGS.workdir, overrides=_OVERRIDES)
   except config_lib.ConfigError as e:
     fail(str(e))
@@ -52,6 +71,7 @@ def plan(config):
   from brainscale import plan as plan_lib  # noqa: PLC0415
   try:
     plan_lib.check(config)
+    config_lib.validate(config, **cluster_size(config))
     where = plan_lib.target(config)
   except config_lib.ConfigError as e:
     fail(str(e))
@@ -66,11 +86,63 @@ def plan(config):
   sys.exit(0 if fits else 1)
 
 
+def run(config, workdir: str):
+  """train, eval or describe on this job's devices."""
+  import jax  # noqa: PLC0415
+  from brainscale import parallel  # noqa: PLC0415  (after flags: Grain reads them)
+  from brainscale.train import describe, loop  # noqa: PLC0415
+  if FLAGS.mode == 'describe':
+    config_lib.validate(config, num_devices=jax.device_count())
+    print(describe.describe(config))
+    return
+  parallel.initialize_distributed(config.mesh)
+  config_lib.validate(config, num_devices=jax.device_count(), num_nodes=parallel.num_nodes(),
+                      num_processes=jax.process_count())
+  config_lib.check_workdir(workdir, write=FLAGS.mode == 'train')
+  if FLAGS.mode == 'eval':
+    loop.evaluate(config, workdir)
+  else:
+    loop.train(config, workdir)
+
+
+def exit_code(error: Exception) -> int | None:
+  """The exit status of an expected failure; None for a bug (it keeps its traceback)."""
+  from brainscale.data.importers import InputError  # noqa: PLC0415
+  from brainscale.train import checkpoint, loop, preemption  # noqa: PLC0415
+  if isinstance(error, preemption.Preempted):
+    return preemption.REQUEUE_EXIT
+  if isinstance(error, checkpoint.CheckpointError):
+    return checkpoint.SAVE_FAILED_EXIT
+  if isinstance(error, loop.NonFiniteError):
+    return 1
+  if isinstance(error, (config_lib.ConfigError, InputError, OSError)):
+    return 2
+  return None
+
+
+def message(error: Exception) -> str:
+  """One line: an OSError names its file; others say what they say."""
+  if isinstance(error, OSError) and error.filename:
+    return f'{error.strerror or type(error).__name__}: {error.filename}'
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+class _FirstLine(std_logging.Filter):
+  """Orbax and Grain log a failure with its traceback before it reaches us; keep one line."""
+
+  def filter(self, record):
+    record.msg = (record.getMessage().splitlines() or [''])[0]
+    record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
 def main(argv):
   logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every file at INFO
+  if not FLAGS.traceback:
+    logging.get_absl_handler().addFilter(_FirstLine())
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; options are --experiment, --workdir, --mode, '
-         '--config.KEY=VALUE')
+         '--config.KEY=VALUE, --submit, --traceback')
   try:
     config = config_lib.resolve(FLAGS.experiment, _OVERRIDES)
   except config_lib.ConfigError as e:
@@ -79,26 +151,13 @@ def main(argv):
     return submit(config)
   if FLAGS.mode == 'plan':
     return plan(config)
-  from brainscale import parallel  # noqa: PLC0415  (after flags: Grain reads them)
-  from brainscale.train import describe, loop, preemption  # noqa: PLC0415
-  workdir = FLAGS.workdir or os.path.join('runs', FLAGS.experiment)
   try:
-    if FLAGS.mode != 'describe':
-      parallel.initialize_distributed(config.mesh)
-    if FLAGS.mode == 'describe':
-      print(describe.describe(config))
-    elif FLAGS.mode == 'eval':
-      loop.evaluate(config, workdir)
-    else:
-      loop.train(config, workdir)
-  except config_lib.ConfigError as e:
-    fail(str(e))
-  except loop.NonFiniteError as e:
-    fail(str(e), code=1)
-  except preemption.Preempted as e:
-    fail(str(e), code=preemption.REQUEUE_EXIT)
-  except FileNotFoundError as e:
-    fail(str(e))
+    run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
+  except Exception as e:
+    code = exit_code(e)
+    if code is None or FLAGS.traceback:
+      raise
+    fail(message(e), code=code)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,7 @@ asks for the same data shares one copy. Process 0 makes it; the others wait.
 """
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -32,9 +33,16 @@ def named(prefix: str, spec: dict) -> pathlib.Path:
 
 
 def make_once(directory: pathlib.Path, done: str, make) -> pathlib.Path:
-  """Calls make() on process 0 unless directory/done exists; every process waits for it."""
+  """Calls make() on process 0 unless directory/done exists; every process waits for it.
+
+  A lock beside the directory keeps two jobs on one machine from making it at once.
+  """
   if jax.process_index() == 0 and not (directory / done).exists():
-    make()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with open(directory.parent / f'.{directory.name}.lock', 'w') as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if not (directory / done).exists():
+        make()
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices(f'data {directory.name}')
