@@ -28,12 +28,11 @@ run: $(VENV)/.installed
 	$(PY) launch/run.py --experiment=smoke $(ARGS)
 
 # Two workers, each test module whole on one (its module fixtures are made once); the
-# longest modules go first so that both workers finish together.
+# longest modules go first (tests/conftest.py) so that both workers finish together.
 JOBS ?= 2
-LONGEST := tests/test_enigma_train.py tests/test_gpu_compile.py tests/test_slurm.py
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile $(LONGEST) tests
+	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) runs

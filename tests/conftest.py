@@ -24,3 +24,13 @@ def seed(request) -> int:
 @pytest.fixture
 def rng(seed) -> np.random.Generator:
   return np.random.default_rng(seed)
+
+
+# The longest modules first: `make test` runs each module whole on one of two xdist workers
+# (--dist loadfile), and the workers finish together only if the long ones start early.
+LONGEST_FIRST = ('test_enigma_train.py', 'test_gpu_compile.py', 'test_slurm.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
