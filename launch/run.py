@@ -91,8 +91,9 @@ def run(config, workdir: str):
   import jax  # noqa: PLC0415
   from brainscale import parallel  # noqa: PLC0415  (after flags: Grain reads them)
   from brainscale.train import describe, loop  # noqa: PLC0415
-  if FLAGS.mode == 'describe':
-    config_lib.validate(config, num_devices=jax.device_count())
+  if FLAGS.mode == 'describe':   # describes the cluster's run where there is one
+    size = cluster_size(config) if 'cluster' in config else {'num_devices': jax.device_count()}
+    config_lib.validate(config, **size)
     print(describe.describe(config))
     return
   parallel.initialize_distributed(config.mesh)

@@ -36,6 +36,18 @@ def test_describe_sizes_without_allocating(name, low, high):
     assert 'blocks/layers/mlp' in text
 
 
+@pytest.mark.slow
+def test_describe_on_the_cli_sizes_the_cluster_and_lists_the_optimizer_groups():
+  """run.py checks the config at the cluster's size (192 GPUs), not this machine's one."""
+  from test_train import run_cli  # noqa: PLC0415
+  result = run_cli('--experiment=cwm_80b', '--mode=describe')
+  assert result.returncode == 0, result.stderr[-3000:]
+  groups = result.stdout.split('optimizer groups')[1].splitlines()[1:]
+  counts = {line.split()[0]: int(re.search(r'in (\d+) tensors', line).group(1)) for line in groups}
+  assert counts == {'default': 10, 'no_decay': 5, 'tokenizer': 24}
+  assert 'frozen' in next(line for line in groups if line.split()[0] == 'tokenizer')
+
+
 def test_cwm_80b_shape_matches_reference():
   c = config_lib.resolve('cwm_80b', [])
   m = c.model

@@ -228,6 +228,8 @@ def test_a_read_only_workdir_evaluates_but_does_not_train(tmp_path):
     (['--config.checkpoint.every_steps=0'], 'brainscale: checkpoint.every_steps=0; expected'),
     (['--config.train.batch_size=3'], 'brainscale: train.batch_size=3 does not split over 2'),
     (['--workdir={file}'], 'brainscale: workdir={file} is a file; expected a directory'),
+    (['--config.train.groups.no_decay.pattern=nrom'],
+     "brainscale: train.groups.no_decay.pattern='nrom' matches no parameter; expected a regex"),
 ])
 def test_bad_values_are_one_line_before_anything_is_built(tmp_path, args, expected):
   file = tmp_path / 'a_file'

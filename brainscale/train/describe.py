@@ -13,6 +13,7 @@ from flax import nnx
 
 from brainscale import parallel
 from brainscale.nn.core import axes_of
+from brainscale.train import optim
 from brainscale.train.task import get_task
 
 GiB = 1024 ** 3
@@ -80,4 +81,20 @@ def describe(config, num_devices: int | None = None) -> str:
             'memory per device (analytic):']
   lines += [f'  {k:<36} {v / GiB:10.3f} GiB' for k, v in memory.items()]
   lines.append(f'  {"total":<36} {sum(memory.values()) / GiB:10.3f} GiB')
-  return '\n'.join(lines)
+  return '\n'.join(lines + group_lines(config, rows))
+
+
+def group_lines(config, rows) -> list[str]:
+  """Which parameters each optimizer group holds (train.groups; 'default' the rest)."""
+  t = config.train
+  labels = optim.group_of([r[0] for r in rows], t.groups)
+  lines = ['optimizer groups (frozen first, then the first pattern that matches):']
+  for name in ['default', *t.groups]:
+    mine = [r for r, label in zip(rows, labels) if label == name]
+    g = t.groups[name] if name != 'default' else types.SimpleNamespace(
+        lr_scale=1.0, weight_decay=t.weight_decay, pattern='(the rest)')
+    what = 'frozen' if g.lr_scale == 0 else f'lr x{g.lr_scale:g}, weight_decay {g.weight_decay:g}'
+    example = f', e.g. {mine[0][0]}' if mine else ''
+    lines.append(f'  {name:<12} {g.pattern!s:<36} {what:<34} {_human(sum(r[4] for r in mine)):>8} '
+                 f'params in {len(mine)} tensors{example}')
+  return lines

@@ -13,6 +13,8 @@ import re
 import jax
 import optax
 
+from brainscale.config import ConfigError
+
 
 def schedule(c) -> optax.Schedule:
   """Linear warmup to `learning_rate`, then cosine to `learning_rate * min_lr_ratio`."""
@@ -27,16 +29,26 @@ def path_name(path) -> str:
   return jax.tree_util.keystr(path, simple=True, separator='/')
 
 
-def group_labels(params, groups) -> dict:
-  """The group name of every parameter ('default' when no pattern matches)."""
+def group_of(names: list[str], groups) -> list[str]:
+  """The group of each parameter path ('default' when no pattern matches).
+
+  A group whose pattern matches no parameter at all is a ConfigError: a freeze that
+  freezes nothing, or a no-decay that exempts nothing, would otherwise pass unnoticed.
+  """
   ordered = sorted(groups.items(), key=lambda item: item[1].lr_scale != 0)  # frozen first
   compiled = [(name, re.compile(g.pattern)) for name, g in ordered]
+  for name, rx in compiled if names else ():
+    if not any(rx.search(n) for n in names):
+      raise ConfigError(f'train.groups.{name}.pattern={rx.pattern!r} matches no parameter; '
+                        f'expected a regex on paths like {names[0]!r} ({len(names)} parameters)')
+  return [next((g for g, rx in compiled if rx.search(n)), 'default') for n in names]
 
-  def label(path, _):
-    name = path_name(path)
-    return next((g for g, rx in compiled if rx.search(name)), 'default')
 
-  return jax.tree_util.tree_map_with_path(label, params)
+def group_labels(params, groups) -> dict:
+  """The group name of every parameter, as a tree like `params`."""
+  paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+  labels = group_of([path_name(p) for p, _ in paths], groups)
+  return jax.tree_util.tree_unflatten(treedef, labels)
 
 
 def make(c) -> optax.GradientTransformation:
