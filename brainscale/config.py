@@ -250,6 +250,11 @@ def _check_groups(groups):
                         f'expression ({e})') from None
 
 
+def cluster_devices(cluster) -> int:
+  """Devices of a `cluster` section's job: one per GPU, or one per node of a CPU job."""
+  return cluster.nodes * max(cluster.gpus_per_node, 1)
+
+
 def batch_axes(config, num_devices: int, num_nodes: int = 1) -> dict[str, int]:
   """Sizes of the mesh axes that mesh.rules.batch shards the batch over (DCN x ICI)."""
   dcn, ici = mesh_shape(config.mesh, num_devices, num_nodes)

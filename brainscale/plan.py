@@ -45,7 +45,7 @@ from jax.extend import core as jax_core
 
 from brainscale import gpu as gpu_lib
 from brainscale import hlo, parallel
-from brainscale.config import ConfigError
+from brainscale.config import ConfigError, cluster_devices
 from brainscale.train import loop
 
 GiB = 2 ** 30
@@ -337,4 +337,4 @@ def simulated_devices(config) -> int:
   """How many CPU devices the CPU plan of `config` needs (set before JAX starts)."""
   if 'cluster' not in config:
     return 1
-  return config.cluster.nodes * max(config.cluster.gpus_per_node, 1)
+  return cluster_devices(config.cluster)

@@ -47,7 +47,7 @@ def cluster_size(config) -> dict:
   """validate()'s sizes for the experiment's cluster section (plan and submit)."""
   from launch import slurm  # noqa: PLC0415
   cluster = config.cluster
-  return dict(num_devices=cluster.nodes * max(cluster.gpus_per_node, 1), num_nodes=cluster.nodes,
+  return dict(num_devices=config_lib.cluster_devices(cluster), num_nodes=cluster.nodes,
               num_processes=cluster.nodes * slurm.tasks_per_node(cluster))
 
 
