@@ -25,69 +25,151 @@ from brainscale.cwm import sequence
 from brainscale.cwm.model import WorldModel
 
 
-def _choose(logits_BxQxV, mode: str, key) -> jax.Array:
-  if mode == 'sample':
-    return jax.random.categorical(key, logits_BxQxV).astype(jnp.int32)
-  return jnp.argmax(logits_BxQxV, -1).astype(jnp.int32)
-
-
 def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax.Array,
-                   queries_BxQ: jax.Array, *, sequential: bool = False, choose: str = 'argmax',
-                   teacher_BxQx4: jax.Array | None = None, key: jax.Array | None = None):
+                   queries_BxQ: jax.Array, *, sequential: bool = False, temperature: float = 0.0,
+                   top_k: int = 0, top_p: float = 1.0, teacher_BxQx4: jax.Array | None = None,
+                   key: jax.Array | None = None, cached: bool = True):
   """Predicts the content codes of the `queries` patches after the `context` patches.
 
   Returns (tokens [B, Q, 4] chosen for conditioning, log-probs [B, Q, 4, codes]).
   Parallel: query k sees the context and its own earlier tokens (one shared
-  prefix, 4 passes). Sequential: query k also sees queries 0..k-1 with their
-  chosen tokens (4 Q passes). `teacher` forces the conditioning tokens, so two
-  runs on different inputs give comparable distributions.
+  prefix). Sequential: query k also sees queries 0..k-1 with their chosen tokens.
+  Tokens are chosen by nn.choose (argmax at temperature 0, else sampled with
+  top-k / top-p from `key`). `teacher` forces the conditioning tokens, so two runs
+  on different inputs give comparable distributions. `cached` feeds the context
+  once into a KV cache and then only the new tokens (4 Q token-passes in all);
+  `cached=False` recomputes the whole sequence for every step (the reference).
   """
-  layout = model.layout
-  b, c = context_BxC.shape
-  q = queries_BxQ.shape[1]
   key = jax.random.key(0) if key is None else key
-  seq = sequence.build(codes_BxFxhxw, jnp.concatenate([context_BxC, queries_BxQ], 1), layout)
-  start = 5 * c
-  segments_BxL = jnp.concatenate([jnp.zeros((b, start), jnp.int32),
+  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+
+  def choose(logits_BxRxV, k, j):
+    """The codes fed next: the teacher's, or chosen from the logits of step (patch k, code j)."""
+    if teacher_BxQx4 is not None:
+      r = logits_BxRxV.shape[1]
+      return jax.lax.dynamic_slice_in_dim(teacher_BxQx4[..., j], k, r, 1)
+    return nn.choose(logits_BxRxV, jax.random.fold_in(key, k * 4 + j), **sampling)
+
+  decode = {(False, False): _parallel_recompute, (False, True): _parallel_cached,
+            (True, False): _sequential_recompute, (True, True): _sequential_cached}
+  return decode[sequential, cached](model, codes_BxFxhxw, context_BxC, queries_BxQ, choose)
+
+
+def _parallel_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
+  seq, first_BxQ = _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ)
+  b, c, q = first_BxQ.shape[0], context_BxC.shape[1], first_BxQ.shape[1]
+  segments_BxL = jnp.concatenate([jnp.zeros((b, 5 * c), jnp.int32),
                                   jnp.repeat(jnp.arange(1, q + 1, dtype=jnp.int32), 5)[None]
                                   .repeat(b, 0)], 1)
-  mask = (nn.Mask(causal=True) if sequential else
-          nn.Mask(causal=True, q_segments_BxT=segments_BxL, kv_segments_BxS=segments_BxL,
-                  shared_segment=0))
+  mask = nn.Mask(causal=True, q_segments_BxT=segments_BxL, kv_segments_BxS=segments_BxL,
+                 shared_segment=0)
+  tokens_BxL, chosen, logps = seq.tokens_BxL, [], []
+  for j in range(4):
+    tokens_BxL, c_BxQ, lp_BxQxV = _recompute_step(model, seq, tokens_BxL, first_BxQ + j, mask,
+                                                  lambda logits: choose(logits, 0, j))
+    chosen.append(c_BxQ)
+    logps.append(lp_BxQxV)
+  return jnp.stack(chosen, 2), jnp.stack(logps, 2)
 
-  def step(tokens_BxL, read_BxR, j, k):
-    """One pass: logits at `read` positions, write the chosen code after each."""
-    x_BxLxD = model.features(tokens_BxL, seq.pos_BxLx3, mask)
-    x_BxRxD = jnp.take_along_axis(x_BxLxD, read_BxR[..., None], 1)
-    logits_BxRxV = model.content_logits(x_BxRxD)
-    chosen_BxR = _choose(logits_BxRxV, choose, jax.random.fold_in(key, k * 4 + j))
-    if teacher_BxQx4 is not None:
-      chosen_BxR = jax.lax.dynamic_slice_in_dim(teacher_BxQx4[..., j], k, read_BxR.shape[1], 1)
-    rows = jnp.arange(b)[:, None]
-    tokens_BxL = tokens_BxL.at[rows, read_BxR + 1].set(chosen_BxR)
-    return tokens_BxL, chosen_BxR, jax.nn.log_softmax(logits_BxRxV, -1)
 
-  first_BxQ = jnp.broadcast_to(start + 5 * jnp.arange(q), (b, q))
-  if not sequential:
-    tokens_BxL, chosen, logps = seq.tokens_BxL, [], []
-    for j in range(4):
-      tokens_BxL, c_BxQ, lp_BxQxV = step(tokens_BxL, first_BxQ + j, j, 0)
-      chosen.append(c_BxQ)
-      logps.append(lp_BxQxV)
-    return jnp.stack(chosen, 2), jnp.stack(logps, 2)
+def _sequential_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
+  seq, first_BxQ = _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ)
+  b, q = first_BxQ.shape
+  mask = nn.Mask(causal=True)
 
   def one_patch(k, carry):
     tokens_BxL, chosen_BxQx4, logp_BxQx4xV = carry
     for j in range(4):
       read_Bx1 = jax.lax.dynamic_slice_in_dim(first_BxQ, k, 1, 1) + j
-      tokens_BxL, c_Bx1, lp_Bx1xV = step(tokens_BxL, read_Bx1, j, k)
+      tokens_BxL, c_Bx1, lp_Bx1xV = _recompute_step(model, seq, tokens_BxL, read_Bx1, mask,
+                                                    lambda logits: choose(logits, k, j))
       chosen_BxQx4 = chosen_BxQx4.at[:, k, j].set(c_Bx1[:, 0])
       logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(lp_Bx1xV[:, 0])
     return tokens_BxL, chosen_BxQx4, logp_BxQx4xV
 
   init = (seq.tokens_BxL, jnp.zeros((b, q, 4), jnp.int32),
-          jnp.zeros((b, q, 4, layout.codes), jnp.float32))
+          jnp.zeros((b, q, 4, model.layout.codes), jnp.float32))
   _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
+  return chosen_BxQx4, logp_BxQx4xV
+
+
+def _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ):
+  """The context-then-queries sequence, and where each query's pointer sits [B, Q]."""
+  b, c = context_BxC.shape
+  q = queries_BxQ.shape[1]
+  seq = sequence.build(codes_BxFxhxw, jnp.concatenate([context_BxC, queries_BxQ], 1),
+                       model.layout)
+  return seq, jnp.broadcast_to(5 * c + 5 * jnp.arange(q), (b, q))
+
+
+def _recompute_step(model, seq, tokens_BxL, read_BxR, mask, choose):
+  """One whole pass: logits at `read` positions, the chosen code written after each."""
+  x_BxLxD = model.features(tokens_BxL, seq.pos_BxLx3, mask)
+  logits_BxRxV = model.content_logits(jnp.take_along_axis(x_BxLxD, read_BxR[..., None], 1))
+  chosen_BxR = choose(logits_BxRxV)
+  tokens_BxL = tokens_BxL.at[jnp.arange(tokens_BxL.shape[0])[:, None], read_BxR + 1].set(
+      chosen_BxR)
+  return tokens_BxL, chosen_BxR, jax.nn.log_softmax(logits_BxRxV, -1)
+
+
+def _parallel_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
+  """Prefill the context; then 4 steps of Q tokens, query k's tokens in segment k + 1."""
+  b, c = context_BxC.shape
+  q = queries_BxQ.shape[1]
+  ctx = sequence.build(codes_BxFxhxw, context_BxC, model.layout)
+  ask = sequence.build(codes_BxFxhxw, queries_BxQ, model.layout)
+  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, 5)
+  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, 5, 3)
+  cache = model.init_cache(b, 5 * c + 4 * q)
+  if c:
+    _, cache = model.decode(ctx.tokens_BxL, ctx.pos_BxLx3, cache)
+  segments_BxQ = jnp.broadcast_to(jnp.arange(1, q + 1, dtype=jnp.int32), (b, q))
+  kv_segments_BxS = jnp.concatenate([jnp.zeros((b, 5 * c), jnp.int32),
+                                     jnp.tile(segments_BxQ, (1, 4))], 1)
+  feed_BxQ, chosen, logps = tokens_BxQx5[..., 0], [], []
+  for j in range(4):
+    mask = nn.slot_mask(cache, q, b, q_segments_BxT=segments_BxQ,
+                        kv_segments_BxS=kv_segments_BxS, shared_segment=0)
+    x_BxQxD, cache = model.decode(feed_BxQ, pos_BxQx5x3[:, :, j], cache, mask)
+    logits_BxQxV = model.content_logits(x_BxQxD)
+    feed_BxQ = choose(logits_BxQxV, 0, j)
+    chosen.append(feed_BxQ)
+    logps.append(jax.nn.log_softmax(logits_BxQxV, -1))
+  return jnp.stack(chosen, 2), jnp.stack(logps, 2)
+
+
+def _sequential_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
+  """Prefill all but the context's last token; then per patch: [last token, pointer],
+  then its first three codes, one token each (4 steps per patch)."""
+  b, c = context_BxC.shape
+  q = queries_BxQ.shape[1]
+  if c < 1:
+    raise ValueError('sequential cached decoding needs at least one context patch')
+  ctx = sequence.build(codes_BxFxhxw, context_BxC, model.layout)
+  ask = sequence.build(codes_BxFxhxw, queries_BxQ, model.layout)
+  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, 5)
+  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, 5, 3)
+  cache = model.init_cache(b, 5 * c + 5 * q - 1)
+  _, cache = model.decode(ctx.tokens_BxL[:, :-1], ctx.pos_BxLx3[:, :-1], cache)
+
+  def one_patch(k, carry):
+    cache, last_Bx1, last_pos_Bx1x3, chosen_BxQx4, logp_BxQx4xV = carry
+    here = lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, keepdims=False)
+    tokens_BxQx5_k, pos_Bx5x3 = here(tokens_BxQx5), here(pos_BxQx5x3)
+    feed_BxT = jnp.concatenate([last_Bx1, tokens_BxQx5_k[:, :1]], 1)
+    pos_BxTx3 = jnp.concatenate([last_pos_Bx1x3, pos_Bx5x3[:, :1]], 1)
+    for j in range(4):
+      x_BxTxD, cache = model.decode(feed_BxT, pos_BxTx3, cache)
+      logits_Bx1xV = model.content_logits(x_BxTxD[:, -1:])
+      feed_BxT = choose(logits_Bx1xV, k, j)
+      pos_BxTx3 = pos_Bx5x3[:, j + 1:j + 2]
+      chosen_BxQx4 = chosen_BxQx4.at[:, k, j].set(feed_BxT[:, 0])
+      logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(jax.nn.log_softmax(logits_Bx1xV, -1)[:, 0])
+    return cache, feed_BxT, pos_BxTx3, chosen_BxQx4, logp_BxQx4xV
+
+  init = (cache, ctx.tokens_BxL[:, -1:], ctx.pos_BxLx3[:, -1:], jnp.zeros((b, q, 4), jnp.int32),
+          jnp.zeros((b, q, 4, model.layout.codes), jnp.float32))
+  _, _, _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
   return chosen_BxQx4, logp_BxQx4xV
 
 
@@ -107,13 +189,15 @@ def hidden_patches(revealed_BxR: jax.Array, patches: int) -> jax.Array:
 
 
 def predict_codes(model: WorldModel, codes_Bx2xhxw: jax.Array, revealed_BxR: jax.Array, *,
-                  sequential: bool = False, decode: str = 'mean',
-                  key: jax.Array | None = None) -> dict:
+                  sequential: bool = False, decode: str = 'mean', temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, key: jax.Array | None = None,
+                  cached: bool = True) -> dict:
   """Frame 1 predicted from frame 0's codes and the revealed frame-1 patches.
 
   decode: 'mean' decodes the expected latent of each predicted code (the
   minimum-squared-error image), 'argmax' the most likely codes, 'sample' a
-  sample. Returns image [B, H, W, 3] in [0, 1], codes [B, h, w] (chosen),
+  sample at `temperature` from the `top_k` / `top_p` codes (the codes a
+  sequential prediction conditions on are chosen the same way). Returns image [B, H, W, 3] in [0, 1], codes [B, h, w] (chosen),
   hidden [B, H, W] (pixels that were predicted, not revealed).
   """
   layout, tok = model.layout, model.tokenizer
@@ -121,10 +205,13 @@ def predict_codes(model: WorldModel, codes_Bx2xhxw: jax.Array, revealed_BxR: jax
   revealed_BxR = jnp.asarray(revealed_BxR, jnp.int32)
   hidden_BxQ = hidden_patches(revealed_BxR, p)
   context_BxC = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), p + revealed_BxR], 1)
-  choose = 'sample' if decode == 'sample' else 'argmax'
+  if decode not in ('mean', 'argmax', 'sample'):
+    raise ValueError(f"decode={decode!r}; expected 'mean', 'argmax' or 'sample'")
+  sampling = (dict(temperature=temperature, top_k=top_k, top_p=top_p) if decode == 'sample'
+              else {})
   chosen_BxQx4, logp_BxQx4xV = decode_patches(
-      model, codes_Bx2xhxw, context_BxC, p + hidden_BxQ, sequential=sequential, choose=choose,
-      key=key)
+      model, codes_Bx2xhxw, context_BxC, p + hidden_BxQ, sequential=sequential, key=key,
+      cached=cached, **sampling)
   rows = jnp.arange(b)[:, None]
   content_BxPx4 = sequence.patchify(codes_Bx2xhxw, layout)[:, p:]
   content_BxPx4 = content_BxPx4.at[rows, hidden_BxQ].set(chosen_BxQx4)
@@ -187,12 +274,16 @@ def frame1_log_probs(model: WorldModel, codes_Bx2xhxw: jax.Array,
   One causal pass over the whole true sequence in `order` (frame 0's patches,
   then frame 1's). Returns [B, P, 4, codes] on frame 1's row-major patches.
   """
-  layout = model.layout
-  b, p = codes_Bx2xhxw.shape[0], layout.patches
-  seq = sequence.build(codes_Bx2xhxw, order_BxN, layout)
-  x_BxTxD = model.features(seq.tokens_BxL, seq.pos_BxLx3)
+  seq = sequence.build(codes_Bx2xhxw, order_BxN, model.layout)
+  return _frame1_read(model, model.features(seq.tokens_BxL, seq.pos_BxLx3), order_BxN, 0)
+
+
+def _frame1_read(model: WorldModel, x_BxTxD: jax.Array, order_BxN: jax.Array,
+                 start: int) -> jax.Array:
+  """Frame-1 log-probs [B, P, 4, codes] from the features of tokens start, start + 1, ..."""
+  b, p = order_BxN.shape[0], model.layout.patches
   # a frame-1 content token at 5k + j (j = 1..4) is predicted at position 5k + j - 1
-  read_Px4 = 5 * (p + jnp.arange(p))[:, None] + jnp.arange(4)[None]
+  read_Px4 = 5 * (p + jnp.arange(p))[:, None] + jnp.arange(4)[None] - start
   x_BxPx4xD = x_BxTxD[:, read_Px4]
   logp_BxPx4xC = jax.nn.log_softmax(model.content_logits(x_BxPx4xD.reshape(b, 4 * p, -1)), -1)
   logp_BxPx4xC = logp_BxPx4xC.reshape(b, p, 4, -1)
@@ -202,7 +293,8 @@ def frame1_log_probs(model: WorldModel, codes_Bx2xhxw: jax.Array,
 
 
 def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Array, *,
-            orders: int = 4, floor: float = 0.5, key: jax.Array | None = None) -> dict:
+            orders: int = 4, floor: float = 0.5, key: jax.Array | None = None,
+            cached: bool = True) -> dict:
   """Optical flow of points (x, y) of frame 0 by KL-tracing.
 
   For each point: invert the colours of its 4x4 code cell in frame 0, and ask
@@ -214,34 +306,84 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
   from the map by `flow_from_kl` (its mass above the `floor` quantile); points
   outside the frame are clipped to its edge cells. `key` draws the orders.
   Returns flow [B, K, 2] (pixels), kl [B, K, h, w] and cell centres [B, K, 2].
+
+  The K points of a clip share each order and one clean pass. Frame 0's patches
+  that no perturbation reaches come first in the order, so with `cached` they are
+  fed once into a KV cache and the clean and K perturbed sequences continue from it.
   """
   layout = model.layout
   b, k = points_BxKx2.shape[:2]
+  p = layout.patches
   if orders < 1:
     raise ValueError(f'kl_flow orders={orders}; expected at least 1')
   key = jax.random.key(0) if key is None else key
-  frames_NxFxHxWx3 = jnp.repeat(frames_Bx2xHxWx3, k, axis=0)
-  points_Nx2 = points_BxKx2.reshape(b * k, 2)
-  clean_Nx2xhxw = model.tokenize(frames_NxFxHxWx3)
+  clean_Bx2xhxw = model.tokenize(frames_Bx2xHxWx3)
   grid_max = jnp.array([layout.width // layout.code - 1, layout.height // layout.code - 1])
-  cell_Nx2 = jnp.clip((points_Nx2 // layout.code).astype(jnp.int32), 0, grid_max)  # (cx, cy)
-  pert0_NxHxWx3 = perturb(frames_NxFxHxWx3[:, 0], layout.code * cell_Nx2[:, None],
-                          size=layout.code)[:, 0]
-  pert_Nx2xhxw = clean_Nx2xhxw.at[:, 0].set(model.tokenize(pert0_NxHxWx3[:, None])[:, 0])
+  cell_BxKx2 = jnp.clip((points_BxKx2 // layout.code).astype(jnp.int32), 0, grid_max)  # cx, cy
+  pert0_BxKxHxWx3 = perturb(frames_Bx2xHxWx3[:, 0], layout.code * cell_BxKx2, size=layout.code)
+  pert0_BxKxhxw = model.tokenize(pert0_BxKxHxWx3.reshape((b * k, 1) + pert0_BxKxHxWx3.shape[2:]))
+  # Variant 0 is the clean clip, variant 1 + i the clip with point i perturbed.
+  variants_BxVx2xhxw = jnp.concatenate([clean_Bx2xhxw[:, None], jnp.repeat(
+      clean_Bx2xhxw[:, None], k, 1).at[:, :, 0].set(pert0_BxKxhxw.reshape(
+          (b, k) + pert0_BxKxhxw.shape[2:]))], 1)
+  reach_BxP, window = _reached_patches(cell_BxKx2, model.tokenizer.radius, layout)
+  prefix = max(p - k * window, 0) if cached else 0   # patches no perturbation reaches
 
-  def one_order(kl_NxPx4, r):
-    order_NxN = sequence.random_order(jax.random.fold_in(key, r), b * k, layout)
-    clean_lp = frame1_log_probs(model, clean_Nx2xhxw, order_NxN)
-    pert_lp = frame1_log_probs(model, pert_Nx2xhxw, order_NxN)
-    return kl_NxPx4 + jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1) / orders, None
+  def one_order(kl_BxKxPx4, r):
+    order_BxN = _order_reached_last(jax.random.fold_in(key, r), reach_BxP, layout)
+    lp_BxVxPx4xC = _variant_log_probs(model, variants_BxVx2xhxw, order_BxN, prefix)
+    clean_lp, pert_lp = lp_BxVxPx4xC[:, :1], lp_BxVxPx4xC[:, 1:]
+    return kl_BxKxPx4 + jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1) / orders, None
 
-  kl_NxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b * k, layout.patches, 4), jnp.float32),
-                             jnp.arange(orders))
-  kl_Nxhxw = _to_grid(kl_NxPx4[..., None], layout)[..., 0]
-  from_Nx2 = layout.code * cell_Nx2 + (layout.code - 1) / 2
+  kl_BxKxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b, k, p, 4), jnp.float32),
+                               jnp.arange(orders))
+  kl_Nxhxw = _to_grid(kl_BxKxPx4.reshape(b * k, p, 4, 1), layout)[..., 0]
+  from_Nx2 = layout.code * cell_BxKx2.reshape(b * k, 2) + (layout.code - 1) / 2
   flow_Nx2 = flow_from_kl(kl_Nxhxw, from_Nx2, code=layout.code, floor=floor)
   return {'flow': flow_Nx2.reshape(b, k, 2), 'kl': kl_Nxhxw.reshape((b, k) + kl_Nxhxw.shape[1:]),
           'cell_centre': from_Nx2.reshape(b, k, 2)}
+
+
+def _reached_patches(cell_BxKx2: jax.Array, radius: int, layout: sequence.Layout):
+  """Frame-0 patches whose codes a perturbation of these code cells can change [B, P],
+  and the most patches one cell reaches: the tokenizer sees `radius` codes around."""
+  gh, gw = layout.grid
+  reach = -(-radius // layout.per_side)             # in patches, rounded up
+  patch_BxKx2 = cell_BxKx2 // layout.per_side       # (px, py)
+  near_x = jnp.abs(jnp.arange(gw)[None, None, :] - patch_BxKx2[..., 0, None]) <= reach
+  near_y = jnp.abs(jnp.arange(gh)[None, None, :] - patch_BxKx2[..., 1, None]) <= reach
+  reached_BxKxP = (near_y[..., :, None] & near_x[..., None, :]).reshape(cell_BxKx2.shape[:2] +
+                                                                       (gh * gw,))
+  return reached_BxKxP.any(1), min(2 * reach + 1, gh) * min(2 * reach + 1, gw)
+
+
+def _order_reached_last(key: jax.Array, reached_BxP: jax.Array, layout: sequence.Layout):
+  """Frame 0 in random order with the reached patches last, then frame 1 in random order."""
+  b, p = reached_BxP.shape
+  k0, k1 = jax.random.split(key)
+  first_BxP = jnp.argsort(jax.random.uniform(k0, (b, p)) + reached_BxP, axis=1)
+  second_BxP = jnp.argsort(jax.random.uniform(k1, (b, p)), axis=1)
+  return jnp.concatenate([first_BxP, p + second_BxP], 1).astype(jnp.int32)
+
+
+def _variant_log_probs(model: WorldModel, codes_BxVx2xhxw: jax.Array, order_BxN: jax.Array,
+                       prefix: int) -> jax.Array:
+  """frame1_log_probs of V variants of each clip in one order [B, V, P, 4, C]; the first
+  `prefix` patches (the same in every variant) are fed once into a KV cache."""
+  b, v = codes_BxVx2xhxw.shape[:2]
+  layout, p = model.layout, model.layout.patches
+  codes_Nx2xhxw = codes_BxVx2xhxw.reshape((b * v,) + codes_BxVx2xhxw.shape[2:])
+  order_NxN = jnp.repeat(order_BxN, v, axis=0)
+  if not prefix:
+    return frame1_log_probs(model, codes_Nx2xhxw, order_NxN).reshape((b, v) + (p, 4, -1))
+  seq = sequence.build(codes_Nx2xhxw, order_NxN, layout)
+  start = 5 * prefix
+  shared = sequence.build(codes_BxVx2xhxw[:, 0], order_BxN[:, :prefix], layout)
+  cache = model.init_cache(b, layout.length)
+  _, cache = model.decode(shared.tokens_BxL, shared.pos_BxLx3, cache)
+  x_NxTxD, _ = model.decode(seq.tokens_BxL[:, start:], seq.pos_BxLx3[:, start:], cache.repeat(v))
+  logp_NxPx4xC = _frame1_read(model, x_NxTxD, order_NxN, start)
+  return logp_NxPx4xC.reshape((b, v) + logp_NxPx4xC.shape[1:])
 
 
 def flow_from_kl(kl_Nxhxw: jax.Array, from_Nx2: jax.Array, *, code: int = 4,

@@ -54,16 +54,35 @@ class WorldModel(nnx.Module):
   def features(self, tokens_BxT: jax.Array, pos_BxTx3: jax.Array,
                mask: nn.Mask = nn.Mask(causal=True)) -> jax.Array:
     """Final normalised hidden states [B, T, D] (causal unless told otherwise)."""
+    rope = nn.rope_nd(pos_BxTx3, self.head_dim, split=(6, 6, 4), base=self.rope_base)
+    x_BxTxD = self.blocks(self._embed(tokens_BxT), mask=mask, rope_q=rope, rope_k=rope)
+    return self.norm(x_BxTxD)
+
+  def init_cache(self, batch: int, slots: int, dtype=None) -> nn.KVCache:
+    """An empty KV cache of `slots` tokens for `decode`, in the embedding's dtype."""
+    _, kv_heads, head_dim = self.blocks.layers.attn.w_k_ExKxH.shape[-3:]
+    dtype = dtype or self.embed.table_VxD[...].dtype
+    return nn.KVCache.zeros(self.blocks.num_layers, batch, slots, kv_heads, head_dim, dtype)
+
+  def decode(self, tokens_BxT: jax.Array, pos_BxTx3: jax.Array, cache: nn.KVCache,
+             mask: nn.Mask | None = None) -> tuple[jax.Array, nn.KVCache]:
+    """`features` of T tokens fed after the cache's (causal over slots unless `mask`
+    says more; see nn.slot_mask); returns them and the cache T slots longer."""
+    b, t = tokens_BxT.shape
+    mask = nn.slot_mask(cache, t, b) if mask is None else mask
+    rope = nn.rope_nd(pos_BxTx3, self.head_dim, split=(6, 6, 4), base=self.rope_base)
+    x_BxTxD, cache = self.blocks.decode(self._embed(tokens_BxT), cache, mask=mask,
+                                        rope_q=rope, rope_k=rope)
+    return self.norm(x_BxTxD), cache
+
+  def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
     x_BxTxD = self.embed(tokens_BxT)
     if self.w_latent_kxD is not None:
       content_BxT = tokens_BxT < self.layout.codes
       latent_BxTxk = self.tokenizer.codes_to_latent(jnp.where(content_BxT, tokens_BxT, 0))
       x_BxTxD = x_BxTxD + jnp.where(content_BxT[..., None], jnp.einsum(
           'btk,kd->btd', latent_BxTxk.astype(x_BxTxD.dtype), self.w_latent_kxD[...]), 0)
-    x_BxTxD = parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
-    rope = nn.rope_nd(pos_BxTx3, self.head_dim, split=(6, 6, 4), base=self.rope_base)
-    x_BxTxD = self.blocks(x_BxTxD, mask=mask, rope_q=rope, rope_k=rope)
-    return self.norm(x_BxTxD)
+    return parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
 
   def output_weights(self) -> jax.Array:
     """The output projection [D, vocab]: the head, plus the latent scoring of content codes."""

@@ -99,6 +99,12 @@ class Tokenizer(nnx.Module):
   def vocab(self) -> int:
     return 2 ** self.bits
 
+  @property
+  def radius(self) -> int:
+    """How many codes away a pixel change can reach (each conv block adds kernel // 2)."""
+    kernel = self.enc_blocks[0].w_conv_KxKxCxC.shape[0] if len(self.enc_blocks) else 1
+    return len(self.enc_blocks) * (kernel // 2)
+
   # ------------------------------------------------------------------ autoencoder
 
   def encode(self, frames_BxHxWx3: jax.Array) -> jax.Array:

@@ -1,9 +1,10 @@
 """Model-agnostic Flax NNX modules; nothing here knows CWM or Enigma."""
 
-from brainscale.nn.attention import Attention, Mask, attend
+from brainscale.nn.attention import Attention, KVCache, Mask, attend, slot_mask
 from brainscale.nn.core import RMSNorm, axes_of, param
 from brainscale.nn.embeddings import Embed, Head, Rotary, apply_rope, rope_1d, rope_nd
 from brainscale.nn.losses import (chunked_cross_entropy, cross_entropy, masked_mean,
                                   masked_mse, poisson_nll)
 from brainscale.nn.mlp import GeluMLP, SwiGLU, make_mlp
+from brainscale.nn.sampling import choose
 from brainscale.nn.transformer import REMAT_POLICIES, Block, Stack, stack_activation_bytes

@@ -5,6 +5,10 @@ positions, padding, segments) without materialising it, so each backend can
 use its fastest form: `xla` builds the boolean mask (the reference), `cudnn`
 calls jax.nn.dot_product_attention's fused kernel, `pallas` calls
 kernels.flash_attention.
+
+For decoding, a `KVCache` holds every layer's keys and values by slot: a
+prefix is fed once, then new tokens are fed against it (one or a few at a time,
+at any positions). The caller's Mask speaks of slot indices (`slot_mask`).
 """
 
 import dataclasses
@@ -71,6 +75,59 @@ class Mask:
 jax.tree_util.register_dataclass(
     Mask, meta_fields=['causal', 'window', 'shared_segment'],
     data_fields=['q_pos_BxT', 'kv_pos_BxS', 'kv_valid_BxS', 'q_segments_BxT', 'kv_segments_BxS'])
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Keys and values of L layers at S slots: slot s holds the s-th token fed.
+
+  Keys are stored after QK-norm and rotary, as attention used them. `length`
+  slots are filled; `layer` is the layer a Stack is at while it runs.
+  """
+  k_LxBxSxKxH: jax.Array
+  v_LxBxSxKxH: jax.Array
+  length: jax.Array                  # int32 []
+  layer: jax.Array                   # int32 []
+
+  @classmethod
+  def zeros(cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int,
+            dtype=jnp.float32) -> 'KVCache':
+    k = jnp.zeros((layers, batch, slots, kv_heads, head_dim), dtype)
+    k = parallel.constrain(k, CACHE_AXES)
+    return cls(k, k, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.k_LxBxSxKxH.shape[2]
+
+  def repeat(self, n: int) -> 'KVCache':
+    """Each batch row n times (b0, b0, ..., b1, ...): many continuations of one prefix."""
+    grow = lambda x: parallel.constrain(jnp.repeat(x, n, axis=1), CACHE_AXES)
+    return KVCache(grow(self.k_LxBxSxKxH), grow(self.v_LxBxSxKxH), self.length, self.layer)
+
+  def bytes(self) -> int:
+    return 2 * self.k_LxBxSxKxH.size * self.k_LxBxSxKxH.dtype.itemsize
+
+
+CACHE_AXES = (None, 'batch', None, 'act_heads', None)
+
+jax.tree_util.register_dataclass(
+    KVCache, data_fields=['k_LxBxSxKxH', 'v_LxBxSxKxH', 'length', 'layer'], meta_fields=[])
+
+
+def slot_mask(cache: KVCache, tokens: int, batch: int, *, q_segments_BxT=None,
+              kv_segments_BxS=None, shared_segment: int | None = None) -> Mask:
+  """Causal over cache slots for `tokens` new tokens fed at slots length, length + 1, ...
+
+  A new token sees the filled slots and the new tokens before it (never the empty
+  slots after them); segments narrow that further (parallel continuations of one
+  shared prefix, as in Mask).
+  """
+  q_pos_BxT = jnp.broadcast_to(cache.length + jnp.arange(tokens), (batch, tokens))
+  kv_pos_BxS = jnp.broadcast_to(jnp.arange(cache.slots), (batch, cache.slots))
+  return Mask(causal=True, q_pos_BxT=q_pos_BxT, kv_pos_BxS=kv_pos_BxS,
+              q_segments_BxT=q_segments_BxT, kv_segments_BxS=kv_segments_BxS,
+              shared_segment=shared_segment)
 
 
 def attend_xla(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask: Mask) -> jax.Array:
@@ -196,7 +253,11 @@ class Attention(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None = None, *,
                mask: Mask = Mask(), rope_q: Rotary | None = None,
-               rope_k: Rotary | None = None) -> jax.Array:
+               rope_k: Rotary | None = None, cache: KVCache | None = None):
+    """Attention output [B, T, D]; with a cache (self-attention), (output, cache with the
+    T new keys and values written at slots length..length+T-1 of `cache.layer`)."""
+    if cache is not None and kv_BxSxE is not None:
+      raise ValueError('a KV cache is for self-attention; cross-attention keys do not grow')
     kv_BxSxE = x_BxTxD if kv_BxSxE is None else kv_BxSxE
     q_BxTxNxH = jnp.einsum('btd,dnh->btnh', x_BxTxD, self.w_q_DxNxH[...])
     k_BxSxKxH = jnp.einsum('bse,ekh->bskh', kv_BxSxE, self.w_k_ExKxH[...])
@@ -214,6 +275,26 @@ class Attention(nnx.Module):
                                        for a in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (checkpoint_name(a, 'qkv')
                                        for a in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
-    out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, self.backend)
+    if cache is not None:
+      cache, k_BxSxKxH, v_BxSxKxH = _write(cache, k_BxSxKxH, v_BxSxKxH)
+    # Decoding attends with the XLA reference: a few queries against the cache is a
+    # matrix-vector product, memory-bound, where fused training kernels gain nothing.
+    backend = 'xla' if cache is not None else self.backend
+    out_BxTxNxH = attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask, backend)
     out_BxTxD = jnp.einsum('btnh,nhd->btd', out_BxTxNxH, self.w_o_NxHxD[...])
-    return checkpoint_name(out_BxTxD, 'attn_out')
+    out_BxTxD = checkpoint_name(out_BxTxD, 'attn_out')
+    return out_BxTxD if cache is None else (out_BxTxD, cache)
+
+
+def _write(cache: KVCache, k_BxTxKxH, v_BxTxKxH):
+  """Writes new keys and values into `cache.layer` at slot `cache.length` (in place under
+  jit); returns the cache and that layer's keys and values [B, S, K, H]."""
+  at = (cache.layer, 0, cache.length, 0, 0)
+  k = jax.lax.dynamic_update_slice(cache.k_LxBxSxKxH, k_BxTxKxH[None].astype(
+      cache.k_LxBxSxKxH.dtype), at)
+  v = jax.lax.dynamic_update_slice(cache.v_LxBxSxKxH, v_BxTxKxH[None].astype(
+      cache.v_LxBxSxKxH.dtype), at)
+  k, v = parallel.constrain(k, CACHE_AXES), parallel.constrain(v, CACHE_AXES)
+  cache = KVCache(k, v, cache.length, cache.layer)
+  layer = lambda x: jax.lax.dynamic_index_in_dim(x, cache.layer, 0, keepdims=False)
+  return cache, layer(k), layer(v)

@@ -6,10 +6,11 @@ with depth. REMAT_POLICIES names what each layer keeps for the backward pass.
 """
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from brainscale import parallel
-from brainscale.nn.attention import Attention, Mask
+from brainscale.nn.attention import Attention, KVCache, Mask
 from brainscale.nn.core import RMSNorm, axes_of
 from brainscale.nn.embeddings import Rotary
 from brainscale.nn.mlp import make_mlp
@@ -42,17 +43,21 @@ class Block(nnx.Module):
 
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None = None, *,
                mask: Mask = Mask(), rope_q: Rotary | None = None,
-               rope_k: Rotary | None = None) -> jax.Array:
+               rope_k: Rotary | None = None, cache: KVCache | None = None):
+    """[B, T, D]; with a cache, (x, cache) as Attention returns it."""
     # The residual stream (what remat keeps per layer) may be split along its length
     # ('act_length' -> 'tensor': Megatron's sequence parallelism); the normed input of
     # attention and the MLP is whole along it ('length'), so their weights stay split over
     # heads and hidden units and are never gathered.
     whole = ('batch', 'length', 'act_embed')
-    x_BxTxD = x_BxTxD + self.attn(parallel.constrain(self.attn_norm(x_BxTxD), whole), kv_BxSxE,
-                                  mask=mask, rope_q=rope_q, rope_k=rope_k)
-    x_BxTxD = parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
+    attended = self.attn(parallel.constrain(self.attn_norm(x_BxTxD), whole), kv_BxSxE,
+                         mask=mask, rope_q=rope_q, rope_k=rope_k, cache=cache)
+    if cache is not None:
+      attended, cache = attended
+    x_BxTxD = parallel.constrain(x_BxTxD + attended, ('batch', 'act_length', 'act_embed'))
     x_BxTxD = x_BxTxD + self.mlp(parallel.constrain(self.mlp_norm(x_BxTxD), whole))
-    return parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
+    x_BxTxD = parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
+    return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
 class Stack(nnx.Module):
@@ -83,6 +88,29 @@ class Stack(nnx.Module):
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
     x_BxTxD, _ = jax.lax.scan(layer, x_BxTxD, state)
     return x_BxTxD
+
+  def decode(self, x_BxTxD: jax.Array, cache: KVCache, *, mask: Mask, rope_q: Rotary | None = None,
+             rope_k: Rotary | None = None) -> tuple[jax.Array, KVCache]:
+    """T new tokens through every layer against the cache (no remat: nothing is
+    differentiated). Writes their keys and values at slot `cache.length` of each layer
+    and returns the cache `T` slots longer. `mask` is over cache slots (nn.slot_mask)."""
+    if cache.k_LxBxSxKxH.shape[0] != self.num_layers:
+      raise ValueError(f'the cache holds {cache.k_LxBxSxKxH.shape[0]} layers; this stack has '
+                       f'{self.num_layers}')
+    graphdef, state = nnx.split(self.layers)
+
+    def layer(carry, xs):
+      x, k, v = carry
+      layer_state, index = xs
+      block = nnx.merge(graphdef, layer_state)
+      x, written = block(x, mask=mask, rope_q=rope_q, rope_k=rope_k,
+                         cache=KVCache(k, v, cache.length, index))
+      return (x, written.k_LxBxSxKxH, written.v_LxBxSxKxH), None
+
+    index_L = jnp.arange(self.num_layers, dtype=jnp.int32)
+    (x_BxTxD, k, v), _ = jax.lax.scan(
+        layer, (x_BxTxD, cache.k_LxBxSxKxH, cache.v_LxBxSxKxH), (state, index_L))
+    return x_BxTxD, KVCache(k, v, cache.length + x_BxTxD.shape[1], cache.layer)
 
 
 def stack_activation_bytes(*, layers: int, tokens: int, dim: int, mlp_hidden: int,
