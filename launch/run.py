@@ -17,16 +17,17 @@ checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
 (requeue me).
 """
 
-import logging as std_logging
 import os
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from brainscale import config as config_lib  # noqa: E402
+from launch import errors  # noqa: E402
+from launch.errors import fail  # noqa: E402
 
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
@@ -36,11 +37,6 @@ flags.DEFINE_bool('traceback', False, 'show the Python traceback of an expected 
 FLAGS = flags.FLAGS
 
 _OVERRIDES: list[str] = []
-
-
-def fail(message: str, code: int = 2):
-  print(f'brainscale: {message}', file=sys.stderr, flush=True)
-  sys.exit(code)
 
 
 def cluster_size(config) -> dict:
@@ -106,41 +102,8 @@ def run(config, workdir: str):
     loop.train(config, workdir)
 
 
-def exit_code(error: Exception) -> int | None:
-  """The exit status of an expected failure; None for a bug (it keeps its traceback)."""
-  from brainscale.data.importers import InputError  # noqa: PLC0415
-  from brainscale.train import checkpoint, loop, preemption  # noqa: PLC0415
-  if isinstance(error, preemption.Preempted):
-    return preemption.REQUEUE_EXIT
-  if isinstance(error, checkpoint.CheckpointError):
-    return checkpoint.SAVE_FAILED_EXIT
-  if isinstance(error, loop.NonFiniteError):
-    return 1
-  if isinstance(error, (config_lib.ConfigError, InputError, OSError)):
-    return 2
-  return None
-
-
-def message(error: Exception) -> str:
-  """One line: an OSError names its file; others say what they say."""
-  if isinstance(error, OSError) and error.filename:
-    return f'{error.strerror or type(error).__name__}: {error.filename}'
-  return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
-class _FirstLine(std_logging.Filter):
-  """Orbax and Grain log a failure with its traceback before it reaches us; keep one line."""
-
-  def filter(self, record):
-    record.msg = (record.getMessage().splitlines() or [''])[0]
-    record.args, record.exc_info, record.exc_text = (), None, None
-    return True
-
-
 def main(argv):
-  logging.set_verbosity(logging.WARNING)  # Orbax and Grain log every file at INFO
-  if not FLAGS.traceback:
-    logging.get_absl_handler().addFilter(_FirstLine())
+  errors.quiet_logs(FLAGS.traceback)
   if len(argv) > 1:
     fail(f'unexpected arguments {argv[1:]}; options are --experiment, --workdir, --mode, '
          '--config.KEY=VALUE, --submit, --traceback')
@@ -152,13 +115,8 @@ def main(argv):
     return submit(config)
   if FLAGS.mode == 'plan':
     return plan(config)
-  try:
+  with errors.funnel(FLAGS.traceback):
     run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
-  except Exception as e:
-    code = exit_code(e)
-    if code is None or FLAGS.traceback:
-      raise
-    fail(message(e), code=code)
 
 
 if __name__ == '__main__':

@@ -206,6 +206,19 @@ class ClipSource:
 
 # ---------------------------------------------------------------- pipeline
 
+def covering(w: int, h: int, size: int, scale: float = 1.0) -> tuple[int, int]:
+  """(width, height) of a w x h frame resized to a short side of size * scale (at least size)."""
+  short = max(size, round(size * scale))
+  return max(size, round(w * short / min(w, h))), max(size, round(h * short / min(w, h)))
+
+
+def centre_crop(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+  """How evaluation sees a w x h frame: (width, height) to resize it to (short side size),
+  and the (y0, x0) of the centred size x size crop."""
+  width, height = covering(w, h, size)
+  return width, height, (height - size) // 2, (width - size) // 2
+
+
 def gap_frames(gap_ms: float, fps: float) -> int:
   """The gap in frames nearest to gap_ms at this frame rate (halves round up), at least 1."""
   return max(1, math.floor(gap_ms * fps / 1000 + 0.5))
@@ -267,12 +280,9 @@ class _Examples:
 
   def geometry(self, w: int, h: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
     """(width, height) to resize a w x h clip to (short side size * s), and the crop's (y0, x0)."""
-    s = rng.uniform(*self.scale) if self.train else 1.0
-    short = max(self.size, round(self.size * s))
-    width = max(self.size, round(w * short / min(w, h)))
-    height = max(self.size, round(h * short / min(w, h)))
     if not self.train:
-      return width, height, (height - self.size) // 2, (width - self.size) // 2
+      return centre_crop(w, h, self.size)
+    width, height = covering(w, h, self.size, rng.uniform(*self.scale))
     y0 = int(rng.integers(0, height - self.size + 1))
     return width, height, y0, int(rng.integers(0, width - self.size + 1))
 
