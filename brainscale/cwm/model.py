@@ -61,7 +61,7 @@ class WorldModel(nnx.Module):
   def init_cache(self, batch: int, slots: int, dtype=None) -> nn.KVCache:
     """An empty KV cache of `slots` tokens for `decode`, in the embedding's dtype."""
     _, kv_heads, head_dim = self.blocks.layers.attn.w_k_ExKxH.shape[-3:]
-    dtype = dtype or self.embed.table_VxD[...].dtype
+    dtype = self.embed.table_VxD[...].dtype if dtype is None else dtype
     return nn.KVCache.zeros(self.blocks.num_layers, batch, slots, kv_heads, head_dim, dtype)
 
   def decode(self, tokens_BxT: jax.Array, pos_BxTx3: jax.Array, cache: nn.KVCache,
