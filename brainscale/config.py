@@ -35,6 +35,13 @@ def experiment_names() -> list[str]:
 
 def load(name: str) -> ml_collections.ConfigDict:
   """Returns the locked config of experiments/NAME.py."""
+  config = _module(name).get_config()
+  config.lock()
+  return config
+
+
+def _module(name: str):
+  """The module experiments/NAME.py, freshly executed."""
   path = EXPERIMENTS / f'{name}.py'
   if not path.is_file():
     close = difflib.get_close_matches(name, experiment_names(), n=3)
@@ -45,9 +52,7 @@ def load(name: str) -> ml_collections.ConfigDict:
   spec = importlib.util.spec_from_file_location(f'experiments.{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  config.lock()
-  return config
+  return module
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
@@ -120,10 +125,17 @@ def override(config: ml_collections.ConfigDict, overrides: list[str]):
 
 
 def resolve(name: str, overrides: list[str]) -> ml_collections.ConfigDict:
-  """Loads experiment NAME and applies the overrides."""
-  config = load(name)
+  """Loads experiment NAME and applies the overrides, then the experiment's
+  `derive(config, overrides)` if it has one: settings that follow from others are set
+  there, once, rather than stored twice."""
+  module = _module(name)
+  config = module.get_config()
+  config.lock()
   config.experiment = name
-  return override(config, overrides)
+  override(config, overrides)
+  if hasattr(module, 'derive'):
+    module.derive(config, overrides)
+  return config
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
@@ -216,6 +228,8 @@ RULES = {
     'probe.batch': _POSITIVE_INT,
     'evaluation.sessions': (_COUNT[0], 'an integer >= 0 (0: none scored)'),
     'evaluation.batch': _POSITIVE_INT,
+    'report.wandb_mode': (lambda v: v in ('', 'online', 'offline', 'disabled'),
+                          "'', online, offline or disabled"),
 }
 
 _MISSING = object()

@@ -67,7 +67,7 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.tokenizer.experiment = tokenizer   # trained first (a prerequisite run), then frozen
   c.tokenizer.overrides = ()           # '--config.KEY=VALUE' for that run
   c.tokenizer.workdir = ''             # '' = WORKDIR/tokenizer
-  c.tokenizer.model = ml_collections.ConfigDict(tok.model.to_dict())  # an unlocked copy
+  c.tokenizer.model = ml_collections.ConfigDict(tok.model.to_dict())  # set by derive()
   c.data = tok.data
   c.data.unlock()
 
@@ -87,3 +87,23 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
 
   c.train.groups.tokenizer = dict(pattern=r'^tokenizer/', lr_scale=0.0, weight_decay=0.0)
   c.train.groups.no_decay = dict(pattern=r'(norm|scale)', lr_scale=1.0, weight_decay=0.0)
+
+
+def derive(c, overrides: list[str]):
+  """tokenizer.model: the model of the tokenizer run (tokenizer.experiment with
+  tokenizer.overrides), its one source. Without tokenizer.experiment (no prerequisite
+  run; an untrained tokenizer) it is set directly."""
+  from brainscale import config as config_lib  # noqa: PLC0415
+  t = c.tokenizer
+  if not t.experiment:
+    return
+  direct = [o for o in overrides if o.startswith('--config.tokenizer.model.')]
+  if direct:
+    raise config_lib.ConfigError(
+        f'{direct[0].split("=")[0]}: the tokenizer comes from tokenizer.experiment='
+        f'{t.experiment}; set its model through --config.tokenizer.overrides="(\'--config.'
+        f'model.KEY=VALUE\',)", or set --config.tokenizer.experiment= for no prerequisite')
+  tok = config_lib.resolve(t.experiment, list(t.overrides))
+  with t.unlocked():
+    t.model = ml_collections.ConfigDict(tok.model.to_dict())
+

@@ -112,10 +112,6 @@ class Task(_VideoTask):
     if not t.experiment:
       return {}
     tok_config = config_lib.resolve(t.experiment, list(t.overrides))
-    if tok_config.model.to_dict() != t.model.to_dict():
-      raise config_lib.ConfigError(
-          f'tokenizer.model of {self.config.experiment} differs from the model of '
-          f'tokenizer.experiment={t.experiment}: {t.model.to_dict()} vs {tok_config.model.to_dict()}')
     return {'tokenizer': (tok_config, t.workdir or os.path.join(workdir, 'tokenizer'))}
 
   def loss(self, model, batch, rng, train):

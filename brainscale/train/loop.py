@@ -9,7 +9,6 @@ step t+1 before it reads step t's metrics, so the host never stalls the device.
 """
 
 import dataclasses
-import functools
 import os
 import time
 
@@ -22,13 +21,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from brainscale import parallel
+from brainscale.config import ConfigError
 from brainscale.nn.core import axes_of
 from brainscale.train import optim, preemption, report
-from brainscale.train.checkpoint import Checkpoints
+from brainscale.train.checkpoint import CheckpointError, Checkpoints
 from brainscale.train.task import Task, get_task
 
 
-@dataclasses.dataclass(eq=False)  # hashed by identity: jitted functions are cached per Setup
+@dataclasses.dataclass(eq=False)
 class Setup:
   """Everything the step needs that does not change while training."""
   config: object
@@ -39,6 +39,13 @@ class Setup:
   axes: dict             # logical axes of every parameter (a tree like params)
   tx: optax.GradientTransformation
   abstract_state: dict   # ShapeDtypeStructs with the current shardings
+  made: dict = dataclasses.field(default_factory=dict, repr=False)  # built once, dies with it
+
+  def once(self, key, make):
+    """make() the first time `key` is asked for; the same object after (jitted functions)."""
+    if key not in self.made:
+      self.made[key] = make()
+    return self.made[key]
 
 
 def param_tree(model_state: nnx.State, leaf) -> dict:
@@ -102,10 +109,9 @@ def init_state(setup: Setup) -> dict:
 def batch_shardings(setup: Setup, batch: dict) -> dict:
   """Shardings of each batch entry by the task's logical axes (computed once per layout)."""
   layout = tuple((k, np.ndim(v)) for k, v in batch.items())
-  return _batch_shardings(setup, layout)
+  return setup.once(('batch_shardings', layout), lambda: _batch_shardings(setup, layout))
 
 
-@functools.cache
 def _batch_shardings(setup: Setup, layout: tuple) -> dict:
   shapes = {k: jax.ShapeDtypeStruct((1,) * ndim, np.float32) for k, ndim in layout}
   axes = setup.task.batch_axes(shapes)
@@ -175,9 +181,12 @@ def make_train_step(setup: Setup, batch_example: dict):
                  donate_argnums=0)
 
 
-@functools.cache
 def make_eval_step(setup: Setup):
-  """The jitted eval metrics of one batch (compiled once per Setup)."""
+  """The jitted eval metrics of one batch (made and compiled once per Setup)."""
+  return setup.once('eval_step', lambda: _eval_step(setup))
+
+
+def _eval_step(setup: Setup):
   loss_fn = make_loss_fn(setup, train=False)
 
   def eval_fn(params, batch):
@@ -198,25 +207,51 @@ def evaluate_params(setup: Setup, params) -> dict[str, float]:
   return {**report.average(results), **extra}
 
 
+def runs_to_train(config, workdir: str) -> list[tuple]:
+  """(config, workdir) of every run that `train(config, workdir)` trains, prerequisites first.
+
+  A run that has a checkpoint needs none of its prerequisites (they were copied into it
+  when it started); a prerequisite run is listed with its own prerequisites before it,
+  once each.
+  """
+  order, seen = [], set()
+
+  def visit(config, workdir, chain):
+    if workdir in chain:
+      raise ConfigError(f'prerequisite runs form a cycle: {" -> ".join(chain + (workdir,))}')
+    if Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False).latest() is None:
+      for pre_config, pre_dir, *_ in get_task(config).prerequisites(workdir).values():
+        visit(pre_config, pre_dir, chain + (workdir,))
+    if workdir not in seen:
+      seen.add(workdir)
+      order.append((config, workdir))
+
+  visit(config, workdir, ())
+  return order
+
+
 def prerequisite_params(setup: Setup, workdir: str) -> dict:
-  """Trains (or resumes) each prerequisite run and returns its final params by subtree name."""
+  """The final params of each (already trained) prerequisite run, by subtree name."""
   params = {}
   for name, (config, run_dir, *source) in setup.task.prerequisites(workdir).items():
     if name not in setup.abstract_state['params']:
       raise ValueError(f'prerequisite {name!r} of {setup.config.experiment} is not a top-level '
                        f'parameter of its model; those are {sorted(setup.abstract_state["params"])}')
-    report.log(f'prerequisite {name}: {config.experiment} in {run_dir}')
-    train(config, run_dir)
     pre = build(config, setup.mesh)
     checkpoints = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
-    restored = checkpoints.restore_newest(pre.abstract_state, log=report.log)[1]['params']
+    step, state = checkpoints.restore_newest(pre.abstract_state, log=report.log)
     checkpoints.close()
+    if step is None:
+      raise CheckpointError(f'prerequisite {name!r}: no checkpoint of {config.experiment} in '
+                            f'{run_dir}; train it first')
+    restored = state['params']
     if source:
       restored = restored[source[0]]
     target = setup.abstract_state['params'][name]
     if jax.tree.structure(restored) != jax.tree.structure(target):
       raise ValueError(f'prerequisite {name!r}: the params of {config.experiment} do not match '
                        f'{setup.config.experiment}/{name}')
+    report.log(f'prerequisite {name}: {config.experiment} in {run_dir}, step {step}')
     params[name] = jax.tree.map(lambda x, a: jax.device_put(x.astype(a.dtype), a.sharding),
                                 restored, target)
   return params
@@ -238,10 +273,22 @@ def _check_finite(step: int, metrics: dict, last_checkpoint):
 
 
 def train(config, workdir: str) -> dict:
-  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+  """Trains `config` in `workdir`, its prerequisite runs first (runs_to_train), each
+  resuming from its newest checkpoint.
 
-  Returns the last logged train metrics and the final eval metrics ('eval_*').
+  Returns the last logged train metrics and the final eval metrics ('eval_*') of `config`.
   """
+  results = {}
+  for run_config, run_dir in runs_to_train(config, workdir):
+    if run_dir != workdir:
+      report.log(f'prerequisite run: {run_config.experiment} in {run_dir}')
+    results = train_one(run_config, run_dir)
+  return results
+
+
+def train_one(config, workdir: str) -> dict:
+  """Trains `config` in `workdir` alone, resuming from its newest checkpoint; from scratch,
+  it starts from the final params of its prerequisite runs, which must be trained."""
   c = config
   os.makedirs(workdir, exist_ok=True)
   setup = build(c)
@@ -266,7 +313,7 @@ def train(config, workdir: str) -> dict:
     checkpoints.close()
     return _complete(setup, state, step, workdir)
 
-  writer = report.Writer(workdir)
+  writer = report.Writer(workdir, c)
   first = next(data)
   train_step = make_train_step(setup, first)
   progress = report.Progress(
@@ -332,7 +379,7 @@ def _complete(setup: Setup, state, step: int, workdir: str) -> dict:
     return {}
   report.log(f'step {step} is trained but its final eval is missing from '
              f'{workdir}/metrics.jsonl; evaluating it now')
-  writer = report.Writer(workdir)
+  writer = report.Writer(workdir, setup.config)
   final = _eval_and_write(setup, state['params'], step, writer)
   writer.close()
   return {f'eval_{k}': v for k, v in final.items()}
@@ -370,7 +417,7 @@ def evaluate(config, workdir: str) -> dict:
                                            set_aside=False)
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {checkpoints.directory}; train first')
-  writer = report.Writer(workdir)
+  writer = report.Writer(workdir, config)
   metrics = _eval_and_write(setup, state['params'], step, writer)
   writer.close()
   checkpoints.close()
