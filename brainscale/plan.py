@@ -47,6 +47,7 @@ from brainscale import gpu as gpu_lib
 from brainscale import hlo, parallel
 from brainscale.config import ConfigError, cluster_devices
 from brainscale.train import loop
+from brainscale.train.task import costs
 
 GiB = 2 ** 30
 
@@ -201,8 +202,8 @@ def compile_step(config, where: str) -> Plan:
       alias_gib=memory.alias_size_in_bytes / GiB,
       temp_gib=memory.temp_size_in_bytes / GiB,
       compiled_flops=compiled_flops,
-      model_flops=setup.task.flops_per_example() * config.train.batch_size,
-      tokens_per_example=setup.task.tokens_per_example(),
+      model_flops=costs(setup.task).flops_per_example() * config.train.batch_size,
+      tokens_per_example=costs(setup.task).tokens_per_example(),
       compile_s=compile_s, analysis=analysis)
 
 

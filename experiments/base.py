@@ -55,6 +55,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint.keep = 3
   c.checkpoint.async_save = True
 
+  c.report = ml_collections.ConfigDict()   # TensorBoard and metrics.jsonl always; W&B if named
+  c.report.wandb_project = ''      # '' = no W&B; wandb is imported only when set
+  c.report.wandb_entity = ''       # '' = the W&B default entity
+  c.report.wandb_mode = ''         # online | offline | disabled; '' = WANDB_MODE or online
+  c.report.wandb_name = ''         # '' = the experiment name
+
   c.mesh = ml_collections.ConfigDict()
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=1, fsdp=1, sequence=1, tensor=1))
   c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=-1, sequence=1, tensor=1))

@@ -35,7 +35,7 @@ def _skipped(batch) -> dict:
   return {'data_skipped': jnp.sum(batch['skipped']).astype(jnp.float32)} if 'skipped' in batch else {}
 
 
-class _VideoTask(task.Task):
+class _VideoTask(task.Task, task.Costs):
   """Train/eval data of a video task; `frames` per example."""
   frames = 2
 

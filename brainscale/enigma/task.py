@@ -48,7 +48,7 @@ def _count(module: nnx.Module) -> int:
   return sum(math.prod(v.shape) for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
 
 
-class Task(task.Task):
+class Task(task.Task, task.Costs):
   """Enigma on windows of simultaneous neural activity, stimulus and behaviour."""
 
   def __init__(self, config):
@@ -253,8 +253,8 @@ class Task(task.Task):
 
   def describe_lines(self, rows) -> list[str]:
     """core_params (shared) apart from the per-neuron/session/animal tables."""
-    core = sum(r[4] for r in rows if r[0].startswith('core/'))
-    per_neuron = sum(r[4] for r in rows if r[0].startswith('neuron_'))
-    other = sum(r[4] for r in rows) - core - per_neuron
+    core = sum(r.count for r in rows if r.path.startswith('core/'))
+    per_neuron = sum(r.count for r in rows if r.path.startswith('neuron_'))
+    other = sum(r.count for r in rows) - core - per_neuron
     return [f'core_params: {core}', f'per_neuron_params: {per_neuron}  '
             f'({self.config.model.neuron_dim} per neuron)', f'session_params: {other}']

@@ -11,7 +11,7 @@ from brainscale.smoke.model import TinyLM
 from brainscale.train import task
 
 
-class Task(task.Task):
+class Task(task.Task, task.Costs):
 
   def model(self, rngs: nnx.Rngs) -> TinyLM:
     return TinyLM(self.config.model, rngs=rngs)

@@ -4,6 +4,7 @@ Nothing is allocated: the model is built under nnx.eval_shape and the mesh is
 only a set of axis sizes, so an 80B config describes on a laptop.
 """
 
+import dataclasses
 import math
 import types
 
@@ -14,7 +15,7 @@ from flax import nnx
 from brainscale import parallel
 from brainscale.nn.core import axes_of
 from brainscale.train import optim
-from brainscale.train.task import get_task
+from brainscale.train.task import costs, get_task
 
 GiB = 1024 ** 3
 
@@ -26,8 +27,19 @@ def _human(n: float) -> str:
   return f'{n:.0f}'
 
 
-def parameter_rows(config, mesh_sizes: dict) -> list[tuple]:
-  """(path, shape, logical axes, mesh spec, count, shards) per parameter."""
+@dataclasses.dataclass(frozen=True)
+class ParamRow:
+  """One parameter as describe lists it."""
+  path: str
+  shape: tuple
+  axes: tuple          # logical axes
+  spec: object         # its PartitionSpec on the mesh
+  count: int           # elements
+  shards: int          # devices it is split over
+
+
+def parameter_rows(config, mesh_sizes: dict) -> list[ParamRow]:
+  """One ParamRow per parameter of the model (built abstractly)."""
   task = get_task(config)
   model = nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
   rules = parallel.rules_table(config.mesh.rules)
@@ -38,7 +50,7 @@ def parameter_rows(config, mesh_sizes: dict) -> list[tuple]:
     spec = parallel.spec(axes_of(v), rules, mesh, v.shape, name)
     shards = math.prod(mesh_sizes[a] for part in spec if part
                        for a in (part if isinstance(part, tuple) else (part,)))
-    rows.append((name, tuple(v.shape), axes_of(v), spec, math.prod(v.shape), shards))
+    rows.append(ParamRow(name, tuple(v.shape), axes_of(v), spec, math.prod(v.shape), shards))
   return rows
 
 
@@ -52,20 +64,20 @@ def describe(config, num_devices: int | None = None) -> str:
   dcn, ici = parallel.mesh_shape(config.mesh, num_devices, num_nodes)
   sizes = {a: dcn[a] * ici[a] for a in parallel.AXES}
   rows = parameter_rows(config, sizes)
-  task = get_task(config)
-  width = max(len(r[0]) for r in rows)
+  task = costs(get_task(config))
+  width = max(len(r.path) for r in rows)
   lines = [config.to_json_best_effort(indent=2, sort_keys=True), '',
            f'{"parameter":<{width}}  {"shape":<22} {"logical axes":<44} {"mesh":<28} count']
-  for name, shape, axes, spec, count, _ in rows:
-    lines.append(f'{name:<{width}}  {str(shape):<22} {str(axes):<44} {str(tuple(spec)):<28} '
-                 f'{_human(count)}')
-  n = sum(r[4] for r in rows)
+  for r in rows:
+    lines.append(f'{r.path:<{width}}  {str(r.shape):<22} {str(r.axes):<44} '
+                 f'{str(tuple(r.spec)):<28} {_human(r.count)}')
+  n = sum(r.count for r in rows)
   batch = config.train.batch_size
   flops = task.flops_per_example() * batch
   per_device = {k: v for k, v in sizes.items() if v > 1}
   param_bytes = np.dtype(config.model.param_dtype).itemsize
   compute_bytes = np.dtype(config.model.compute_dtype).itemsize
-  shard_elems = sum(r[4] / r[5] for r in rows)
+  shard_elems = sum(r.count / r.shards for r in rows)
   data_shards = sizes['data'] * sizes['fsdp']
   examples = max(batch // data_shards // config.train.microbatches, 1)
   memory = {
@@ -87,14 +99,15 @@ def describe(config, num_devices: int | None = None) -> str:
 def group_lines(config, rows) -> list[str]:
   """Which parameters each optimizer group holds (train.groups; 'default' the rest)."""
   t = config.train
-  labels = optim.group_of([r[0] for r in rows], t.groups)
+  labels = optim.group_of([r.path for r in rows], t.groups)
   lines = ['optimizer groups (frozen first, then the first pattern that matches):']
   for name in ['default', *t.groups]:
     mine = [r for r, label in zip(rows, labels) if label == name]
     g = t.groups[name] if name != 'default' else types.SimpleNamespace(
         lr_scale=1.0, weight_decay=t.weight_decay, pattern='(the rest)')
     what = 'frozen' if g.lr_scale == 0 else f'lr x{g.lr_scale:g}, weight_decay {g.weight_decay:g}'
-    example = f', e.g. {mine[0][0]}' if mine else ''
-    lines.append(f'  {name:<12} {g.pattern!s:<36} {what:<34} {_human(sum(r[4] for r in mine)):>8} '
+    example = f', e.g. {mine[0].path}' if mine else ''
+    count = _human(sum(r.count for r in mine))
+    lines.append(f'  {name:<12} {g.pattern!s:<36} {what:<34} {count:>8} '
                  f'params in {len(mine)} tensors{example}')
   return lines

@@ -25,7 +25,7 @@ from brainscale.config import ConfigError
 from brainscale.nn.core import axes_of
 from brainscale.train import optim, preemption, report
 from brainscale.train.checkpoint import CheckpointError, Checkpoints
-from brainscale.train.task import Task, get_task
+from brainscale.train.task import Costs, Task, get_task
 
 
 @dataclasses.dataclass(eq=False)
@@ -113,10 +113,10 @@ def batch_shardings(setup: Setup, batch: dict) -> dict:
 
 
 def _batch_shardings(setup: Setup, layout: tuple) -> dict:
-  shapes = {k: jax.ShapeDtypeStruct((1,) * ndim, np.float32) for k, ndim in layout}
-  axes = setup.task.batch_axes(shapes)
-  return {k: NamedSharding(setup.mesh, parallel.spec(axes[k], setup.rules, setup.mesh))
-          for k, _ in layout}
+  """Every entry split along its first dim (the example) over the batch axes."""
+  return {k: NamedSharding(setup.mesh, parallel.spec(('batch',) + (None,) * (ndim - 1),
+                                                     setup.rules, setup.mesh))
+          for k, ndim in layout}
 
 
 def global_batch(setup: Setup, local_batch: dict) -> dict:
@@ -318,7 +318,8 @@ def train_one(config, workdir: str) -> dict:
   train_step = make_train_step(setup, first)
   progress = report.Progress(
       first_step=step, last_step=c.train.steps, batch_size=c.train.batch_size,
-      flops_per_step=setup.task.flops_per_example() * c.train.batch_size,
+      flops_per_step=(setup.task.flops_per_example() * c.train.batch_size
+                      if isinstance(setup.task, Costs) else 0.0),
       peak_flops=report.peak_flops_per_device(c), num_devices=jax.device_count())
   window, last = [], {}
 

@@ -1,7 +1,8 @@
 """Metrics, TensorBoard event files, the progress line and MFU.
 
 Scalars are averaged over each logging interval with clu.metrics.Average and
-written with tensorboardX (no TensorFlow needed). Only process 0 writes.
+written with tensorboardX (no TensorFlow needed), and to a Weights & Biases run
+when report.wandb_project is set (wandb is imported only then). Only process 0 writes.
 MFU = model FLOPs per step / (step time x devices x peak FLOP/s per device).
 """
 
@@ -13,11 +14,14 @@ import math
 import os
 import sys
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
+
+from brainscale.config import ConfigError
 
 
 def log(message: str):
@@ -70,8 +74,43 @@ def _ends_with_newline(path: str) -> bool:
     return f.read(1) == b'\n'
 
 
+def _wandb_module(config):
+  """wandb if the config names a report.wandb_project, else None; a ConfigError if the
+  package is missing."""
+  project = config.get('report', {}).get('wandb_project') if config is not None else ''
+  if not project:
+    return None
+  try:
+    import wandb  # noqa: PLC0415 (only a run that asks for W&B needs it)
+  except ImportError as e:
+    raise ConfigError(f'report.wandb_project={project!r} needs the wandb package ({e}); '
+                      "pip install -r requirements.txt, or set report.wandb_project=''") from None
+  return wandb
+
+
+def _wandb_id(workdir: str) -> str:
+  """The W&B run id of this workdir: made once, kept in workdir/wandb_id, so a
+  resumed or requeued run continues the same W&B run."""
+  path = os.path.join(workdir, 'wandb_id')
+  if not os.path.exists(path):
+    with open(path, 'w') as f:
+      f.write(uuid.uuid4().hex[:16] + '\n')
+  with open(path) as f:
+    return f.read().strip()
+
+
+def _wandb_run(wandb, workdir: str, config):
+  """The workdir's W&B run, its files under workdir/wandb, the config as its config."""
+  r = config.report
+  return wandb.init(
+      project=r.wandb_project, entity=r.wandb_entity or None, mode=r.wandb_mode or None,
+      name=r.wandb_name or config.experiment, id=_wandb_id(workdir), resume='allow',
+      dir=workdir, config=config.to_dict(), reinit='finish_previous')
+
+
 class Writer:
-  """Scalars to TensorBoard (workdir/tb) and to workdir/metrics.jsonl; process 0 only.
+  """Scalars to TensorBoard (workdir/tb), workdir/metrics.jsonl and, if the config
+  names a report.wandb_project, a W&B run; process 0 only.
 
   metrics.jsonl holds one {"step": s, name: value, ...} line per report with
   full float precision; after a crash and resume a step may appear twice, and
@@ -79,12 +118,15 @@ class Writer:
   read-only run) gets one warning on stderr; the Writer then does nothing.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, config=None):
     self.workdir = workdir
-    self._writer, self._jsonl = None, None
+    self._writer, self._jsonl, self._wandb = None, None, None
+    wandb = _wandb_module(config)  # on every process: a missing package stops them all
     if jax.process_index() == 0:
       try:
         self._open()
+        if wandb is not None:
+          self._wandb = _wandb_run(wandb, workdir, config)
       except OSError as e:
         self._give_up(e)
 
@@ -102,12 +144,14 @@ class Writer:
     print(f'brainscale: warning: cannot write metrics to {self.workdir} '
           f'({error.strerror or error}); TensorBoard events and metrics.jsonl are skipped',
           file=sys.stderr, flush=True)
-    writer, jsonl = self._writer, self._jsonl
-    self._writer, self._jsonl = None, None
+    writer, jsonl, run = self._writer, self._jsonl, self._wandb
+    self._writer, self._jsonl, self._wandb = None, None, None
     for f in (writer, jsonl):
       if f is not None:
         with contextlib.suppress(OSError):
           f.close()
+    if run is not None:
+      run.finish()
 
   def scalars(self, step: int, scalars: dict[str, float]):
     if self._writer is None:
@@ -119,6 +163,9 @@ class Writer:
       self._jsonl.flush()
     except OSError as e:
       self._give_up(e)
+      return
+    if self._wandb is not None:
+      self._wandb.log(scalars, step=step)
 
   def flush(self):
     if self._writer is not None:
@@ -128,6 +175,9 @@ class Writer:
     if self._writer is not None:
       self._writer.close()
       self._jsonl.close()
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
 
 def read_jsonl(path) -> dict[int, dict]:
@@ -159,9 +209,10 @@ class Progress:
     now = time.perf_counter()
     steps_per_s = (step - self._step) / max(now - self._time, 1e-9)
     self._step, self._time = step, now
-    return {'steps_per_s': steps_per_s,
-            'examples_per_s': steps_per_s * self.batch_size,
-            'mfu': steps_per_s * self.flops_per_step / self.peak}
+    rates = {'steps_per_s': steps_per_s, 'examples_per_s': steps_per_s * self.batch_size}
+    if self.flops_per_step:   # a task without Costs has no MFU
+      rates['mfu'] = steps_per_s * self.flops_per_step / self.peak
+    return rates
 
   def line(self, step: int, metrics: dict, rates: dict) -> str:
     eta = (self.last_step - step) / max(rates['steps_per_s'], 1e-9)
@@ -169,5 +220,7 @@ class Progress:
     ordered = sorted(metrics, key=lambda k: (k != 'loss', k))
     parts += [f'{k} {metrics[k]:.4g}' for k in ordered]
     parts += [f"{rates['steps_per_s']:.2f} steps/s", f"{rates['examples_per_s']:.0f} ex/s",
-              f'ETA {datetime.timedelta(seconds=round(eta))}', f"MFU {100 * rates['mfu']:.1f}%"]
+              f'ETA {datetime.timedelta(seconds=round(eta))}']
+    if 'mfu' in rates:
+      parts.append(f"MFU {100 * rates['mfu']:.1f}%")
     return ' | '.join(parts)

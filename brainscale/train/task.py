@@ -2,7 +2,8 @@
 
 A family lives in brainscale/<name>/ and exposes `task.Task`, found from
 `config.task` (big_vision style). The trainer calls only what is below, so a
-third brain model is a new folder and an experiment file, nothing else.
+third brain model is a new folder and an experiment file, nothing else. `Costs`
+is the optional accounting (FLOPs, memory, tokens) that describe and plan read.
 """
 
 import abc
@@ -17,7 +18,7 @@ from brainscale.config import ConfigError
 
 
 class Task(abc.ABC):
-  """What the trainer needs from a model family."""
+  """What the trainer needs from a model family: five methods, and two with defaults."""
 
   def __init__(self, config):
     self.config = config
@@ -35,9 +36,35 @@ class Task(abc.ABC):
     """A finite iterable of this process's eval batches (same layout as train)."""
 
   @abc.abstractmethod
+  def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch layout: shape and dtype of each entry of a global batch of `batch_size`
+    (dim 0 is the example; plan compiles on it)."""
+
+  @abc.abstractmethod
   def loss(self, model: nnx.Module, batch: dict, rng: jax.Array,
            train: bool) -> tuple[jax.Array, dict]:
     """Scalar loss to minimise, and scalar metrics to report (means over the batch)."""
+
+  def evaluate(self, model: nnx.Module) -> dict[str, float]:
+    """Metrics beyond the loss (generation, probes), from this process's eval data."""
+    del model
+    return {}
+
+  def prerequisites(self, workdir: str) -> dict[str, tuple]:
+    """Runs this task starts from: {top-level param name: (config, workdir[, subtree])}.
+
+    Before training from scratch, the trainer trains (or resumes, or finds
+    finished) each run first (loop.runs_to_train) and copies its final params (or
+    their top-level `subtree`) into that name, e.g. a frozen tokenizer inside a
+    world model or a trained core under a new session's embeddings. Freeze it with
+    a group of lr_scale 0.
+    """
+    del workdir
+    return {}
+
+
+class Costs(abc.ABC):
+  """Optional: what describe, plan, MFU logging and the benchmarks read from a task."""
 
   @abc.abstractmethod
   def flops_per_example(self) -> float:
@@ -47,45 +74,27 @@ class Task(abc.ABC):
   def activation_bytes(self, examples_per_device: int) -> int:
     """Analytic activation memory of a train step on one device."""
 
-  def batch_shapes(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes and dtypes of a global train batch of `batch_size` (plan mode compiles on them)."""
-    raise NotImplementedError(f'{type(self).__module__}.{type(self).__name__} does not declare '
-                              'batch_shapes, which --mode=plan needs')
+  def tokens_per_example(self) -> int:
+    """Sequence length of one example, for tokens/day in plans (0: not a token model)."""
+    return 0
 
   def synthetic_batch(self, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
     """A valid global batch of `batch_shapes` with random content, for benchmarks (no data read)."""
     raise NotImplementedError(f'{type(self).__module__}.{type(self).__name__} does not declare '
                               'synthetic_batch, which benchmarks/mfu.py needs')
 
-  def tokens_per_example(self) -> int:
-    """Sequence length of one example, for tokens/day in plans (0: not a token model)."""
-    return 0
-
-  def prerequisites(self, workdir: str) -> dict[str, tuple]:
-    """Runs this task starts from: {top-level param name: (config, workdir[, subtree])}.
-
-    Before training from scratch, the trainer trains (or resumes, or finds
-    finished) each run and copies its final params (or their top-level
-    `subtree`) into that name, e.g. a frozen tokenizer inside a world model or
-    a trained core under a new session's embeddings. Freeze it with a group
-    of lr_scale 0.
-    """
-    del workdir
-    return {}
-
-  def evaluate(self, model: nnx.Module) -> dict[str, float]:
-    """Metrics beyond the loss (generation, probes), from this process's eval data."""
-    del model
-    return {}
-
-  def describe_lines(self, rows: list[tuple]) -> list[str]:
-    """Extra `--mode=describe` lines from the parameter rows (path, shape, axes, spec, count, shards)."""
+  def describe_lines(self, rows: list) -> list[str]:
+    """Extra `--mode=describe` lines from the parameter rows (describe.ParamRow)."""
     del rows
     return []
 
-  def batch_axes(self, batch: dict) -> dict:
-    """Logical axes of each batch entry; by default only dim 0 ('batch') is sharded."""
-    return {k: ('batch',) + (None,) * (v.ndim - 1) for k, v in batch.items()}
+
+def costs(task: Task) -> Costs:
+  """The task's Costs, or a one-line ConfigError naming the family that has none."""
+  if not isinstance(task, Costs):
+    raise ConfigError(f'{type(task).__module__}.{type(task).__name__} declares no costs '
+                      '(brainscale.train.task.Costs), which describe, plan and MFU need')
+  return task
 
 
 def get_task(config) -> Task:
