@@ -1,43 +1,22 @@
-"""Task seam of the Enigma family: windows of a neural store, a task mixture, Poisson loss.
-
-`config.data.root` names a store made by an importer; empty means the embedded
-default, a simulated V1 population generated once into $BRAINSCALE_DATA. The
-evaluation predicts held-out repeated trials from the stimulus and behaviour
+"""Task seam of the Enigma family: windows of a neural store (data.py), a task mixture,
+Poisson loss. The evaluation predicts held-out repeated trials from the stimulus and behaviour
 and reports the Sensorium metrics next to a fitted LN baseline.
 """
 
-import dataclasses
 import math
 import os
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import nn
-from brainscale.data import cache, neural
-from brainscale.data.synthetic import v1
-from brainscale.enigma import evaluation, masking
+from brainscale.data import neural
+from brainscale.enigma import data, evaluation, masking
 from brainscale.enigma.model import Enigma
 from brainscale.train import task
 
 PAD_ROWS = 128  # embedding tables are padded so their rows shard over any mesh up to this
-
-
-def store_root(c) -> str:
-  """The store of config `c`: data.root, or the synthetic population (generated once)."""
-  if c.data.root:
-    return c.data.root
-  spec = cache.spec_of(c.data.synthetic, v1.Spec)
-  root = cache.named('enigma_synthetic', dataclasses.asdict(spec))
-
-  def make():
-    print(f'brainscale: simulating the V1 population into {root} (once)', flush=True)
-    v1.generate(root, spec, overwrite=True)
-
-  return str(cache.make_once(root, 'catalog.json', make))
 
 
 def _padded(n: int) -> int:
@@ -59,106 +38,32 @@ class Task(task.Task, task.Costs):
   @property
   def store(self) -> neural.Store:
     if self._store is None:
-      self._store = neural.Store(store_root(self.config))
-      self._check_store(self._store)
+      self._store = data.open_store(self.config)
     return self._store
-
-  def _check_store(self, store):
-    d = self.config.data
-    if abs(store.rate - d.rate) > 1e-6 or tuple(store.frame_shape) != tuple(d.frame_shape):
-      raise config_lib.ConfigError(
-          f'store {store_root(self.config)} has rate {store.rate} Hz and frames '
-          f'{tuple(store.frame_shape)}; this config expects data.rate={d.rate}, '
-          f'data.frame_shape={tuple(d.frame_shape)}')
 
   def sessions(self) -> list[str]:
     """Sessions this run trains on: data.sessions, or all but data.holdout."""
-    d, available = self.config.data, self.store.session_names
-    missing = [s for s in d.holdout if s not in available]
-    if missing:
-      raise config_lib.ConfigError(
-          f'data.holdout={tuple(d.holdout)}: {", ".join(map(repr, missing))} is not a session '
-          f'of the store {self.store.root}; its sessions are {available} (data.holdout=() '
-          'holds none out)')
-    names = list(d.sessions) or [s for s in available if s not in d.holdout]
-    unknown = sorted(set(names) - set(available))
-    if unknown:
-      raise config_lib.ConfigError(f'data.sessions {unknown} not in the store; it has '
-                                   f'{available}')
-    if not names:
-      raise config_lib.ConfigError(
-          f'data.sessions={tuple(d.sessions)} and data.holdout={tuple(d.holdout)} leave no '
-          f'session to train on; the store {self.store.root} has {available}')
-    return names
-
-  def _check_eval_tiers(self):
-    """Raises at start-up unless data.eval_tiers holds a window in the sessions trained on."""
-    d, sessions = self.config.data, self.sessions()
-    index = neural.windows(self.store, tiers=tuple(d.eval_tiers), window=d.window,
-                           stride=d.stride, sessions=sessions)
-    if not len(index):
-      tiers = neural.tier_counts(self.store, sessions)
-      raise config_lib.ConfigError(
-          f'data.eval_tiers={tuple(d.eval_tiers)}: no window of {d.window} samples fits inside '
-          f'a trial of these tiers in sessions {sessions} of {self.store.root} (their trials: '
-          f'{tiers}); import the data with held-out trials, or set data.eval_tiers to tiers it has')
-
-  def _pipeline(self, *, tiers, train, seed, batch_size, process_index, process_count):
-    d = self.config.data
-    return neural.pipeline(
-        self.store.root, seed=seed,
-        batch_size=batch_size, process_index=process_index, process_count=process_count,
-        window=d.window, stride=d.stride, tiers=tuple(tiers), max_neurons=d.max_neurons,
-        min_neurons=d.min_neurons, train=train, workers=d.workers if train else 0,
-        prefetch=d.prefetch, sessions=self.sessions())
+    return data.sessions(self.config, self.store)
 
   def train_data(self, process_index, process_count):
     c = self.config
-    self._check_eval_tiers()   # the final evaluation needs them: fail now, not after training
-    return iter(self._pipeline(tiers=('train',), train=True, seed=c.seed,
-                               batch_size=c.train.batch_size, process_index=process_index,
-                               process_count=process_count))
+    data.check_eval_tiers(c, self.store)   # the final evaluation needs them: fail now
+    return iter(data.pipeline(c, self.store, tiers=('train',), train=True, seed=c.seed,
+                              batch_size=c.train.batch_size, process_index=process_index,
+                              process_count=process_count))
 
   def eval_data(self, process_index, process_count):
     c = self.config
-    it = iter(self._pipeline(tiers=tuple(c.data.eval_tiers), train=False, seed=c.seed + 1,
-                             batch_size=c.train.batch_size, process_index=process_index,
-                             process_count=process_count))
+    it = iter(data.pipeline(c, self.store, tiers=tuple(c.data.eval_tiers), train=False,
+                            seed=c.seed + 1, batch_size=c.train.batch_size,
+                            process_index=process_index, process_count=process_count))
     return [next(it) for _ in range(c.train.eval_batches)]
 
   def batch_shapes(self, batch_size):
-    d, f32, i32 = self.config.data, jnp.float32, jnp.int32
-    w, m, ch = d.window, d.max_neurons, len(neural.CHANNELS)
-    shape = lambda dims, dtype: jax.ShapeDtypeStruct((batch_size,) + dims, dtype)
-    return {'responses': shape((w, m), f32), 'responses_mask': shape((w, m), jnp.bool_),
-            'neurons': shape((m,), i32), 'neuron_mask': shape((m,), jnp.bool_),
-            'positions': shape((m, 3), f32), 'session': shape((), i32), 'animal': shape((), i32),
-            'frames': shape((w,) + tuple(d.frame_shape), jnp.uint8),
-            'frames_mask': shape((w,), jnp.bool_), 'behavior': shape((w, ch), f32),
-            'behavior_mask': shape((w, ch), jnp.bool_), 'times': shape((w,), f32),
-            'trial': shape((), i32), 'start': shape((), i32)}
+    return data.batch_shapes(self.config, batch_size)
 
   def synthetic_batch(self, batch_size, seed=0):
-    """Full windows of every modality; neurons, sessions and animals drawn from the tables."""
-    c, rng = self.config, np.random.default_rng(seed)
-    w, m, ch = c.data.window, c.data.max_neurons, len(neural.CHANNELS)
-    neurons = c.model.neurons or self.store.num_neurons
-    sessions = c.model.sessions or len(self.store.session_names)
-    animals = c.model.animals or len(self.store.animals)
-    b = batch_size
-    ones = lambda *dims: np.ones((b,) + dims, np.bool_)
-    return {'responses': rng.poisson(1.0, (b, w, m)).astype(np.float32),
-            'responses_mask': ones(w, m),
-            'neurons': np.stack([rng.choice(neurons, m, replace=False) for _ in range(b)]
-                                ).astype(np.int32),
-            'neuron_mask': ones(m), 'positions': rng.normal(size=(b, m, 3)).astype(np.float32),
-            'session': rng.integers(0, sessions, b, dtype=np.int32),
-            'animal': rng.integers(0, animals, b, dtype=np.int32),
-            'frames': rng.integers(0, 256, (b, w) + tuple(c.data.frame_shape), dtype=np.uint8),
-            'frames_mask': ones(w), 'behavior': rng.normal(size=(b, w, ch)).astype(np.float32),
-            'behavior_mask': ones(w, ch),
-            'times': np.broadcast_to(np.arange(w, dtype=np.float32) / c.data.rate, (b, w)).copy(),
-            'trial': np.zeros(b, np.int32), 'start': np.zeros(b, np.int32)}
+    return data.synthetic_batch(self.config, self.store, batch_size, seed)
 
   def tokens_per_example(self):
     return self._tokens()['tower']
