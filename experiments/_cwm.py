@@ -78,12 +78,14 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
                                        # as 'revealed' (no loss), like a probe's context
 
   c.probe = ml_collections.ConfigDict()
-  c.probe.clips = 32                   # held-out clips the eval probes (0: none)
+  c.probe.clips = 64                   # held-out clips the eval probes (0: none); past the
+                                       # held-out set's size its clips repeat at other start frames
   c.probe.batch = 4
   c.probe.reveal = 0.25                # fraction of frame-1 patches shown to next-frame prediction
-  c.probe.flow_points = 8              # KL-traced points per clip
+  c.probe.flow_points = 16             # KL-traced points per clip (they share its clean pass)
   c.probe.min_motion = 3.0             # ... on cells whose true flow is at least this (pixels)
   c.probe.flow_orders = 4              # random frame-1 patch orders the KL maps average over
+                                       # (more points and clips, not orders, narrow flow_epe)
 
   c.train.groups.tokenizer = dict(pattern=r'^tokenizer/', lr_scale=0.0, weight_decay=0.0)
   c.train.groups.no_decay = dict(pattern=r'(norm|scale)', lr_scale=1.0, weight_decay=0.0)
