@@ -1,21 +1,25 @@
 # make run   — train the embedded default (smoke experiment, synthetic data, CPU)
-# make test  — the test suite (what CI runs), on JOBS=2 worker processes
+# make test  — the test suite (what CI runs): `make unit` (JOBS=2 worker processes) and
+#              `make acceptance` (the long training runs) side by side
+# make lint  — ruff check . (pyproject.toml [tool.ruff]); CI runs it before the tests
 # make cuda  — add the CUDA build of JAX (requirements-cuda.txt) to ./.venv: the GPU-compile
 #              tests then run instead of skipping, and --mode=plan compiles for the GPUs
-# All create ./.venv from requirements.txt on first use.
+# All create ./.venv from requirements.txt on first use, with brainscale installed into it
+# in place (pip install -e .: the packages and the `brainscale` command, launch/run.py).
 
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test cuda clean
+.PHONY: run test unit acceptance lint cuda clean
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "brainscale needs Python >= 3.11, found " + sys.version.split()[0]'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
 $(VENV)/.cuda-installed: requirements-cuda.txt $(VENV)/.installed
@@ -31,8 +35,20 @@ run: $(VENV)/.installed
 # longest modules go first (tests/conftest.py) so that both workers finish together.
 JOBS ?= 2
 
+# `make test` runs both stages side by side (they are CPU-bound: together they take about as
+# long as one would on the whole machine): `unit`, everything but the acceptance runs, on
+# JOBS workers; `acceptance`, the tiny experiments trained to their quality bars.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile tests
+	$(MAKE) --no-print-directory -j2 unit acceptance
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile -m "not acceptance" tests
+
+acceptance: $(VENV)/.installed
+	$(PY) -m pytest -q -ra --durations=10 -m acceptance tests
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs brainscale.egg-info

@@ -16,19 +16,16 @@ Elsewhere the default shapes are small, a check that every backend runs
 compiles any shape without running it, for XLA's memory plan on this host.
 """
 
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-from benchmarks.shapes import GPU_SHAPES, SHAPES, Shape, make_mask, visible_pairs  # noqa: E402
-from benchmarks.timing import median_seconds  # noqa: E402
-from brainscale import nn  # noqa: E402
+from benchmarks.shapes import GPU_SHAPES, SHAPES, Shape, make_mask, visible_pairs
+from benchmarks.timing import median_seconds
+from brainscale import nn
 
 flags.DEFINE_list('shapes', None, 'shapes to run (default: all GPU shapes on GPU, smoke '
                   'elsewhere)')
@@ -62,9 +59,9 @@ def measure(shape: Shape, backend: str, dtype) -> dict:
     t_fwd, t_fwd_bwd = (median_seconds(fwd, q, k, v, mask, repeats=FLAGS.repeats),
                         median_seconds(fwd_bwd, q, k, v, mask, repeats=FLAGS.repeats))
   flops = 4.0 * shape.n * shape.h * visible_pairs(shape, mask)
+  err = float('nan') if FLAGS.memory_only else error(shape, fwd, fwd_bwd, q, k, v, mask)
   return dict(fwd_ms=1e3 * t_fwd, fwd_bwd_ms=1e3 * t_fwd_bwd, fwd_tflops=flops / t_fwd / 1e12,
-              fwd_bwd_tflops=3.5 * flops / t_fwd_bwd / 1e12, temp_gib=temp / 2**30,
-              error=float('nan') if FLAGS.memory_only else error(shape, fwd, fwd_bwd, q, k, v, mask))
+              fwd_bwd_tflops=3.5 * flops / t_fwd_bwd / 1e12, temp_gib=temp / 2**30, error=err)
 
 
 def error(shape: Shape, fwd, fwd_bwd, q, k, v, mask) -> float:

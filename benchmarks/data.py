@@ -14,13 +14,10 @@ workers one GPU needs.
 """
 
 import pathlib
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags, logging
 
 flags.DEFINE_integer('size', 256, 'training resolution (square crops)')
 flags.DEFINE_integer('clips', 32, 'synthetic clips to render and import')
@@ -28,7 +25,7 @@ flags.DEFINE_integer('examples', 256, 'frame pairs timed per measurement (after 
 flags.DEFINE_list('workers', ['0', '2'], 'Grain worker processes to measure (0 = in process)')
 flags.DEFINE_float('mfu', 0.45, 'model FLOPs utilisation assumed for the appetite')
 flags.DEFINE_string('experiment', 'cwm_1b', 'whose appetite (examples per GPU per second)')
-flags.DEFINE_string('data', '', 'an imported folder / neural store to use instead of synthetic data')
+flags.DEFINE_string('data', '', 'an imported folder / neural store instead of synthetic data')
 flags.DEFINE_integer('neurons', 1024, 'neurons per simulated session (neural benchmark)')
 FLAGS = flags.FLAGS
 

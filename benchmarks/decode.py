@@ -17,13 +17,9 @@
    and the cache once at HBM bandwidth.
 """
 
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('experiment', 'cwm_tiny', 'the model timed on this host')

@@ -1,4 +1,5 @@
-# python benchmarks/loop.py [--experiment=smoke] [--steps=200] [--repeats=3] [--config.KEY=VALUE ...]
+# python benchmarks/loop.py [--experiment=smoke] [--steps=200] [--repeats=3] \
+#     [--config.KEY=VALUE ...]
 """Loop efficiency: steps/s of the full training loop over steps/s of the bare step.
 
 The full loop is loop.train as launch/run.py runs it (Grain data, host transfer,
@@ -10,17 +11,14 @@ Compile time is excluded from both.
 """
 
 import json
-import pathlib
 import statistics
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app, flags, logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from brainscale import config as config_lib  # noqa: E402
+from brainscale import config as config_lib
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment to measure')
 flags.DEFINE_integer('steps', 200, 'timed steps per measurement')
@@ -38,6 +36,7 @@ DEFAULTS = ['--config.model.dim=256', '--config.model.layers=4', '--config.model
 
 def bare_steps_per_s(config) -> float:
   import jax  # noqa: PLC0415
+
   from brainscale.train import loop  # noqa: PLC0415
   setup = loop.build(config)
   state = loop.init_state(setup)

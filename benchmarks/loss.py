@@ -10,18 +10,14 @@ GPU) also times both, median of --repeats after warm-up.
 
 import dataclasses
 import functools
-import pathlib
-import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.timing import median_seconds  # noqa: E402
-from brainscale import nn  # noqa: E402
+from benchmarks.timing import median_seconds
+from brainscale import nn
 
 flags.DEFINE_list('shapes', ['cwm_80b', 'cwm_1b', 'smoke'], 'shapes to run')
 flags.DEFINE_bool('time', None, 'time the calls too (default: on a GPU only; always for smoke)')
@@ -82,8 +78,9 @@ def main(argv):
     for r in rows:
       print(f'| {key} | {shape.tokens} x {shape.dim} x {shape.vocab}, {shape.chunk} | '
             f'{r["name"]} | {r["temp_gib"]:.3f} | {r["ms"]:.1f} |', flush=True)
-    ratios.append(f'{key}: naive/chunked temp memory {rows[0]["temp_gib"] / rows[1]["temp_gib"]:.1f}x'
-                  f', time {rows[0]["ms"] / rows[1]["ms"]:.2f}')
+    over = {k: rows[0][k] / rows[1][k] for k in ('temp_gib', 'ms')}   # naive / chunked
+    ratios.append(f'{key}: naive/chunked temp memory {over["temp_gib"]:.1f}x, '
+                  f'time {over["ms"]:.2f}')
   print('\nratios (same run):\n  ' + '\n  '.join(ratios))
 
 

@@ -1,4 +1,5 @@
-# python benchmarks/mfu.py --experiment=cwm_1b_1gpu [--steps=20] [--profile=DIR] [--config.KEY=VALUE ...]
+# python benchmarks/mfu.py --experiment=cwm_1b_1gpu [--steps=20] [--profile=DIR] \
+#     [--config.KEY=VALUE ...]
 """Model FLOPs utilisation of an experiment's train step on this machine's devices.
 
 The step is the one launch/run.py trains with (loop.make_train_step), compiled
@@ -29,17 +30,14 @@ import glob
 import gzip
 import json
 import os
-import pathlib
 import statistics
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from brainscale import config as config_lib  # noqa: E402
-from brainscale import gpu  # noqa: E402
+from brainscale import config as config_lib
+from brainscale import gpu
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
 flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
@@ -68,6 +66,7 @@ def set_gpu_environment():
 def compile_step(config):
   """(setup, state, batch on the devices, compiled step, traced step, compile seconds)."""
   import jax  # noqa: PLC0415
+
   from brainscale.train import loop  # noqa: PLC0415
   if jax.process_count() != 1:
     raise SystemExit('brainscale: benchmarks/mfu.py measures one host; run it without srun')
@@ -161,6 +160,7 @@ def predicted(config, compiled, mesh) -> dict:
   """plan mode's estimate of this very executable: its kernels at their roofline and its
   collectives at the cluster's link bandwidths (brainscale/hlo.py), on a GPU it knows."""
   import jax  # noqa: PLC0415
+
   from brainscale import hlo  # noqa: PLC0415
   device = jax.devices()[0]
   spec = next((g for g in gpu.GPUS.values() if g.description == device.device_kind), None)
@@ -180,6 +180,7 @@ def measure(config) -> dict:
   """Everything the benchmark prints, as one flat record."""
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
+
   from brainscale import plan  # noqa: PLC0415
   from brainscale.train import report as train_report  # noqa: PLC0415
   setup, state, batch, compiled, traced, compile_s = compile_step(config)
@@ -223,6 +224,7 @@ def measure(config) -> dict:
 
 
 def report(r: dict) -> str:
+  compiled_over_model = r['compiled_flops_per_step'] / r['model_flops_per_step']
   lines = [
       f"{r['experiment']} on {r['devices']} x {r['device_kind']} ({r['platform']}), "
       f"jax {r['jax']}; attention {r['attention']}, remat {r['remat']}",
@@ -236,8 +238,8 @@ def report(r: dict) -> str:
       f"matmul_ceiling_tflops: {r['matmul_tflops']:.4g}  ({r['matmul_dtype']} "
       f"{r['matmul_n']}^3; {r['matmul_tflops'] / r['peak_tflops']:.2%} of peak)",
       f"mfu_of_matmul_ceiling: {r['mfu_of_matmul_ceiling']:.4f}",
-      f"compiled/model flops: {r['compiled_flops_per_step'] / r['model_flops_per_step']:.3f}  "
-      f"(hardware FLOPs utilisation {r['mfu'] * r['compiled_flops_per_step'] / r['model_flops_per_step']:.4f})",
+      f"compiled/model flops: {compiled_over_model:.3f}  "
+      f"(hardware FLOPs utilisation {r['mfu'] * compiled_over_model:.4f})",
   ]
   if 'predicted_step_s' in r:
     fast, slow = r['predicted_step_s']

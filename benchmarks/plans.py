@@ -10,17 +10,14 @@ MFU (an estimate: collectives hidden .. not hidden). Pick by memory and predicte
 """
 
 import os
-import pathlib
-import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # compiles for a GPU topology; needs none
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from brainscale import config as config_lib  # noqa: E402
-from brainscale import gpu, plan  # noqa: E402
+from brainscale import config as config_lib
+from brainscale import gpu, plan
 
 flags.DEFINE_string('experiment', 'cwm_1b_1gpu', 'an experiment with a cluster section')
 flags.DEFINE_string('candidates', '', "';'-separated sets of comma-separated KEY=VALUE")

@@ -1,4 +1,5 @@
-"""The attention shapes of the models, shared by benchmarks/attention.py and kernels.py."""
+"""The attention shapes of the models, shared by benchmarks/attention.py and
+kernel_resources.py."""
 
 import dataclasses
 

@@ -8,14 +8,13 @@ ml_collections ConfigDict that is locked before overrides apply, so a typo in
 """
 
 import ast
-import json
 import difflib
 import importlib.util
+import json
 import math
 import os
 import pathlib
 import re
-import sys
 import tempfile
 
 import ml_collections
@@ -47,8 +46,6 @@ def _module(name: str):
     close = difflib.get_close_matches(name, experiment_names(), n=3)
     hint = f'; did you mean {", ".join(close)}?' if close else ''
     raise ConfigError(f'--experiment={name} is not a file in {EXPERIMENTS}{hint}')
-  if str(ROOT) not in sys.path:  # experiments import experiments.base
-    sys.path.insert(0, str(ROOT))
   spec = importlib.util.spec_from_file_location(f'experiments.{name}', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

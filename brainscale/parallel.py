@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from brainscale.config import AXES, ConfigError, mesh_shape  # noqa: F401  (JAX-free, in config)
+from brainscale.config import AXES, ConfigError, mesh_shape  # JAX-free, so they live in config
 
 
 def initialize_distributed(mesh_config) -> bool:

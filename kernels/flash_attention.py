@@ -32,7 +32,6 @@ step once its speed on H100/H200 has been measured against cuDNN
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp

@@ -13,19 +13,14 @@ DIR/panel.png shows it. Writes DIR/prediction.npz and DIR/panel.png
 and exit status 2; --traceback shows the Python traceback as well.
 """
 
-import pathlib
-import sys
+from absl import app, flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-from absl import app, flags  # noqa: E402
-
-from brainscale import inspect  # noqa: E402
-from brainscale.cwm import predict  # noqa: E402
-from brainscale.cwm.model import WorldModel  # noqa: E402
-from brainscale.data.importers import InputError  # noqa: E402
-from launch import errors  # noqa: E402
-from launch.errors import fail  # noqa: E402
+from brainscale import inspect
+from brainscale.cwm import predict
+from brainscale.cwm.model import WorldModel
+from brainscale.data.importers import InputError
+from launch import errors
+from launch.errors import fail
 
 flags.DEFINE_string('workdir', '', 'a CWM run folder (launch/run.py --workdir)')
 flags.DEFINE_integer('step', None, 'checkpoint step; default the newest')

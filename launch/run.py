@@ -4,6 +4,7 @@
                        [--config.KEY=VALUE ...]
   python launch/run.py --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
 
+`brainscale` (the command `pip install -e .` installs) is the same program: `entry`.
 --submit sbatches the experiment on its `cluster` section (launch/slurm.py).
 Inside a multi-task srun step it calls jax.distributed.initialize() itself.
 Every expected failure (a bad config value or workdir, a missing or corrupt input
@@ -18,16 +19,13 @@ checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
 """
 
 import os
-import pathlib
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
-
-from brainscale import config as config_lib  # noqa: E402
-from launch import errors  # noqa: E402
-from launch.errors import fail  # noqa: E402
+from brainscale import config as config_lib
+from launch import errors
+from launch.errors import fail
 
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
@@ -64,6 +62,7 @@ def plan(config):
   """--mode=plan: for the cluster's GPUs, or one simulated CPU device per GPU (set before
   JAX starts)."""
   import jax  # noqa: PLC0415
+
   from brainscale import plan as plan_lib  # noqa: PLC0415
   try:
     plan_lib.check(config)
@@ -85,6 +84,7 @@ def plan(config):
 def run(config, workdir: str):
   """train, eval or describe on this job's devices."""
   import jax  # noqa: PLC0415
+
   from brainscale import parallel  # noqa: PLC0415  (after flags: Grain reads them)
   from brainscale.train import describe, loop  # noqa: PLC0415
   if FLAGS.mode == 'describe':   # describes the cluster's run where there is one
@@ -119,6 +119,12 @@ def main(argv):
     run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
 
 
-if __name__ == '__main__':
+def entry():
+  """`python launch/run.py ...` and the `brainscale ...` command (pyproject.toml): the
+  --config.KEY=VALUE overrides leave argv before absl parses the flags; exits."""
   _OVERRIDES[:], rest = config_lib.split_overrides(sys.argv)
   app.run(main, argv=rest)
+
+
+if __name__ == '__main__':
+  entry()

@@ -7,7 +7,6 @@ Imports neither JAX nor the trainer.
 """
 
 import datetime
-import os
 import pathlib
 import re
 import shlex

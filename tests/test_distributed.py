@@ -13,8 +13,9 @@ from conftest import ROOT
 
 # A constant learning rate after warmup, so a run stopped at 6 and extended to 8 follows
 # the same schedule as a run of 8.
-COMMON = ['--experiment=smoke', '--config.train.log_every=1', '--config.model.compute_dtype=float32',
-          '--config.train.warmup_steps=2', '--config.train.min_lr_ratio=1.0']
+COMMON = ['--experiment=smoke', '--config.train.log_every=1',
+          '--config.model.compute_dtype=float32', '--config.train.warmup_steps=2',
+          '--config.train.min_lr_ratio=1.0']
 
 
 def free_port() -> int:

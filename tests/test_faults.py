@@ -120,7 +120,8 @@ def test_no_readable_checkpoint_is_an_error_that_moves_nothing(runs, tmp_path):
   shutil.copytree(to30, workdir)
   for step in (10, 20, 30):
     _overwrite(workdir / 'checkpoints' / str(step))
-  with pytest.raises(CheckpointError, match=r'none of the checkpoints in .* \(steps \[10, 20, 30\]'):
+  with pytest.raises(CheckpointError,
+                     match=r'none of the checkpoints in .* \(steps \[10, 20, 30\]'):
     loop.train(config(40), str(workdir))
   assert Checkpoints(workdir, keep=3).steps() == [10, 20, 30]
   assert not (workdir / 'broken_checkpoints').exists()

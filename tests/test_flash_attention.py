@@ -1,7 +1,7 @@
 """Flash attention (kernels/flash_attention.py) against the XLA reference, interpreted on CPU.
 
 The reference is brainscale.nn.attention.attend_xla, itself tested against numpy
-in test_nn.py. Sequence lengths are odd (not multiples of any tile) and the
+in test_nn_attend.py. Sequence lengths are odd (not multiples of any tile) and the
 forward and backward tiles differ, so padding and both block tables are used.
 """
 
@@ -260,6 +260,7 @@ def test_smoke_model_trains_the_same_with_pallas_and_xla(tmp_path):
 def test_attention_and_loss_benchmarks_run_their_cpu_smoke_shapes():
   import subprocess  # noqa: PLC0415
   import sys  # noqa: PLC0415
+
   from conftest import ROOT  # noqa: PLC0415
   for script, expect in (('attention.py', r'smoke \| xla/pallas temp memory [\d.]+x'),
                          ('loss.py', r'smoke: naive/chunked temp memory [\d.]+x')):
@@ -272,6 +273,7 @@ def test_attention_and_loss_benchmarks_run_their_cpu_smoke_shapes():
 def _kernel_calls(jaxpr, counts=None) -> dict:
   """Live pallas_call equations of each kernel name in a jaxpr (loop bodies counted once)."""
   from jax.extend import core as jax_core  # noqa: PLC0415
+
   from brainscale import plan  # noqa: PLC0415
   counts = {} if counts is None else counts
   for eqn in plan.live_eqns(jaxpr):

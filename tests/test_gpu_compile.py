@@ -11,7 +11,7 @@ import jax
 import pytest
 
 from brainscale import config as config_lib
-from brainscale import gpu, hlo, parallel, plan
+from brainscale import gpu, parallel, plan
 from brainscale.train import loop
 from experiments import base
 from test_train import run_cli
@@ -169,10 +169,10 @@ def test_an_oversized_config_says_no_and_exits_1():
 
 def test_pallas_kernels_do_not_spill_at_the_models_tiles():
   """Every flash kernel at every model shape, through Triton and ptxas for sm_90a."""
-  from benchmarks import kernels, shapes  # noqa: PLC0415
+  from benchmarks import kernel_resources, shapes  # noqa: PLC0415
   for name in ('cwm_10k', 'cwm_1b_10k', 'enigma_local', 'enigma_global', 'enigma_read',
                'enigma_decode'):
-    found = kernels.resources(shapes.SHAPES[name])
+    found = kernel_resources.resources(shapes.SHAPES[name])
     assert sorted(r.kernel for r in found) == ['flash_attention_dkv', 'flash_attention_dq',
                                                'flash_attention_fwd'], name
     for r in found:

@@ -11,7 +11,8 @@ H100 = gpu.GPUS['H100-SXM-80GB']
 # A step as XLA GPU prints it: a counted loop (no known_trip_count: its bound is read from
 # the condition) around a loop with a known trip count, gemms, cuDNN and Pallas kernels, an
 # in-place dynamic-update-slice fusion, a slicing fusion, collectives in each group format.
-_META = json.dumps({'flops': '1000000', 'bytes_accessed': '64'}).replace('"', '\\22')  # MLIR's escape
+# \22 is MLIR's escape of a double quote.
+_META = json.dumps({'flops': '1000000', 'bytes_accessed': '64'}).replace('"', '\\22')
 MODULE = f'''HloModule jit_step, entry_computation_layout={{()->()}}
 
 %fused_slice (param_0.1: bf16[12,64,32], param_1.2: s32[]) -> bf16[1,64,32] {{

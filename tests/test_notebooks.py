@@ -22,7 +22,8 @@ def test_notebook_runs_and_every_plot_draws(name, tmp_path):
   assert not any(cell.get('outputs') for cell in nb.cells if cell.cell_type == 'code'), \
       'notebooks are committed without outputs'
   setup = next(cell for cell in nb.cells if cell.cell_type == 'code')
-  assert re.search(r'^CHECKPOINT = ', setup.source, re.M), 'the first code cell names the checkpoint'
+  assert re.search(r'^CHECKPOINT = ', setup.source, re.M), \
+      'the first code cell names the checkpoint'
   setup.source = re.sub(r'^CHECKPOINT = .*$', f'CHECKPOINT = {str(tmp_path / "run")!r}',
                         setup.source, count=1, flags=re.M)
   nbclient.NotebookClient(nb, timeout=900, kernel_name='python3',

@@ -306,7 +306,7 @@ def test_axis_rules_context_is_restored_on_exit():
   assert parallel.constrain(x_B, ('batch',)) is x_B
 
 
-# ----------------------------------------------------------------------------- the sharded train step
+# ------------------------------------------------------------------------- the sharded train step
 
 # fp32 for a tight comparison. The smoke warmup stays: step 0 has learning rate 0 (its
 # gradients still reach Adam's moments) and later steps a small one. At a full learning

@@ -324,4 +324,4 @@ def test_default_spec_generates_quickly_into_a_store(tmp_path):
   assert len(names) == 6 and store.num_neurons == 3 * (32 + 2 * 32)
   assert store.session('a2s1').num_samples == spec.trials * 300 == 152 * 300
   assert store.session('a2s1').num_neurons == 64
-  assert seconds < 120, seconds   # ~30 s on a 2-core machine; the bound only catches blowups
+  assert seconds < 120, seconds   # a loose bound: it catches blowups, not small slowdowns

@@ -68,7 +68,7 @@ def warp_errors(clip, gap):
     off_HxWx4 = np.stack([error(qx + dx, qy + dy) for dx, dy in HALF_PIXEL], axis=-1)
     segment, later = clip.segment_TxHxW[t], clip.segment_TxHxW[t + gap]
     ok = seen & interior(segment)
-    x0, y0 = np.clip(np.floor(qx).astype(int), 0, size - 2), np.clip(np.floor(qy).astype(int), 0, size - 2)
+    x0, y0 = (np.clip(np.floor(q).astype(int), 0, size - 2) for q in (qx, qy))
     for dy in (0, 1):
       for dx in (0, 1):
         ok &= interior(later)[y0 + dy, x0 + dx] & (later[y0 + dy, x0 + dx] == segment)
@@ -116,15 +116,17 @@ def test_visibility_agrees_with_the_rendered_segments(seed):
     occluded_hits += np.sum((later > now)[hidden])
     occluded += np.sum(hidden)
   assert agree > 0.97
-  assert occluded > 0 and occluded_hits > 0.8 * occluded   # hidden in frame: a nearer body covers it
+  # hidden in frame: a nearer body covers it
+  assert occluded > 0 and occluded_hits > 0.8 * occluded
 
 
 def test_camera_pan_alone_gives_uniform_flow(seed):
   spec = physics.Spec(objects=(0, 0), camera=2.0, flow_gap=2, frames=10)
   clip, scene = physics.render(seed, spec), physics.scene(seed, spec)
   pan_Tx2 = scene.camera_Tx2[:-2] - scene.camera_Tx2[2:]   # the world moves against the camera
-  np.testing.assert_allclose(clip.flow_TxHxWx2, np.broadcast_to(pan_Tx2[:, None, None], clip.flow_TxHxWx2.shape),
-                             atol=1e-4)
+  np.testing.assert_allclose(
+      clip.flow_TxHxWx2, np.broadcast_to(pan_Tx2[:, None, None], clip.flow_TxHxWx2.shape),
+      atol=1e-4)
   assert np.linalg.norm(pan_Tx2, axis=-1).max() <= 2 * spec.camera + 1e-9
   y, x = np.mgrid[:spec.size, :spec.size]
   qx, qy = x + clip.flow_TxHxWx2[..., 0], y + clip.flow_TxHxWx2[..., 1]
@@ -200,7 +202,8 @@ def test_collision_changes_velocities_and_conserves_momentum_and_energy(seed):
       position_Nx2, velocity_Nx2, radius_N, [0, 0], camera_Tx2, box=(-1e4, 1e4))
   assert np.abs(velocity_TxNx2[-1] - velocity_TxNx2[0]).max() > 0.1
   momentum_Tx2, energy_T = momentum_and_energy(velocity_TxNx2, radius_N)
-  np.testing.assert_allclose(momentum_Tx2, np.broadcast_to(momentum_Tx2[0], momentum_Tx2.shape), atol=1e-9)
+  np.testing.assert_allclose(momentum_Tx2, np.broadcast_to(momentum_Tx2[0], momentum_Tx2.shape),
+                             atol=1e-9)
   np.testing.assert_allclose(energy_T, energy_T[0], rtol=1e-12)
   gap_T = np.linalg.norm(position_TxNx2[:, 1] - position_TxNx2[:, 0], axis=-1) - radius_N.sum()
   closing = np.linalg.norm(velocity_Nx2[0] - velocity_Nx2[1])
@@ -233,7 +236,8 @@ def test_walls_follow_the_camera_and_reflect_relative_velocity(seed):
   relative_Tx2 = position_TxNx2[:, 0] - camera_Tx2
   assert relative_Tx2.min() - 8 > -6 - 1 and relative_Tx2.max() + 8 < 69 + 1
   outward_Tx2 = velocity_TxNx2[:, 0] - camera_velocity_Tx2
-  np.testing.assert_allclose(np.abs(outward_Tx2), np.abs(velocity_Nx2 - camera_velocity_Tx2), atol=1e-12)
+  np.testing.assert_allclose(np.abs(outward_Tx2), np.abs(velocity_Nx2 - camera_velocity_Tx2),
+                             atol=1e-12)
   assert np.all(np.any(np.sign(outward_Tx2) != np.sign(outward_Tx2[0]), axis=0))   # it bounced
 
 

@@ -3,9 +3,9 @@
 import inspect
 import textwrap
 
-import brainscale
 import pytest
 
+import brainscale
 from brainscale import config as config_lib
 from brainscale.train import describe, loop, task
 

@@ -314,8 +314,8 @@ def test_resume_into_a_different_model_fails_clearly(tmp_path):
   ckpt.close()
   other = smoke(model__layers=3)
   setup = loop.build(other, parallel.make_mesh(other.mesh, jax.devices()[:1]))
-  with pytest.raises(config_lib.ConfigError, match=r'params/blocks/layers/\S+ has shape \(2,.* there, '
-                     r'\(3,.* here'):
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'params/blocks/layers/\S+ has shape \(2,.* there, \(3,.* here'):
     Checkpoints(tmp_path, keep=2).restore(3, setup.abstract_state)
 
 
@@ -335,7 +335,8 @@ def test_parameter_groups_get_their_own_learning_rate():
   """A group with lr_scale 0 leaves its parameters untouched; the others move."""
   c = smoke(train__warmup_steps=0)
   c.train.groups.no_decay.lr_scale = 0.0
-  params = {'attn': {'w_q': np.ones((3, 3), np.float32)}, 'norm': {'scale_D': np.ones(3, np.float32)}}
+  params = {'attn': {'w_q': np.ones((3, 3), np.float32)},
+            'norm': {'scale_D': np.ones(3, np.float32)}}
   labels = optim.group_labels(params, c.train.groups)
   assert labels == {'attn': {'w_q': 'default'}, 'norm': {'scale_D': 'no_decay'}}
   tx = optim.make(c)

@@ -12,7 +12,6 @@ import pytest
 
 from brainscale import config as config_lib
 from brainscale.train import report
-
 from conftest import ROOT
 
 BLOCK = 32768   # the .wandb file: a 7-byte header, then a LevelDB log of protobuf Records

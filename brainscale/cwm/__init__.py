@@ -1,1 +1,1 @@
-"""CWM: the Counterfactual World Model family (local patch tokenizer + pointer-token world model)."""
+"""CWM: the Counterfactual World Model family (local patch tokenizer, pointer-token world model)."""

@@ -197,8 +197,9 @@ def predict_codes(model: WorldModel, codes_Bx2xhxw: jax.Array, revealed_BxR: jax
   decode: 'mean' decodes the expected latent of each predicted code (the
   minimum-squared-error image), 'argmax' the most likely codes, 'sample' a
   sample at `temperature` from the `top_k` / `top_p` codes (the codes a
-  sequential prediction conditions on are chosen the same way). Returns image [B, H, W, 3] in [0, 1], codes [B, h, w] (chosen),
-  hidden [B, H, W] (pixels that were predicted, not revealed).
+  sequential prediction conditions on are chosen the same way). Returns image
+  [B, H, W, 3] in [0, 1], codes [B, h, w] (chosen), hidden [B, H, W] (pixels that
+  were predicted, not revealed).
   """
   layout, tok = model.layout, model.tokenizer
   b, p = codes_Bx2xhxw.shape[0], layout.patches

@@ -32,7 +32,9 @@ def _weights(module: nnx.Module) -> int:
 
 
 def _skipped(batch) -> dict:
-  return {'data_skipped': jnp.sum(batch['skipped']).astype(jnp.float32)} if 'skipped' in batch else {}
+  if 'skipped' not in batch:
+    return {}
+  return {'data_skipped': jnp.sum(batch['skipped']).astype(jnp.float32)}
 
 
 class _VideoTask(task.Task, task.Costs):

@@ -18,7 +18,6 @@ from brainscale import nn, parallel
 from brainscale.enigma import tokens
 from brainscale.enigma.masking import Masks
 
-
 PLACE_FREQUENCIES = (0.25, 0.5, 1.0)  # cycles per std of a session's neuron positions
 
 

@@ -15,9 +15,9 @@ import dataclasses
 import math
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from brainscale import parallel
 from brainscale.nn.core import RMSNorm, param

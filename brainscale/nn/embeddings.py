@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from brainscale import parallel
-
 from brainscale.nn.core import param
 
 

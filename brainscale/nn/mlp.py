@@ -1,9 +1,9 @@
 """Feed-forward blocks: GELU (CWM) and SwiGLU (Enigma), no biases."""
 
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from brainscale import parallel
 from brainscale.nn.core import param

@@ -235,8 +235,9 @@ def prerequisite_params(setup: Setup, workdir: str) -> dict:
   params = {}
   for name, (config, run_dir, *source) in setup.task.prerequisites(workdir).items():
     if name not in setup.abstract_state['params']:
+      names = sorted(setup.abstract_state['params'])
       raise ValueError(f'prerequisite {name!r} of {setup.config.experiment} is not a top-level '
-                       f'parameter of its model; those are {sorted(setup.abstract_state["params"])}')
+                       f'parameter of its model; those are {names}')
     pre = build(config, setup.mesh)
     checkpoints = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
     step, state = checkpoints.restore_newest(pre.abstract_state, log=report.log)

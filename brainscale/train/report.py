@@ -17,7 +17,6 @@ import time
 import uuid
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from clu import metrics as clu_metrics
 
@@ -135,7 +134,7 @@ class Writer:
     self._writer = SummaryWriter(logdir=f'{self.workdir}/tb', flush_secs=10)
     path = f'{self.workdir}/metrics.jsonl'
     cut_short = os.path.exists(path) and not _ends_with_newline(path)
-    self._jsonl = open(path, 'a')  # noqa: SIM115
+    self._jsonl = open(path, 'a')
     if cut_short:  # a crash stopped the last line midway
       self._jsonl.write('\n')
 

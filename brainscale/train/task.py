@@ -110,5 +110,6 @@ def get_task(config) -> Task:
     raise
   name = name or 'Task'
   if not isinstance(getattr(module, name, None), type):
-    raise ConfigError(f'config.task={config.task!r}: brainscale/{family}/task.py has no class {name}')
+    raise ConfigError(f'config.task={config.task!r}: brainscale/{family}/task.py has no '
+                      f'class {name}')
   return getattr(module, name)(config)

@@ -50,7 +50,8 @@ def _problems(s: Spec) -> list[str]:
   """What is wrong with a Spec, one line each."""
   checks = [
       (s.size >= 4, f'size={s.size}; need >= 4'),
-      (1 <= s.flow_gap < s.frames, f'flow_gap={s.flow_gap}; need 1 <= flow_gap < frames={s.frames}'),
+      (1 <= s.flow_gap < s.frames,
+       f'flow_gap={s.flow_gap}; need 1 <= flow_gap < frames={s.frames}'),
       (0 <= s.objects[0] <= s.objects[1], f'objects={s.objects}; need 0 <= min <= max'),
       (0 < s.object_size[0] <= s.object_size[1] <= 0.5,
        f'object_size={s.object_size}; need 0 < min <= max <= 0.5'),
@@ -71,7 +72,7 @@ class Clip:
   is at (x + dx, y + dy) in frame t + gap."""
   frames_TxHxWx3: np.ndarray   # uint8
   flow_TxHxWx2: np.ndarray     # float32 [frames - gap, H, W, 2]: (dx, dy) from t to t + gap
-  visible_TxHxW: np.ndarray    # bool [frames - gap, H, W]: the surface at (t, y, x) is seen at t + gap
+  visible_TxHxW: np.ndarray    # bool [frames - gap, H, W]: surface at (t, y, x) seen at t + gap
   segment_TxHxW: np.ndarray | None = None   # uint8 [frames, H, W]: 0 background, k the k-th object
 
 
@@ -313,7 +314,8 @@ def _depth(body: Body, dx, dy, c, s) -> np.ndarray:
 def _surfaces(scene: Scene) -> tuple[np.ndarray, np.ndarray]:
   """offset_SxTx2, angle_SxT: local = R(-angle) (pixel + offset); surface 0 is the background."""
   camera_1xTx2 = scene.camera_Tx2[None]
-  offset_SxTx2 = np.concatenate([camera_1xTx2, camera_1xTx2 - scene.position_TxNx2.transpose(1, 0, 2)])
+  offset_SxTx2 = np.concatenate([camera_1xTx2,
+                                 camera_1xTx2 - scene.position_TxNx2.transpose(1, 0, 2)])
   angle_SxT = np.concatenate([np.zeros_like(scene.camera_Tx2[None, :, 0]), scene.angle_TxN.T])
   return offset_SxTx2, angle_SxT
 
@@ -467,7 +469,8 @@ def _is_complete(directory: pathlib.Path, manifest: dict, paths) -> bool:
   return True
 
 
-def generate(directory, *, count: int, seed: int, spec: Spec, workers: int = 1) -> list[pathlib.Path]:
+def generate(directory, *, count: int, seed: int, spec: Spec,
+             workers: int = 1) -> list[pathlib.Path]:
   """Writes `count` clips into `directory` once, atomically; returns their mp4 paths.
 
   Clips are rendered into a temporary sibling that is renamed when all are written,
@@ -475,7 +478,8 @@ def generate(directory, *, count: int, seed: int, spec: Spec, workers: int = 1) 
   whatever `workers` (a spawn pool).
   """
   directory = pathlib.Path(directory)
-  manifest = json.loads(json.dumps({'spec': dataclasses.asdict(spec), 'count': count, 'seed': seed}))
+  manifest = json.loads(json.dumps({'spec': dataclasses.asdict(spec), 'count': count,
+                                    'seed': seed}))
   paths = [directory / f'clip_{i:06d}.mp4' for i in range(count)]
   if _is_complete(directory, manifest, paths):
     return paths

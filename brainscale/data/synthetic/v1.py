@@ -460,11 +460,11 @@ def session_names(spec: Spec) -> list[str]:
 def generate(root, spec: Spec = Spec(), *, progress: bool = False,
              overwrite: bool = False) -> list[str]:
   """Simulates every session and writes it into the store at `root`; returns session names."""
-  from brainscale.data import neural   # lazy: simulating needs no store (tensorstore, grain)
+  from brainscale.data import neural  # noqa: PLC0415  (simulating needs no tensorstore, grain)
   jobs = [(a, s) for a in range(spec.animals) for s in range(spec.sessions_per_animal)]
   names = session_names(spec)
   if progress:
-    import tqdm
+    import tqdm  # noqa: PLC0415
     jobs = tqdm.tqdm(jobs, desc='synthetic V1 sessions')
   for name, (a, s) in zip(names, jobs):
     data = simulate_session(spec, a, s)

@@ -1,4 +1,4 @@
-# python benchmarks/kernels.py [--shapes=cwm_10k,enigma_local,...] [--gpu=H100-SXM-80GB]
+# python benchmarks/kernel_resources.py [--shapes=cwm_10k,enigma_local,...] [--gpu=H100-SXM-80GB]
 """The Pallas flash-attention kernels compiled for Hopper (sm_90a) at the models' tiles.
 
 For each attention shape of benchmarks/shapes.py (the models' head dims, masks and
@@ -18,21 +18,19 @@ import os
 import pathlib
 import re
 import subprocess
-import sys
 import tempfile
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # compiles for a GPU topology; needs none
 
-from absl import app, flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
 
-from benchmarks import shapes  # noqa: E402
-from brainscale import gpu  # noqa: E402
-from experiments import base  # noqa: E402
-from kernels import flash_attention  # noqa: E402
+from benchmarks import shapes
+from brainscale import gpu
+from experiments import base
+from kernels import flash_attention
 
 flags.DEFINE_list('shapes', ['cwm_10k', 'cwm_1b_10k', 'enigma_local', 'enigma_global',
                              'enigma_read', 'enigma_decode'], 'shapes of benchmarks/shapes.py')

@@ -1,0 +1,1 @@
+"""The command-line programs: run.py (the `brainscale` command), predict.py, slurm.py."""
