@@ -32,3 +32,56 @@ LONGEST_FIRST = ('test_enigma_train.py', 'test_gpu_compile.py', 'test_slurm.py')
 def pytest_collection_modifyitems(items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+def take(it, n: int) -> list:
+  """The next n batches of an iterator."""
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a: list, b: list):
+  """Two lists of batches hold the same keys and the same arrays."""
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+@pytest.fixture(scope='module')
+def sources(tmp_path_factory):
+  """A folder with valid videos of several containers and codecs, and broken files
+  (tests/video_helpers.py)."""
+  from video_helpers import write_sources  # noqa: PLC0415  (PyAV only where videos are made)
+  return write_sources(tmp_path_factory.mktemp('videos'))
+
+
+@pytest.fixture(scope='module')
+def imported(sources, tmp_path_factory):
+  """`sources` imported into ArrayRecord shards."""
+  from video_helpers import import_sources  # noqa: PLC0415
+  return import_sources(sources, tmp_path_factory.mktemp('imported') / 'clips')
+
+
+def assert_resume_is_exact(make_iter, skip: int, n: int):
+  """An iterator from make_iter() restored from its state after `skip` batches gives the
+  next n batches the original gives."""
+  it = make_iter()
+  take(it, skip)
+  state = it.get_state()
+  expected = take(it, n)
+  resumed = make_iter()
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, n), expected)
+
+
+def assert_workers_match(make_iter, make_workers_iter, n: int):
+  """A pipeline with worker processes gives the batches of one without (2n of them), and
+  resumes from its state half-way."""
+  expected = take(make_iter(), 2 * n)
+  it = make_workers_iter()
+  assert_batches_equal(take(it, n), expected[:n])
+  state = it.get_state()
+  resumed = make_workers_iter()
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, n), expected[n:])

@@ -6,6 +6,7 @@ import pytest
 from absl import flags
 
 from brainscale.data import neural
+from conftest import assert_batches_equal, assert_resume_is_exact, assert_workers_match, take
 from neural_helpers import RATE, aligned, build, frame_of_each_sample, train_rows
 
 if not flags.FLAGS.is_parsed():
@@ -56,18 +57,6 @@ def store(tmp_path, rng):
 
 def make(root, **kwargs):
   return neural.pipeline(root, **{**SETTINGS, **kwargs})
-
-
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def expected_example(store, written, batch, b):
@@ -199,24 +188,13 @@ def test_resume_mid_epoch_and_across_epochs_is_exact(store):
   epoch = len(neural.windows(neural.Store(root), tiers=SETTINGS['tiers'], window=16,
                             stride=8)) // 4
   for steps in (2, epoch - 1):   # the second run crosses into the next epoch
-    it = iter(make(root, seed=3))
-    take(it, steps)
-    state = it.get_state()
-    expected = take(it, 4)
-    resumed = iter(make(root, seed=3))
-    resumed.set_state(state)
-    assert_batches_equal(take(resumed, 4), expected)
+    assert_resume_is_exact(lambda: iter(make(root, seed=3)), steps, 4)
 
 
 def test_worker_processes_give_the_same_batches(store):
   root, _ = store
-  expected = take(iter(make(root, seed=7)), 4)
-  it = iter(make(root, seed=7, workers=1))
-  assert_batches_equal(take(it, 2), expected[:2])
-  state = it.get_state()
-  resumed = iter(make(root, seed=7, workers=1))
-  resumed.set_state(state)
-  assert_batches_equal(take(resumed, 2), expected[2:])
+  assert_workers_match(lambda: iter(make(root, seed=7)),
+                       lambda: iter(make(root, seed=7, workers=1)), 2)
 
 
 def test_pipeline_settings_errors(store):

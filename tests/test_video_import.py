@@ -18,23 +18,9 @@ from video_helpers import (
   CLIPS,
   VIDEOS,
   import_quietly,
-  import_sources,
   index_of,
-  write_sources,
   write_video,
 )
-
-
-@pytest.fixture(scope='module')
-def sources(tmp_path_factory):
-  """A folder with valid videos of several containers and codecs, and broken files."""
-  return write_sources(tmp_path_factory.mktemp('videos'))
-
-
-@pytest.fixture(scope='module')
-def imported(sources, tmp_path_factory):
-  return import_sources(sources, tmp_path_factory.mktemp('imported') / 'clips')
-
 
 # ---------------------------------------------------------------- import
 

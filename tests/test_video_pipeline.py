@@ -10,21 +10,11 @@ from absl import flags
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from brainscale.data import video
-from video_helpers import gray, import_quietly, import_sources, index_of, write_sources, write_video
+from conftest import assert_batches_equal, assert_resume_is_exact, assert_workers_match, take
+from video_helpers import gray, import_quietly, index_of, write_video
 
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()   # Grain reads absl flags
-
-
-@pytest.fixture(scope='module')
-def sources(tmp_path_factory):
-  """A folder with valid videos of several containers and codecs, and broken files."""
-  return write_sources(tmp_path_factory.mktemp('videos'))
-
-
-@pytest.fixture(scope='module')
-def imported(sources, tmp_path_factory):
-  return import_sources(sources, tmp_path_factory.mktemp('imported') / 'clips')
 
 
 @pytest.fixture(scope='module')
@@ -41,18 +31,6 @@ def ids(tmp_path_factory):
 
 def video_ids(batch_frames: np.ndarray) -> list[int]:
   return list(np.round((batch_frames.reshape(len(batch_frames), -1).mean(1) - 16) / 24).astype(int))
-
-
-def take(it, n):
-  return [next(it) for _ in range(n)]
-
-
-def assert_batches_equal(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 # ---------------------------------------------------------------- pipeline
@@ -105,13 +83,7 @@ def test_processes_take_disjoint_examples_that_interleave_to_the_single_process_
 
 def test_resume_mid_epoch_is_exact(imported):
   out, _ = imported
-  it = iter(make(out, seed=3))
-  take(it, 2)
-  state = it.get_state()
-  expected = take(it, 3)
-  resumed = iter(make(out, seed=3))
-  resumed.set_state(state)
-  assert_batches_equal(take(resumed, 3), expected)
+  assert_resume_is_exact(lambda: iter(make(out, seed=3)), 2, 3)
 
 
 def test_resume_across_an_epoch_boundary_is_exact_and_epochs_reshuffle(ids):
@@ -128,13 +100,8 @@ def test_resume_across_an_epoch_boundary_is_exact_and_epochs_reshuffle(ids):
 
 
 def test_worker_processes_give_the_same_batches_and_resume(ids):
-  expected = take(iter(make(ids, seed=7)), 6)
-  it = iter(make(ids, seed=7, workers=1))
-  assert_batches_equal(take(it, 3), expected[:3])
-  state = it.get_state()
-  resumed = iter(make(ids, seed=7, workers=1))
-  resumed.set_state(state)
-  assert_batches_equal(take(resumed, 3), expected[3:])
+  assert_workers_match(lambda: iter(make(ids, seed=7)),
+                       lambda: iter(make(ids, seed=7, workers=1)), 3)
 
 
 def write_folder(directory, records):
