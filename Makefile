@@ -1,6 +1,6 @@
 # make run   — train the embedded default (smoke experiment, synthetic data, CPU)
-# make test  — the test suite (what CI runs): `make unit` (JOBS=2 worker processes) and
-#              `make acceptance` (the long training runs) side by side
+# make test  — the test suite (what CI runs): `make unit` (JOBS=2 worker processes), then
+#              `make acceptance` (the long training runs)
 # make lint  — ruff check . (pyproject.toml [tool.ruff]); CI runs it before the tests
 # make cuda  — add the CUDA build of JAX (requirements-cuda.txt) to ./.venv: the GPU-compile
 #              tests then run instead of skipping, and --mode=plan compiles for the GPUs
@@ -35,11 +35,10 @@ run: $(VENV)/.installed
 # longest modules go first (tests/conftest.py) so that both workers finish together.
 JOBS ?= 2
 
-# `make test` runs both stages side by side (they are CPU-bound: together they take about as
-# long as one would on the whole machine): `unit`, everything but the acceptance runs, on
-# JOBS workers; `acceptance`, the tiny experiments trained to their quality bars.
-test: $(VENV)/.installed
-	$(MAKE) --no-print-directory -j2 unit acceptance
+# `make test` runs two stages, one after the other: `unit`, everything but the acceptance
+# runs, on JOBS workers; then `acceptance`, the tiny experiments trained to their quality bars
+# (alone on the machine, so their time limits hold).
+test: unit acceptance
 
 unit: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile -m "not acceptance" tests

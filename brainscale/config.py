@@ -8,6 +8,7 @@ ml_collections ConfigDict that is locked before overrides apply, so a typo in
 """
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import json
@@ -50,6 +51,18 @@ def _module(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def typed(cls, section: ml_collections.ConfigDict, where: str = 'model'):
+  """The dataclass `cls` (a model's spec) from the keys of config section `where` that name its
+  fields; the section's other keys are for others (the trainer's dtypes, the loss)."""
+  names = [f.name for f in dataclasses.fields(cls)]
+  missing = [n for n in names if n not in section]
+  if missing:
+    raise ConfigError(f'{where} has no {", ".join(missing)}, which {cls.__module__}.'
+                      f'{cls.__qualname__} needs')
+  return cls(**{n: tuple(section[n]) if isinstance(section[n], list) else section[n]
+                for n in names})
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

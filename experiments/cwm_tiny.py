@@ -16,10 +16,10 @@ def get_config():
   _cwm.world_model(c, tokenizer='cwm_tokenizer_tiny', layers=4, dim=128, heads=4,
                    vocab=1152, loss_chunk=1152)
 
-  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls ~2.5x slower than fp32
-  c.model.remat = 'none'             # activations fit; recomputing costs a quarter of the step
-  c.train.steps = 2200               # twice the updates of batch 16 in the same time:
-  c.train.batch_size = 8             # eval nll_frame1 3.50 vs 3.54 (benchmarks/RESULTS.md)
+  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls slower than fp32
+  c.model.remat = 'none'             # activations fit; recomputing would slow the step
+  c.train.steps = 2200               # batch 8: twice the updates of batch 16 in the same
+  c.train.batch_size = 8             # time, for a lower eval NLL (benchmarks/RESULTS.md)
   c.train.learning_rate = 2e-3
   c.train.warmup_steps = 100
   c.train.weight_decay = 0.05

@@ -18,7 +18,7 @@ def get_config():
                   held_out=_cwm.synthetic(count=32, seed=1, size=48, speed=(2.5, 4.0),
                                           object_size=(0.2, 0.4), camera=0.5))
 
-  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls ~2.5x slower than fp32
+  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls slower than fp32
   c.train.steps = 800
   c.train.batch_size = 32
   c.train.learning_rate = 2e-3

@@ -17,7 +17,7 @@ def get_config():
   c.model.latents_per_step = 2
   c.model.video_patch = (5, 9, 16)   # 4 x 4 tubelets per 5 frames
   c.model.decode_stride = 10
-  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls ~2.5x slower than fp32
+  c.model.compute_dtype = 'float32'  # XLA:CPU runs bf16 matmuls slower than fp32
   c.model.remat = 'none'
   c.train.steps = 1800   # still learning (benchmarks/RESULTS.md, "Enigma tiny on CPU")
   c.train.batch_size = 16

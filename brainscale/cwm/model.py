@@ -6,23 +6,43 @@ tokenizer is a submodule, so a checkpoint holds everything needed to turn
 frames into tokens and predictions back into pixels.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from brainscale import nn, parallel
+from brainscale.cwm import tokenizer
 from brainscale.cwm.sequence import Layout
-from brainscale.cwm.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What the WorldModel is built from (config.typed(Spec, config.model))."""
+  vocab: int              # content codes + pointers, padded
+  dim: int
+  layers: int
+  heads: int
+  head_dim: int
+  mlp_hidden: int
+  qk_norm: bool
+  rope_base: float
+  latent_embed: bool      # content codes also enter by their LFQ latent
+  latent_head: bool       # ... and their logits also score it
+  attention: str          # an nn attention backend
+  remat: str              # a name in nn.REMAT_POLICIES
 
 
 class WorldModel(nnx.Module):
 
-  def __init__(self, c, tokenizer_config, layout: Layout, *, rngs: nnx.Rngs):
+  def __init__(self, c: Spec, tokenizer_spec: tokenizer.Spec, layout: Layout, *,
+               rngs: nnx.Rngs):
     if c.vocab < layout.vocab:
       raise ValueError(f'model.vocab={c.vocab} is smaller than the {layout.vocab} tokens this '
                        f'layout needs ({layout.codes} codes + {layout.vocab - layout.codes} '
                        'pointers)')
-    self.tokenizer = Tokenizer(tokenizer_config, rngs=rngs)
+    self.tokenizer = tokenizer.Tokenizer(tokenizer_spec, rngs=rngs)
     if self.tokenizer.vocab != layout.codes:
       raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects {layout.codes}')
     self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)

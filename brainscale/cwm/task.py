@@ -20,6 +20,8 @@ from flax import nnx
 from brainscale import config as config_lib
 from brainscale import nn
 from brainscale.cwm import counterfactual, data, sequence
+from brainscale.cwm import model as world_model
+from brainscale.cwm import tokenizer as tokenizer_lib
 from brainscale.cwm.model import WorldModel
 from brainscale.cwm.tokenizer import Tokenizer, psnr
 from brainscale.train import task
@@ -76,7 +78,7 @@ class TokenizerTask(_VideoTask):
   frames = 1
 
   def model(self, rngs):
-    return Tokenizer(self.config.model, rngs=rngs)
+    return Tokenizer(config_lib.typed(tokenizer_lib.Spec, self.config.model), rngs=rngs)
 
   def loss(self, model, batch, rng, train):
     del rng, train
@@ -104,7 +106,10 @@ class Task(_VideoTask):
                                   patch=c.sequence.patch, code=c.tokenizer.model.patch)
 
   def model(self, rngs):
-    return WorldModel(self.config.model, self.config.tokenizer.model, self.layout, rngs=rngs)
+    c = self.config
+    return WorldModel(config_lib.typed(world_model.Spec, c.model),
+                      config_lib.typed(tokenizer_lib.Spec, c.tokenizer.model, 'tokenizer.model'),
+                      self.layout, rngs=rngs)
 
   def tokens_per_example(self):
     return self.layout.length

@@ -6,6 +6,7 @@ sees only its own block), quantized without a codebook lookup: LFQ (each of
 uint8 (or float in [0, 255]) NHWC; decoded images are float32 in [0, 1].
 """
 
+import dataclasses
 import math
 
 import jax
@@ -74,6 +75,19 @@ class ResBlock(nnx.Module):
   def __call__(self, x_BxhxwxC: jax.Array) -> jax.Array:
     h_BxhxwxC = jax.nn.gelu(conv(self.norm(x_BxhxwxC), self.w_conv_KxKxCxC[...]))
     return x_BxhxwxC + jnp.einsum('bhwc,cd->bhwd', h_BxhxwxC, self.w_out_CxC[...])
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What the Tokenizer is built from (config.typed(Spec, its model section))."""
+  patch: int              # pixels per code side
+  channels: int
+  depth: int              # residual blocks in the encoder and in the decoder
+  kernel: int             # conv kernel of the blocks (1: each code sees only its block)
+  bits: int               # codebook 2 ** bits
+  quantizer: str          # lfq | fsq
+  commit_weight: float
+  entropy_weight: float
 
 
 class Tokenizer(nnx.Module):

@@ -10,6 +10,8 @@ weights live under `core`; per-neuron, per-session and per-animal embeddings
 sit beside it, so a new session is fitted with the core frozen.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -42,10 +44,37 @@ class _Group(nnx.Module):
     return x_BxTxD
 
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What Enigma is built from (config.typed(Spec, config.model)); table sizes come apart."""
+  dim: int
+  layers: int             # tower layers
+  heads: int
+  head_dim: int
+  mlp_hidden: int         # SwiGLU hidden width
+  qk_norm: bool
+  global_every: int       # every k-th tower layer attends globally, the rest locally
+  local_window: float     # seconds either side, for the local layers
+  rope_base: float
+  neuron_dim: int         # per-neuron embedding width
+  neuron_kernel: int      # strided conv over each neuron's trace
+  neuron_stride: int
+  video_patch: tuple      # tubelet: frames x pixels x pixels
+  video_layers: int
+  latents_per_step: int
+  latent_stride: int      # samples between latent time steps
+  decoder_layers: int
+  decode_stride: int      # samples between a neuron's queries
+  readout_seconds: float  # stimulus history each neuron's query reads
+  softplus_beta: float
+  attention: str          # an nn attention backend
+  remat: str              # a name in nn.REMAT_POLICIES
+
+
 class Core(nnx.Module):
   """Everything shared across neurons, sessions and animals."""
 
-  def __init__(self, c, *, window: int, rate: float, channels: int, frame_shape: tuple,
+  def __init__(self, c: Spec, *, window: int, rate: float, channels: int, frame_shape: tuple,
                rngs: nnx.Rngs):
     if c.layers % c.global_every:
       raise ValueError(f'model.layers={c.layers} is not a multiple of '
@@ -158,7 +187,7 @@ class Core(nnx.Module):
   def readout(self, video_BxVxD, video_ok_BxV, rf_in_BxMxP, identity_BxMxE):
     """Each neuron's Gaussian-weighted video features over its last tubelets, per bin:
     [B, M, bins, D]. Reads the video encoder's output, which keeps the stimulus' linear
-    detail better than the tower's (training NLL 0.786 vs 0.797 at 300 steps)."""
+    detail better than the tower's (benchmarks/RESULTS.md, "Enigma tiny on CPU")."""
     c = self.c
     b, pt = video_BxVxD.shape[0], c.video_patch[0]
     g = self.video_tokens.grid[0] * self.video_tokens.grid[1]
@@ -221,8 +250,8 @@ class Core(nnx.Module):
 class Enigma(nnx.Module):
   """The core plus per-neuron, per-session and per-animal embeddings."""
 
-  def __init__(self, c, *, neurons: int, sessions: int, animals: int, window: int, rate: float,
-               channels: int, frame_shape: tuple, rngs: nnx.Rngs):
+  def __init__(self, c: Spec, *, neurons: int, sessions: int, animals: int, window: int,
+               rate: float, channels: int, frame_shape: tuple, rngs: nnx.Rngs):
     self.core = Core(c, window=window, rate=rate, channels=channels, frame_shape=frame_shape,
                      rngs=rngs)
     self.neuron_NxE = nn.param(rngs, (neurons, c.neuron_dim), ('neurons', None), fan_in=1)

@@ -13,7 +13,7 @@ from brainscale import config as config_lib
 from brainscale import nn
 from brainscale.data import neural
 from brainscale.enigma import data, evaluation, masking
-from brainscale.enigma.model import Enigma
+from brainscale.enigma.model import Enigma, Spec
 from brainscale.train import task
 
 PAD_ROWS = 128  # embedding tables are padded so their rows shard over any mesh up to this
@@ -76,7 +76,7 @@ class Task(task.Task, task.Costs):
     if not (neurons and sessions and animals):
       s = self.store
       neurons, sessions, animals = s.num_neurons, len(s.session_names), len(s.animals)
-    return Enigma(m, neurons=_padded(neurons), sessions=_padded(sessions),
+    return Enigma(config_lib.typed(Spec, m), neurons=_padded(neurons), sessions=_padded(sessions),
                   animals=_padded(animals), window=c.data.window, rate=c.data.rate,
                   channels=len(neural.CHANNELS),
                   frame_shape=tuple(c.data.frame_shape), rngs=rngs)

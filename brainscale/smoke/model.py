@@ -1,5 +1,7 @@
 """A decoder-only transformer on shared nn/ blocks: embed, scanned Blocks, norm, head."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -7,9 +9,25 @@ from flax import nnx
 from brainscale import nn, parallel
 
 
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """What TinyLM is built from (config.typed(Spec, config.model))."""
+  vocab: int
+  dim: int
+  layers: int
+  heads: int
+  kv_heads: int
+  head_dim: int
+  mlp: str                # gelu | swiglu
+  mlp_hidden: int
+  qk_norm: bool
+  attention: str          # an nn attention backend
+  remat: str              # a name in nn.REMAT_POLICIES
+
+
 class TinyLM(nnx.Module):
 
-  def __init__(self, c, *, rngs: nnx.Rngs):
+  def __init__(self, c: Spec, *, rngs: nnx.Rngs):
     self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)
     self.blocks = nn.Stack(
         lambda r: nn.Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, num_kv_heads=c.kv_heads,

@@ -5,16 +5,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from brainscale import config as config_lib
 from brainscale import nn
 from brainscale.smoke import data
-from brainscale.smoke.model import TinyLM
+from brainscale.smoke.model import Spec, TinyLM
 from brainscale.train import task
 
 
 class Task(task.Task, task.Costs):
 
   def model(self, rngs: nnx.Rngs) -> TinyLM:
-    return TinyLM(self.config.model, rngs=rngs)
+    return TinyLM(config_lib.typed(Spec, self.config.model), rngs=rngs)
 
   def _pipeline(self, seed, process_index, process_count):
     c = self.config

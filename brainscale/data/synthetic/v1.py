@@ -43,7 +43,7 @@ class Spec:
   rate: float = 30.0                 # neural and stimulus clock, Hz
   behavior_rate: float = 20.0        # behaviour clock, Hz (with a random phase offset)
   trial_seconds: float = 10.0
-  train_trials: int = 128            # 21 min of training video per session (24 overfit)
+  train_trials: int = 128            # 10 s each: 21 min of training video per session
   validation_trials: int = 4
   repeat_stimuli: int = 4            # stimuli of tier 'repeats', shared by all sessions
   repeats: int = 5                   # showings of each repeat stimulus per session
