@@ -77,6 +77,17 @@ def _all_processes(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether `workdir` holds a committed checkpoint; reads only (creates no directory)."""
+  if not (pathlib.Path(workdir) / 'checkpoints').is_dir():
+    return False
+  checkpoints = Checkpoints(workdir, keep=1, async_save=False)
+  try:
+    return checkpoints.latest() is not None
+  finally:
+    checkpoints.close()
+
+
 class Checkpoints:
   """The checkpoints of one workdir."""
 

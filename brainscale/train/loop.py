@@ -24,7 +24,7 @@ from brainscale import parallel
 from brainscale.config import ConfigError
 from brainscale.nn.core import axes_of
 from brainscale.train import optim, preemption, report
-from brainscale.train.checkpoint import CheckpointError, Checkpoints
+from brainscale.train.checkpoint import CheckpointError, Checkpoints, has_checkpoint
 from brainscale.train.task import Costs, Task, get_task
 
 
@@ -219,7 +219,7 @@ def runs_to_train(config, workdir: str) -> list[tuple]:
   def visit(config, workdir, chain):
     if workdir in chain:
       raise ConfigError(f'prerequisite runs form a cycle: {" -> ".join(chain + (workdir,))}')
-    if Checkpoints(workdir, keep=config.checkpoint.keep, async_save=False).latest() is None:
+    if not has_checkpoint(workdir):
       for pre_config, pre_dir, *_ in get_task(config).prerequisites(workdir).values():
         visit(pre_config, pre_dir, chain + (workdir,))
     if workdir not in seen:
