@@ -19,6 +19,12 @@ import time
 
 from absl import app, flags, logging
 
+from brainscale import config as config_lib
+from brainscale.data import neural, video
+from brainscale.data.importers import videos as importer
+from brainscale.data.synthetic import physics, v1
+from brainscale.train.task import get_task
+
 flags.DEFINE_integer('size', 256, 'training resolution (square crops)')
 flags.DEFINE_integer('clips', 32, 'synthetic clips to render and import')
 flags.DEFINE_integer('examples', 256, 'frame pairs timed per measurement (after warm-up)')
@@ -31,8 +37,6 @@ FLAGS = flags.FLAGS
 
 
 def dataset(tmp: pathlib.Path) -> str:
-  from brainscale.data.importers import videos as importer  # noqa: PLC0415
-  from brainscale.data.synthetic import physics  # noqa: PLC0415
   spec = physics.Spec(size=round(FLAGS.size * 1.25 / 2) * 2, frames=24, fps=24.0)
   start = time.perf_counter()
   physics.generate(tmp / 'videos', count=FLAGS.clips, seed=0, spec=spec, workers=2)
@@ -43,7 +47,6 @@ def dataset(tmp: pathlib.Path) -> str:
 
 
 def neural_store(tmp: pathlib.Path) -> str:
-  from brainscale.data.synthetic import v1  # noqa: PLC0415
   spec = v1.Spec(animals=1, sessions_per_animal=2, neurons=FLAGS.neurons, train_trials=12)
   start = time.perf_counter()
   v1.generate(tmp / 'store', spec)
@@ -52,14 +55,12 @@ def neural_store(tmp: pathlib.Path) -> str:
 
 
 def video_pipeline(directory: str, workers: int, config, batch: int):
-  from brainscale.data import video  # noqa: PLC0415
   return video.pipeline(directory, seed=0, batch_size=batch, process_index=0, process_count=1,
                         size=FLAGS.size, frames=2, gap_ms=config.data.gap_ms, train=True,
                         workers=workers, prefetch=4, scale=tuple(config.data.scale))
 
 
 def neural_pipeline(root: str, workers: int, config, batch: int):
-  from brainscale.data import neural  # noqa: PLC0415
   d = config.data
   return neural.pipeline(root, seed=0, batch_size=batch, process_index=0, process_count=1,
                          window=d.window, stride=d.stride, tiers=('train',),
@@ -81,8 +82,6 @@ def examples_per_s(pipeline, workers: int) -> float:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from brainscale import config as config_lib  # noqa: PLC0415
-  from brainscale.train.task import get_task  # noqa: PLC0415
   config = config_lib.resolve(FLAGS.experiment, [])
   task = get_task(config)
   flops = task.flops_per_example()

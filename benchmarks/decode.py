@@ -19,7 +19,18 @@
 
 import time
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
+from flax import nnx
+
+from benchmarks.timing import median_seconds
+from brainscale import config as config_lib
+from brainscale import gpu as gpu_lib
+from brainscale import hlo, parallel
+from brainscale.cwm import counterfactual
+from brainscale.train import loop
+from brainscale.train.task import get_task
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('experiment', 'cwm_tiny', 'the model timed on this host')
@@ -34,13 +45,6 @@ GiB = 2 ** 30
 
 def timed(config, batch: int, repeats: int) -> list[dict]:
   """Whole-frame prediction, sequential and parallel, cached and recomputed."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from benchmarks.timing import median_seconds  # noqa: PLC0415
-  from brainscale.cwm import counterfactual  # noqa: PLC0415
-  from brainscale.train import loop  # noqa: PLC0415
   setup = loop.build(config)
   model = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
   layout = model.layout
@@ -65,11 +69,6 @@ def timed(config, batch: int, repeats: int) -> list[dict]:
 
 def cache_size(config) -> dict:
   """The cache of one whole sequence per example (compute dtype), and per device."""
-  import jax  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from brainscale import config as config_lib  # noqa: PLC0415
-  from brainscale.train.task import get_task  # noqa: PLC0415
   task = get_task(config)
   model = nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
   dtype = jax.numpy.dtype(config.model.compute_dtype)
@@ -87,20 +86,12 @@ def cache_size(config) -> dict:
 
 
 def config_devices(config) -> int:
-  from brainscale import config as config_lib  # noqa: PLC0415
   return config_lib.cluster_devices(config.cluster) if 'cluster' in config else 1
 
 
 def gpu_step(config, batch: int) -> dict:
   """One sequential decode step of `batch` tokens against full caches, compiled for the
   experiment's GPUs (no GPU needed): memory plan and roofline time."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  from flax import nnx  # noqa: PLC0415
-
-  from brainscale import gpu as gpu_lib  # noqa: PLC0415
-  from brainscale import hlo, parallel  # noqa: PLC0415
-  from brainscale.train import loop  # noqa: PLC0415
   devices = gpu_lib.topology(config.cluster)
   mesh = parallel.make_mesh(config.mesh, devices, nodes=config.cluster.nodes)
   setup = loop.build(config, mesh)
@@ -170,10 +161,6 @@ def report(rows: list[dict], caches: list[dict], steps: list[dict]) -> str:
 
 def main(argv):
   del argv
-  import jax  # noqa: PLC0415
-
-  from brainscale import config as config_lib  # noqa: PLC0415
-  from brainscale import gpu as gpu_lib  # noqa: PLC0415
   jax.config.update('jax_platforms', 'cpu')   # the GPU step compiles here; nothing runs
   config = config_lib.resolve(FLAGS.experiment, [])
   rows = timed(config, FLAGS.batch, FLAGS.repeats)

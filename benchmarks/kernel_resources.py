@@ -60,7 +60,7 @@ class Resources:
 
 def ptxas() -> str:
   """ptxas of the nvidia-cuda-nvcc wheel (pip install -r requirements-cuda.txt)."""
-  import nvidia  # noqa: PLC0415
+  import nvidia  # noqa: PLC0415  (the CUDA wheels are optional)
   found = [p for d in nvidia.__path__ for p in glob.glob(f'{d}/cuda_nvcc/bin/ptxas')]
   if not found:
     raise FileNotFoundError('ptxas not found in the nvidia-cuda-nvcc wheel; '

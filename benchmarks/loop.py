@@ -16,9 +16,11 @@ import sys
 import tempfile
 import time
 
+import jax
 from absl import app, flags, logging
 
 from brainscale import config as config_lib
+from brainscale.train import loop, report
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment to measure')
 flags.DEFINE_integer('steps', 200, 'timed steps per measurement')
@@ -35,9 +37,6 @@ DEFAULTS = ['--config.model.dim=256', '--config.model.layers=4', '--config.model
 
 
 def bare_steps_per_s(config) -> float:
-  import jax  # noqa: PLC0415
-
-  from brainscale.train import loop  # noqa: PLC0415
   setup = loop.build(config)
   state = loop.init_state(setup)
   local = next(setup.task.train_data(jax.process_index(), jax.process_count()))
@@ -55,7 +54,6 @@ def bare_steps_per_s(config) -> float:
 
 def loop_steps_per_s(config) -> float:
   """Steps/s of loop.train over its timed interval (steps after the first log line)."""
-  from brainscale.train import loop, report  # noqa: PLC0415
   warmup = 10
   with tempfile.TemporaryDirectory() as workdir:
     config.train.steps = warmup + FLAGS.steps
@@ -73,7 +71,6 @@ def loop_steps_per_s(config) -> float:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  import jax  # noqa: PLC0415
   ratios = []
   for i in range(FLAGS.repeats):
     bare = bare_steps_per_s(config_lib.resolve(FLAGS.experiment, DEFAULTS + _OVERRIDES))

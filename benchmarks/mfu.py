@@ -34,10 +34,14 @@ import statistics
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 from brainscale import config as config_lib
-from brainscale import gpu
+from brainscale import gpu, hlo, plan
+from brainscale.train import loop
+from brainscale.train import report as train_report
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
 flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
@@ -65,9 +69,6 @@ def set_gpu_environment():
 
 def compile_step(config):
   """(setup, state, batch on the devices, compiled step, traced step, compile seconds)."""
-  import jax  # noqa: PLC0415
-
-  from brainscale.train import loop  # noqa: PLC0415
   if jax.process_count() != 1:
     raise SystemExit('brainscale: benchmarks/mfu.py measures one host; run it without srun')
   setup = loop.build(config)
@@ -82,7 +83,6 @@ def compile_step(config):
 
 def seconds_per_step(compiled, state, batch, *, steps: int, repeats: int, warmup: int):
   """Median over `repeats` of (wall time of `steps` back-to-back steps) / steps; final state."""
-  import jax  # noqa: PLC0415
   for _ in range(warmup):
     state, metrics = compiled(state, batch)
   jax.block_until_ready((state, metrics))
@@ -130,7 +130,6 @@ def trace_op_times(trace_dir: str) -> collections.Counter:
 
 def profile_summary(trace_dir: str, hlo_text: str, steps: int) -> dict:
   """Milliseconds per step of each op kind and of the ten largest ops, from a trace."""
-  from brainscale import hlo  # noqa: PLC0415
   kinds = hlo.op_kinds(hlo_text)
   times = {op: t for op, t in trace_op_times(trace_dir).items()
            if kinds.get(op, 'control') != 'control'}
@@ -147,7 +146,6 @@ def profile_summary(trace_dir: str, hlo_text: str, steps: int) -> dict:
 
 
 def profile(compiled, state, batch, directory: str, steps: int) -> dict:
-  import jax  # noqa: PLC0415
   with jax.profiler.trace(directory, create_perfetto_trace=True):
     for _ in range(steps):
       state, metrics = compiled(state, batch)
@@ -159,9 +157,6 @@ def profile(compiled, state, batch, directory: str, steps: int) -> dict:
 def predicted(config, compiled, mesh) -> dict:
   """plan mode's estimate of this very executable: its kernels at their roofline and its
   collectives at the cluster's link bandwidths (brainscale/hlo.py), on a GPU it knows."""
-  import jax  # noqa: PLC0415
-
-  from brainscale import hlo  # noqa: PLC0415
   device = jax.devices()[0]
   spec = next((g for g in gpu.GPUS.values() if g.description == device.device_kind), None)
   if device.platform != 'gpu' or spec is None:
@@ -178,11 +173,6 @@ def predicted(config, compiled, mesh) -> dict:
 
 def measure(config) -> dict:
   """Everything the benchmark prints, as one flat record."""
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-
-  from brainscale import plan  # noqa: PLC0415
-  from brainscale.train import report as train_report  # noqa: PLC0415
   setup, state, batch, compiled, traced, compile_s = compile_step(config)
   step_s, state, metrics = seconds_per_step(compiled, state, batch, steps=FLAGS.steps,
                                             repeats=FLAGS.repeats, warmup=FLAGS.warmup)

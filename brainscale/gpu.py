@@ -100,7 +100,7 @@ def compiler_available() -> bool:
 
 def topology(cluster):
   """The cluster's GPUs (nodes x gpus_per_node) as compile-only JAX devices; no GPU needed."""
-  from jax.experimental import topologies  # noqa: PLC0415
+  from jax.experimental import topologies  # noqa: PLC0415  (no JAX at module level)
   gpu = spec(cluster.gpu)
   if cluster.gpus_per_node < 1:
     raise ConfigError(f'cluster.gpus_per_node={cluster.gpus_per_node}: a CPU job has no GPU '

@@ -158,7 +158,7 @@ def curves(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
   A step logged twice (a run resumed from an earlier checkpoint) keeps its last value.
   """
-  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
+  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415  (only scalars need TensorBoard)
   found: dict[str, dict[int, float]] = {}
   for path in sorted((_workdir(workdir) / 'tb').glob('events.out.tfevents.*')):
     events = event_accumulator.EventAccumulator(str(path), size_guidance={'scalars': 0})

@@ -2,6 +2,7 @@
 
 import ml_collections
 
+from brainscale import config as config_lib
 from experiments import base
 
 
@@ -48,7 +49,6 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   Full multi-head attention (head_dim = dim / heads), GELU MLP 4 x dim, untied
   head; `vocab` = 2^bits codes + 2 x patches pointers, padded.
   """
-  from brainscale import config as config_lib  # noqa: PLC0415
   tok = config_lib.load(tokenizer)
   c.task = 'cwm'
   c.model.layers = layers
@@ -95,7 +95,6 @@ def derive(c, overrides: list[str]):
   """tokenizer.model: the model of the tokenizer run (tokenizer.experiment with
   tokenizer.overrides), its one source. Without tokenizer.experiment (no prerequisite
   run; an untrained tokenizer) it is set directly."""
-  from brainscale import config as config_lib  # noqa: PLC0415
   t = c.tokenizer
   if not t.experiment:
     return

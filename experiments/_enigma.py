@@ -1,15 +1,15 @@
 """Pieces the Enigma experiments share (a helper module, not an experiment)."""
 
+import dataclasses
+
 import ml_collections
 
+from brainscale.data.synthetic import v1
 from experiments import base
 
 
 def synthetic(**overrides) -> ml_collections.ConfigDict:
   """A simulated V1 population (brainscale/data/synthetic/v1.py:Spec); defaults + overrides."""
-  import dataclasses  # noqa: PLC0415
-
-  from brainscale.data.synthetic import v1  # noqa: PLC0415
   return ml_collections.ConfigDict({**dataclasses.asdict(v1.Spec()), **overrides})
 
 

@@ -19,7 +19,7 @@ def fail(message: str, code: int = 2):
 
 def exit_code(error: Exception) -> int | None:
   """The exit status of an expected failure; None for a bug (it keeps its traceback)."""
-  from brainscale import config as config_lib  # noqa: PLC0415
+  from brainscale import config as config_lib  # noqa: PLC0415  (JAX only once something failed)
   from brainscale.data.importers import InputError  # noqa: PLC0415
   from brainscale.train import checkpoint, loop, preemption  # noqa: PLC0415
   if isinstance(error, preemption.Preempted):

@@ -39,7 +39,7 @@ _OVERRIDES: list[str] = []
 
 def cluster_size(config) -> dict:
   """validate()'s sizes for the experiment's cluster section (plan and submit)."""
-  from launch import slurm  # noqa: PLC0415
+  from launch import slurm  # noqa: PLC0415  (each mode imports what it needs: --submit no JAX)
   cluster = config.cluster
   return dict(num_devices=config_lib.cluster_devices(cluster), num_nodes=cluster.nodes,
               num_processes=cluster.nodes * slurm.tasks_per_node(cluster))
@@ -61,7 +61,7 @@ def submit(config):
 def plan(config):
   """--mode=plan: for the cluster's GPUs, or one simulated CPU device per GPU (set before
   JAX starts)."""
-  import jax  # noqa: PLC0415
+  import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
 
   from brainscale import plan as plan_lib  # noqa: PLC0415
   try:
@@ -83,7 +83,7 @@ def plan(config):
 
 def run(config, workdir: str):
   """train, eval or describe on this job's devices."""
-  import jax  # noqa: PLC0415
+  import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
 
   from brainscale import parallel  # noqa: PLC0415  (after flags: Grain reads them)
   from brainscale.train import describe, loop  # noqa: PLC0415

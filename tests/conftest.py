@@ -59,7 +59,7 @@ def sources(tmp_path_factory):
 @pytest.fixture(scope='module')
 def imported(sources, tmp_path_factory):
   """`sources` imported into ArrayRecord shards."""
-  from video_helpers import import_sources  # noqa: PLC0415
+  from video_helpers import import_sources  # noqa: PLC0415  (PyAV)
   return import_sources(sources, tmp_path_factory.mktemp('imported') / 'clips')
 
 

@@ -11,7 +11,9 @@ from flax import nnx
 from brainscale import config as config_lib
 from brainscale import gpu, parallel
 from brainscale.cwm import sequence
+from brainscale.cwm.task import Task
 from brainscale.train import describe, loop
+from test_train import run_cli
 
 SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
          '--config.model.head_dim=16', '--config.model.mlp_hidden=256',
@@ -39,7 +41,6 @@ def test_describe_sizes_without_allocating(name, low, high):
 @pytest.mark.slow
 def test_describe_on_the_cli_sizes_the_cluster_and_lists_the_optimizer_groups():
   """run.py checks the config at the cluster's size (192 GPUs), not this machine's one."""
-  from test_train import run_cli  # noqa: PLC0415
   result = run_cli('--experiment=cwm_80b', '--mode=describe')
   assert result.returncode == 0, result.stderr[-3000:]
   groups = result.stdout.split('optimizer groups')[1].splitlines()[1:]
@@ -97,7 +98,6 @@ def test_forward_backward_sharded_fsdp_tensor_matches_one_device():
 
 def test_revealed_frame1_patches_carry_no_loss():
   """sequence.reveal: the first k frame-1 patches are context; the loss is on the rest."""
-  from brainscale.cwm.task import Task  # noqa: PLC0415
   batch = {k: jnp.asarray(v) for k, v in _batch(np.random.default_rng(4), 4).items()}
   losses = {}
   for reveal in (0.0, 1.0):
@@ -131,7 +131,6 @@ def test_tokenizer_is_frozen_and_the_rest_trains():
 
 def test_model_logits_are_causal_and_depend_on_positions():
   c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
-  from brainscale.cwm.task import Task  # noqa: PLC0415
   task = Task(c)
   model = task.model(nnx.Rngs(0))
   rng = np.random.default_rng(2)
@@ -150,7 +149,6 @@ def test_model_logits_are_causal_and_depend_on_positions():
 
 
 def test_content_tokens_also_embed_their_latent_pointers_do_not():
-  from brainscale.cwm.task import Task  # noqa: PLC0415
   c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
   task = Task(c)
   model = task.model(nnx.Rngs(0))
@@ -168,7 +166,6 @@ def test_content_tokens_also_embed_their_latent_pointers_do_not():
 
 
 def test_content_logits_also_score_the_latent_pointer_logits_do_not():
-  from brainscale.cwm.task import Task  # noqa: PLC0415
   c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
   task = Task(c)
   model = task.model(nnx.Rngs(0))

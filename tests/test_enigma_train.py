@@ -4,9 +4,14 @@ The first two tests share enigma_tiny's full default training run: they are the 
 stage (`pytest -m acceptance`), apart from the rest of the suite.
 """
 
+import datetime
+
 import numpy as np
+import pynwb
 import pytest
 from flax import nnx
+from pynwb import behavior as nb
+from pynwb import image, ophys
 
 from brainscale import config as config_lib
 from brainscale.data import neural
@@ -81,11 +86,6 @@ def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
 
 def _nwb_file(path, session, rate=30.0):
   """One simulated session written with pynwb's own API (traces, behaviour, stimulus, trials)."""
-  import datetime  # noqa: PLC0415
-
-  import pynwb  # noqa: PLC0415
-  from pynwb import behavior as nb  # noqa: PLC0415
-  from pynwb import image, ophys  # noqa: PLC0415
   f = pynwb.NWBFile(session_description='simulated V1', identifier=path.stem,
                     session_start_time=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
                     subject=pynwb.file.Subject(subject_id=path.stem, species='Mus musculus'))

@@ -9,15 +9,24 @@ import contextlib
 import functools
 import math
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
+from jax.extend import core as jax_core
 
-from brainscale import nn, parallel
+from brainscale import nn, parallel, plan
 from brainscale.nn.attention import Mask, attend_xla
+from brainscale.train import loop, report
+from conftest import ROOT
+from experiments import base
 from kernels import flash_attention as fa
+from test_train import smoke
 
 # Tolerances per input dtype, against the reference computed in fp32 from the same inputs.
 TOL = {
@@ -232,7 +241,6 @@ def test_pallas_backend_on_a_mesh_matches_xla(rng, name):
 
 
 def _mesh_config():
-  import ml_collections  # noqa: PLC0415
   c = ml_collections.ConfigDict()
   c.dcn = dict(data=1, fsdp=1, sequence=1, tensor=1)
   c.ici = dict(data=2, fsdp=2, sequence=1, tensor=2)
@@ -242,8 +250,6 @@ def _mesh_config():
 @pytest.mark.slow
 def test_smoke_model_trains_the_same_with_pallas_and_xla(tmp_path):
   """Six fp32 training steps of the smoke model (GQA, causal) on a 2 x 2 x 2 mesh."""
-  from brainscale.train import loop, report  # noqa: PLC0415
-  from test_train import smoke  # noqa: PLC0415
   losses = {}
   for backend in ('xla', 'pallas'):
     c = smoke(model__attention=backend, model__compute_dtype='float32', train__steps=6,
@@ -258,10 +264,6 @@ def test_smoke_model_trains_the_same_with_pallas_and_xla(tmp_path):
 
 @pytest.mark.slow
 def test_attention_and_loss_benchmarks_run_their_cpu_smoke_shapes():
-  import subprocess  # noqa: PLC0415
-  import sys  # noqa: PLC0415
-
-  from conftest import ROOT  # noqa: PLC0415
   for script, expect in (('attention.py', r'smoke \| xla/pallas temp memory [\d.]+x'),
                          ('loss.py', r'smoke: naive/chunked temp memory [\d.]+x')):
     done = subprocess.run([sys.executable, f'benchmarks/{script}', '--shapes=smoke',
@@ -272,9 +274,6 @@ def test_attention_and_loss_benchmarks_run_their_cpu_smoke_shapes():
 
 def _kernel_calls(jaxpr, counts=None) -> dict:
   """Live pallas_call equations of each kernel name in a jaxpr (loop bodies counted once)."""
-  from jax.extend import core as jax_core  # noqa: PLC0415
-
-  from brainscale import plan  # noqa: PLC0415
   counts = {} if counts is None else counts
   for eqn in plan.live_eqns(jaxpr):
     if eqn.primitive.name == 'pallas_call':
@@ -287,9 +286,7 @@ def _kernel_calls(jaxpr, counts=None) -> dict:
 @pytest.mark.parametrize('on_mesh', [False, True])
 def test_save_attention_remat_never_reruns_the_forward_kernel(rng, on_mesh):
   """'full' recomputes the flash forward in the backward; 'save_attention' keeps its residuals."""
-  from flax import nnx  # noqa: PLC0415
   x_BxTxD, ct_BxTxD = normal(rng, 4, 64, 32), normal(rng, 4, 64, 32)
-  from experiments import base  # noqa: PLC0415
   rules = parallel.rules_table(base.get_config().mesh.rules)
   context = lambda: (parallel.axis_rules(parallel.make_mesh(_mesh_config(), jax.devices()[:8]),
                                          rules) if on_mesh else contextlib.nullcontext())

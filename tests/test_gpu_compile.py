@@ -169,7 +169,7 @@ def test_an_oversized_config_says_no_and_exits_1():
 
 def test_pallas_kernels_do_not_spill_at_the_models_tiles():
   """Every flash kernel at every model shape, through Triton and ptxas for sm_90a."""
-  from benchmarks import kernel_resources, shapes  # noqa: PLC0415
+  from benchmarks import kernel_resources, shapes  # noqa: PLC0415  (needs the CUDA wheels)
   for name in ('cwm_10k', 'cwm_1b_10k', 'enigma_local', 'enigma_global', 'enigma_read',
                'enigma_decode'):
     found = kernel_resources.resources(shapes.SHAPES[name])

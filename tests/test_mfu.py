@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from benchmarks import mfu
 from brainscale import config as config_lib
 from brainscale import parallel, plan
 from brainscale.train import loop
@@ -111,7 +112,6 @@ def test_mfu_benchmark_figures_agree_with_each_other(tmp_path):
 
 
 def test_trace_op_times_reads_only_the_xla_ops_line_of_a_gpu_trace(tmp_path):
-  from benchmarks import mfu  # noqa: PLC0415
   meta = lambda kind, pid, tid, name: {'ph': 'M', 'name': kind, 'pid': pid, 'tid': tid,
                                        'args': {'name': name}}
   op = lambda pid, tid, name, dur, **args: {'ph': 'X', 'pid': pid, 'tid': tid, 'name': name,

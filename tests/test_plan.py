@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from brainscale import plan
+from brainscale import config as config_lib
+from brainscale import gpu, plan
 from test_train import run_cli
 
 
@@ -56,8 +57,6 @@ def test_plan_needs_a_cluster_section():
 
 
 def test_the_target_is_the_gpus_when_the_cuda_plugin_is_here(monkeypatch):
-  from brainscale import config as config_lib  # noqa: PLC0415
-  from brainscale import gpu  # noqa: PLC0415
   config = config_lib.resolve('cwm_1b', [])
   for installed in (True, False):
     monkeypatch.setattr(gpu, 'compiler_available', lambda installed=installed: installed)
@@ -93,7 +92,6 @@ def test_flops_count_scan_bodies_times_their_length_and_shard_map_bodies_per_dev
 
 
 def test_plan_compiles_cudnn_as_pallas_and_what_save_attention_saves_of_cudnn():
-  from brainscale import config as config_lib  # noqa: PLC0415
   planned = plan._plan_config(
       config_lib.resolve('cwm_1b_1gpu', ['--config.model.remat=save_attention']))
   assert (planned.model.attention, planned.model.remat) == ('pallas', 'full')

@@ -19,6 +19,7 @@ import time
 import pytest
 
 from brainscale import config as config_lib
+from brainscale.train.checkpoint import Checkpoints
 from conftest import ROOT
 from experiments import base
 from launch import slurm
@@ -217,7 +218,6 @@ def job_logs(workdir: pathlib.Path) -> str:
 
 @pytest.mark.slow
 def test_smoke_trains_as_a_two_task_cpu_job_on_local_slurm(local_slurm, tmp_path, monkeypatch):
-  from brainscale.train.checkpoint import Checkpoints  # noqa: PLC0415
   for key in ('SLURM_CONF', 'PATH'):
     monkeypatch.setenv(key, local_slurm[key])
   overrides = ['--config.train.steps=30', '--config.checkpoint.every_steps=10',
@@ -260,7 +260,6 @@ def test_sigterm_to_a_two_task_job_saves_at_one_step_requeues_and_resumes(
     local_slurm, tmp_path, monkeypatch):
   """scancel --signal=TERM mid-run: both processes stop at one agreed step, checkpoint it,
   exit 75; the script requeues the job, which resumes there and ends as an uninterrupted run."""
-  from brainscale.train.checkpoint import Checkpoints  # noqa: PLC0415
   for key in ('SLURM_CONF', 'PATH'):
     monkeypatch.setenv(key, local_slurm[key])
   steps = 120

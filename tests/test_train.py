@@ -14,10 +14,11 @@ import jax
 import numpy as np
 import optax
 import pytest
+from tensorboard.backend.event_processing import event_accumulator
 
 from brainscale import config as config_lib
 from brainscale import parallel
-from brainscale.train import loop, optim, report
+from brainscale.train import describe, loop, optim, report
 from brainscale.train.checkpoint import Checkpoints
 from conftest import ROOT
 
@@ -75,7 +76,6 @@ def test_trains_checkpoints_and_resumes_from_step_12_to_20(tmp_path):
   assert re.search(r'^eval step 20 \| accuracy [\d.]+ \| loss [\d.]+', evaluated.stdout, re.M)
 
   # TensorBoard reads the event files back: every logged training scalar is there.
-  from tensorboard.backend.event_processing import event_accumulator  # noqa: PLC0415
   scalars = {}
   for path in glob.glob(str(tmp_path / 'tb' / 'events.out.tfevents.*')):
     acc = event_accumulator.EventAccumulator(path)
@@ -274,7 +274,6 @@ def test_describe_params_match_the_initialised_model():
   setup = loop.build(c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
   state = loop.init_state(setup)
   n = sum(x.size for x in jax.tree.leaves(state['params']))
-  from brainscale.train import describe  # noqa: PLC0415
   text = describe.describe(c, num_devices=1)
   assert int(re.search(r'^params: (\d+)', text, re.M).group(1)) == n
   assert re.search(r'flops_per_step: [\d.e+]+', text)

@@ -9,6 +9,7 @@ import tempfile
 import pytest
 
 from brainscale import config as config_lib
+from brainscale import parallel
 from brainscale.config import ConfigError
 from brainscale.train import report
 
@@ -182,7 +183,6 @@ def test_a_mesh_that_does_not_fit_the_devices_is_an_error_up_front():
 
 
 def test_mesh_shape_is_the_one_parallel_uses():
-  from brainscale import parallel  # noqa: PLC0415
   assert parallel.mesh_shape is config_lib.mesh_shape and parallel.AXES == config_lib.AXES
 
 

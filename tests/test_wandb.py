@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from wandb.proto import wandb_internal_pb2
 
 from brainscale import config as config_lib
 from brainscale.train import report
@@ -38,7 +39,6 @@ def run_smoke(tmp_path, *args, code=None) -> subprocess.CompletedProcess:
 
 def records(path):
   """The protobuf Records of a .wandb file, reassembled from their LevelDB log chunks."""
-  from wandb.proto import wandb_internal_pb2  # noqa: PLC0415
   with open(path, 'rb') as f:
     data = f.read()
   assert data[:4] == b':W&B'

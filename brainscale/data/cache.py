@@ -12,6 +12,7 @@ import os
 import pathlib
 
 import jax
+from jax.experimental import multihost_utils
 
 
 def root() -> pathlib.Path:
@@ -44,6 +45,5 @@ def make_once(directory: pathlib.Path, done: str, make) -> pathlib.Path:
       if not (directory / done).exists():
         make()
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # noqa: PLC0415
     multihost_utils.sync_global_devices(f'data {directory.name}')
   return directory

@@ -464,7 +464,7 @@ def generate(root, spec: Spec = Spec(), *, progress: bool = False,
   jobs = [(a, s) for a in range(spec.animals) for s in range(spec.sessions_per_animal)]
   names = session_names(spec)
   if progress:
-    import tqdm  # noqa: PLC0415
+    import tqdm  # noqa: PLC0415  (only with progress=True)
     jobs = tqdm.tqdm(jobs, desc='synthetic V1 sessions')
   for name, (a, s) in zip(names, jobs):
     data = simulate_session(spec, a, s)
