@@ -38,6 +38,14 @@ def test_the_brainscale_command_describes_from_any_folder(tmp_path):
   assert re.search(r'^blocks/layers/\S+ +\(3, ', result.stdout, re.M), 'the override made 3 layers'
 
 
+def test_the_brainscale_command_trains_from_any_folder(tmp_path):
+  result = brainscale_cli('--experiment=smoke', f'--workdir={tmp_path / "run"}',
+                          '--config.train.steps=4', '--config.checkpoint.every_steps=2',
+                          '--config.train.log_every=2', cwd=tmp_path)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir()) == ['2', '4']
+
+
 def test_the_brainscale_command_exits_2_on_a_bad_override(tmp_path):
   result = brainscale_cli('--experiment=smoke', '--config.train.stpes=3', cwd=tmp_path)
   assert result.returncode == 2, result.stderr[-3000:]
