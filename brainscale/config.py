@@ -55,14 +55,17 @@ def _module(name: str):
 
 def typed(cls, section: ml_collections.ConfigDict, where: str = 'model'):
   """The dataclass `cls` (a model's spec) from the keys of config section `where` that name its
-  fields; the section's other keys are for others (the trainer's dtypes, the loss)."""
-  names = [f.name for f in dataclasses.fields(cls)]
-  missing = [n for n in names if n not in section]
+  fields (lists become tuples; a field with a default may be absent); the section's other
+  keys are for others (the trainer's dtypes, the loss)."""
+  fields = dataclasses.fields(cls)
+  has_default = lambda f: (f.default is not dataclasses.MISSING
+                           or f.default_factory is not dataclasses.MISSING)
+  missing = [f.name for f in fields if f.name not in section and not has_default(f)]
   if missing:
     raise ConfigError(f'{where} has no {", ".join(missing)}, which {cls.__module__}.'
                       f'{cls.__qualname__} needs')
-  return cls(**{n: tuple(section[n]) if isinstance(section[n], list) else section[n]
-                for n in names})
+  return cls(**{f.name: tuple(section[f.name]) if isinstance(section[f.name], list)
+                else section[f.name] for f in fields if f.name in section})
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:

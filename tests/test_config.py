@@ -1,5 +1,6 @@
 """Tests of brainscale.config: experiment lookup, typed overrides, and launch/run.py's errors."""
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -7,9 +8,11 @@ import sys
 
 import ml_collections
 import pytest
+from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale.config import ConfigError
+from brainscale.train.task import get_task
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -224,3 +227,32 @@ def test_cli_mesh_that_does_not_fit_the_devices_fails_in_one_line(tmp_path):
   line = one_line_error(result)
   assert 'mesh.ici' in line and 'data=3' in line
   assert 'this job has 1' in line
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  dim: int
+  shape: tuple
+  dropout: float = 0.0
+
+
+def test_typed_builds_a_spec_from_its_fields_only():
+  section = ml_collections.ConfigDict({'dim': 8, 'shape': [2, 3], 'param_dtype': 'float32'})
+  spec = config_lib.typed(_Spec, section)
+  assert spec == _Spec(dim=8, shape=(2, 3), dropout=0.0)   # lists become tuples; a default stays
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    spec.dim = 4
+
+
+def test_typed_names_every_missing_field_in_one_line():
+  with pytest.raises(ConfigError) as e:
+    config_lib.typed(_Spec, ml_collections.ConfigDict({'dropout': 0.1}), 'tokenizer.model')
+  assert str(e.value) == ('tokenizer.model has no dim, shape, which '
+                          'test_config._Spec needs')
+
+
+@pytest.mark.parametrize('name', config_lib.experiment_names())
+def test_every_experiment_builds_its_model_specs(name):
+  task = get_task(config_lib.resolve(name, []))
+  model = nnx.eval_shape(lambda: task.model(nnx.Rngs(0)))
+  assert nnx.state(model, nnx.Param)
