@@ -99,13 +99,21 @@ def batch_shapes(c, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
           'trial': shape((), i32), 'start': shape((), i32)}
 
 
-def synthetic_batch(c, store: neural.Store, batch_size: int, seed: int = 0) -> dict:
+def table_sizes(c, store) -> tuple[int, int, int]:
+  """(neurons, sessions, animals) the model's tables hold: model.neurons/sessions/animals, or
+  the store's counts when any is unset (`store` is called to open it only then)."""
+  m = c.model
+  if m.neurons and m.sessions and m.animals:
+    return m.neurons, m.sessions, m.animals
+  s = store()
+  return s.num_neurons, len(s.session_names), len(s.animals)
+
+
+def synthetic_batch(c, tables: tuple[int, int, int], batch_size: int, seed: int = 0) -> dict:
   """A batch of `batch_shapes` with random content: full windows of every modality, neurons,
-  sessions and animals drawn from the model's tables."""
+  sessions and animals drawn from the model's `tables` (table_sizes)."""
   rng, shapes = np.random.default_rng(seed), batch_shapes(c, batch_size)
-  neurons = c.model.neurons or store.num_neurons
-  sessions_ = c.model.sessions or len(store.session_names)
-  animals = c.model.animals or len(store.animals)
+  neurons, sessions_, animals = tables
   b, m, w = batch_size, c.data.max_neurons, c.data.window
   random = {
       'responses': lambda s: rng.poisson(1.0, s),

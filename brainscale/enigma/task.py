@@ -63,7 +63,8 @@ class Task(task.Task, task.Costs):
     return data.batch_shapes(self.config, batch_size)
 
   def synthetic_batch(self, batch_size, seed=0):
-    return data.synthetic_batch(self.config, self.store, batch_size, seed)
+    tables = data.table_sizes(self.config, lambda: self.store)
+    return data.synthetic_batch(self.config, tables, batch_size, seed)
 
   def tokens_per_example(self):
     return self._tokens()['tower']
@@ -71,14 +72,10 @@ class Task(task.Task, task.Costs):
   # ----------------------------------------------------------------- model
   def model(self, rngs):
     c = self.config
-    m = c.model
-    neurons, sessions, animals = m.neurons, m.sessions, m.animals
-    if not (neurons and sessions and animals):
-      s = self.store
-      neurons, sessions, animals = s.num_neurons, len(s.session_names), len(s.animals)
-    return Enigma(config_lib.typed(Spec, m), neurons=_padded(neurons), sessions=_padded(sessions),
-                  animals=_padded(animals), window=c.data.window, rate=c.data.rate,
-                  channels=len(neural.CHANNELS),
+    neurons, sessions, animals = data.table_sizes(c, lambda: self.store)
+    return Enigma(config_lib.typed(Spec, c.model), neurons=_padded(neurons),
+                  sessions=_padded(sessions), animals=_padded(animals), window=c.data.window,
+                  rate=c.data.rate, channels=len(neural.CHANNELS),
                   frame_shape=tuple(c.data.frame_shape), rngs=rngs)
 
   def prerequisites(self, workdir):
