@@ -91,11 +91,19 @@ def spec(name: str) -> GPU:
   return GPUS[name]
 
 
+def installed(module: str) -> bool:
+  """Whether `module` (dotted names too) can be imported; False, not an error, when a
+  parent package is missing. Imports only the parents."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:   # find_spec imports the parents; a missing one raises
+    return False
+
+
 def compiler_available() -> bool:
-  """Whether JAX's CUDA plugin is installed (pip install -r requirements-cuda.txt): XLA's
+  """Whether JAX's CUDA plugin is installed (`make cuda`: requirements-cuda.txt): XLA's
   GPU compiler then runs here, with or without a GPU."""
-  return any(importlib.util.find_spec(f'jax_plugins.xla_cuda{v}') is not None
-             for v in (12, 13))
+  return any(installed(f'jax_plugins.xla_cuda{v}') for v in (12, 13))
 
 
 def topology(cluster):

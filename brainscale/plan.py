@@ -25,10 +25,12 @@ Where to (`plan.target`, default `auto`):
   benchmarks/gpu_check.sh measures a step beside this estimate.
 - `cpu`: for as many simulated CPU devices (launch/run.py makes them before JAX
   starts). The same program partitioned the same way, so parameter, optimizer and
-  gradient shards are exact; cuDNN cannot compile for a CPU, so the Pallas kernels
-  (interpreted, whose temporaries are an upper bound) stand in for it, and XLA GPU's
-  scheduling, workspaces and fusion differ (it has reported 12-29 GiB less per device
-  for the committed configs: benchmarks/RESULTS.md).
+  gradient shards are exact. Three stand-ins keep the bytes close to the GPU's: the Pallas
+  kernels (interpreted) for cuDNN, which cannot compile for a CPU; float16 for bfloat16
+  compute (same size: XLA:CPU computes bf16 in f32 and keeps f32 copies of bf16 buffers,
+  which doubled the saved residual stream); XLA:CPU's memory-first scheduler for its
+  concurrency-first default. XLA GPU's fusion and workspaces still differ
+  (benchmarks/RESULTS.md compares the two for the committed configs).
 
 FLOPs: `model` FLOPs are the task's count (what MFU is quoted against); `compiled`
 FLOPs are what the step computes, remat recomputation included: on GPU read from the
@@ -60,6 +62,7 @@ class Plan:
   nodes: int
   mesh: dict
   attention: str
+  compute_dtype: str           # as compiled (the CPU plan's float16 stands in for bfloat16)
   argument_gib: float
   output_gib: float
   alias_gib: float
@@ -146,20 +149,42 @@ def target(config) -> str:
     raise ConfigError('plan.target=gpu needs the CUDA plugin of JAX: '
                       'pip install -r requirements-cuda.txt')
   if asked == 'auto':
-    gpu_ready = gpu_lib.compiler_available() and config.cluster.gpus_per_node > 0
-    return 'gpu' if gpu_ready else 'cpu'
+    return 'cpu' if cpu_reason(config) else 'gpu'
   return asked
+
+
+def cpu_reason(config) -> str:
+  """Why `plan.target=auto` compiles on simulated CPU devices ('' when it compiles for GPUs)."""
+  if config.plan.target == 'cpu':
+    return 'plan.target=cpu'
+  if config.cluster.gpus_per_node < 1:
+    return f'cluster.gpus_per_node={config.cluster.gpus_per_node}: the cluster has no GPUs'
+  if not gpu_lib.compiler_available():
+    return ("JAX's CUDA plugin is not installed; `make cuda` (requirements-cuda.txt, ~5.5 GB) "
+            "adds it, and plan then compiles with XLA's GPU compiler, no GPU needed")
+  return ''
+
+
+# XLA:CPU's default scheduler orders ops for concurrency and keeps more alive; its
+# memory-first order is the closer stand-in for XLA GPU's, which schedules to a memory limit.
+# In XLA_FLAGS before JAX starts (launch/run.py): as a compile option it reaches only part of
+# the pipeline (cwm_80b 50.0 GiB per device, against 44.3 from the flag).
+CPU_XLA_FLAGS = ('--xla_cpu_enable_concurrency_optimized_scheduler=false',)
 
 
 def _plan_config(config):
   """The config as the CPU plan compiles it: cudnn attention becomes the Pallas kernels (and
-  'save_attention', which saves nothing of cuDNN's, becomes 'full', as on the GPU)."""
+  'save_attention', which saves nothing of cuDNN's, becomes 'full', as on the GPU); bfloat16
+  compute becomes float16, the same bytes: XLA:CPU computes bf16 in f32 and keeps f32 copies
+  of bf16 buffers (its float-normalization pass), f16 ones it keeps as they are."""
   planned = config.copy_and_resolve_references()
-  if planned.model.get('attention') == 'cudnn':
-    with planned.unlocked():
+  with planned.unlocked():
+    if planned.model.get('attention') == 'cudnn':
       planned.model.attention = 'pallas'
       if planned.model.get('remat') == 'save_attention':
         planned.model.remat = 'full'
+    if planned.model.get('compute_dtype') == 'bfloat16':
+      planned.model.compute_dtype = 'float16'
   return planned
 
 
@@ -197,6 +222,7 @@ def compile_step(config, where: str) -> Plan:
   return Plan(
       target=where, compiled_for=compiled_for, devices=len(devices), nodes=nodes,
       mesh={a: n for a, n in mesh.shape.items() if n > 1}, attention=attention,
+      compute_dtype=planned.model.get('compute_dtype', ''),
       argument_gib=memory.argument_size_in_bytes / GiB,
       output_gib=memory.output_size_in_bytes / GiB,
       alias_gib=memory.alias_size_in_bytes / GiB,
@@ -285,13 +311,14 @@ def report(config, plan: Plan) -> tuple[str, bool]:
   gpu_hours = plan.devices * 24 * p.days
   steps_in_campaign = p.days * 86400 / step_s
   how = ("XLA's GPU compiler on this CPU, no GPU present" if plan.target == 'gpu' else
-         'CPU stand-ins: their memory is an upper bound on the GPU\'s; pip install -r '
-         'requirements-cuda.txt to compile for the GPUs')
+         'CPU stand-ins: their memory is an upper bound on the GPU\'s; `make cuda` to compile '
+         'for the GPUs')
   lines = [
       f'plan: {config.experiment} on {plan.nodes} nodes x {cl.gpus_per_node} {cl.gpu} '
       f'= {plan.devices} devices, mesh {plan.mesh}',
       f'compiled_for: {plan.compiled_for}  ({how})',
-      f'attention: {plan.attention}  remat: {config.model.get("remat", "")}  '
+      f'attention: {plan.attention}  compute: {plan.compute_dtype}  '
+      f'remat: {config.model.get("remat", "")}  '
       f'microbatches: {config.train.microbatches}',
       f'compile_s: {plan.compile_s:.1f}',
       f'memory per device ({"XLA GPU" if plan.target == "gpu" else "XLA CPU"} buffer assignment '

@@ -28,7 +28,7 @@ def test_cluster_experiments_fit(experiment, devices):
   out = result.stdout
   assert f'= {devices} devices' in out
   assert f'compiled_for: {devices} simulated CPU devices' in out
-  assert 'an upper bound on the GPU' in out and 'requirements-cuda.txt' in out
+  assert 'an upper bound on the GPU' in out and '`make cuda`' in out
   assert _value('per_device_memory_gib', out) <= 64
   assert re.search(r'^fits: yes$', out, re.M)
   for name in ('model_flops_per_step', 'compiled_flops_per_step', 'step_time_s',
@@ -98,6 +98,12 @@ def test_plan_compiles_cudnn_as_pallas_and_what_save_attention_saves_of_cudnn():
   planned = plan._plan_config(config_lib.resolve(
       'cwm_1b_1gpu', ['--config.model.attention=pallas', '--config.model.remat=save_attention']))
   assert (planned.model.attention, planned.model.remat) == ('pallas', 'save_attention')
+
+
+def test_the_cpu_plan_compiles_bfloat16_compute_as_float16_and_leaves_float32():
+  """Same bytes per element; XLA:CPU would keep f32 copies of bf16 buffers."""
+  assert plan._plan_config(config_lib.resolve('cwm_80b', [])).model.compute_dtype == 'float16'
+  assert plan._plan_config(config_lib.resolve('cwm_tiny', [])).model.compute_dtype == 'float32'
 
 
 def test_flops_skip_equations_whose_results_are_never_used():
