@@ -33,6 +33,13 @@ def experiment_names() -> list[str]:
                 if p.stem != 'base' and not p.stem.startswith('_'))
 
 
+def experiment_summaries() -> dict[str, str]:
+  """Each experiment's name and the first line of its docstring, read without running it."""
+  return {name: (ast.get_docstring(ast.parse((EXPERIMENTS / f'{name}.py').read_text())) or
+                 '').partition('\n')[0]
+          for name in experiment_names()}
+
+
 def load(name: str) -> ml_collections.ConfigDict:
   """Returns the locked config of experiments/NAME.py."""
   config = _module(name).get_config()

@@ -1,6 +1,5 @@
 # python launch/run.py --experiment=cwm_1b --config.data.directory=/data/videos_imported
-"""A ~1B world model (LRAS 1B shape: 36 layers x 1280, 20 heads) on 256x256 frame pairs;
-one 8-GPU node."""
+"""A ~1B world model (LRAS 1B: 36 layers x 1280, 20 heads), 256x256 pairs, one 8-GPU node."""
 
 import ml_collections
 

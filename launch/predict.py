@@ -11,7 +11,16 @@ frame size, centre crop); --move and --points are pixels of that crop, as
 DIR/panel.png shows it. Writes DIR/prediction.npz and DIR/panel.png
 (brainscale/cwm/predict.py). A bad input is one line on stderr, `brainscale: ...`,
 and exit status 2; --traceback shows the Python traceback as well.
+
+Examples (a run trained with `brainscale --experiment=cwm_tiny`):
+
+  python launch/predict.py --workdir=runs/cwm_tiny --video=clip.mp4 --start_s=1.5 \\
+      --move=12,20:30,20 --points='20,22;36,10' --out=/tmp/pred
+  python launch/predict.py --workdir=runs/cwm_tiny --frames=a.png,b.png --decode=sample \\
+      --out=/tmp/pred
 """
+
+import sys
 
 from absl import app, flags
 
@@ -19,7 +28,7 @@ from brainscale import inspect
 from brainscale.cwm import predict
 from brainscale.cwm.model import WorldModel
 from brainscale.data.importers import InputError
-from launch import errors
+from launch import errors, usage
 from launch.errors import fail
 
 flags.DEFINE_string('workdir', '', 'a CWM run folder (launch/run.py --workdir)')
@@ -85,4 +94,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  usage.answer_help(sys.argv, __doc__, flag_owner='workdir')
   app.run(main)

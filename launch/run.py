@@ -25,16 +25,62 @@ from absl import app, flags
 
 from brainscale import config as config_lib
 from launch import errors
+from launch import usage as usage_lib
 from launch.errors import fail
+
+MODES = {
+    'train': 'train, or resume from the newest complete checkpoint in the workdir (default)',
+    'eval': 'evaluate the newest checkpoint of the workdir',
+    'describe': 'the config, a parameter table, FLOPs and memory per device; allocates nothing',
+    'plan': "compile the train step for the cluster's GPUs (or simulated CPU devices): "
+            'memory, speed, cost, fits',
+}
 
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan'], 'what to do')
+flags.DEFINE_enum('mode', 'train', list(MODES), 'what to do')
 flags.DEFINE_bool('submit', False, 'sbatch the experiment on its cluster section')
 flags.DEFINE_bool('traceback', False, 'show the Python traceback of an expected failure too')
 FLAGS = flags.FLAGS
 
 _OVERRIDES: list[str] = []
+
+
+def usage() -> str:
+  """What `brainscale --help` prints above the flags."""
+  modes = '\n'.join(f'  {name:<9} {what}' for name, what in MODES.items())
+  names = config_lib.experiment_summaries()
+  width = max(map(len, names))
+  experiments = '\n'.join(f'  {name:<{width}}  {line}' for name, line in names.items())
+  return f"""\
+brainscale: train, evaluate, describe or plan an experiment, or submit it to SLURM.
+
+usage: brainscale --experiment=NAME [--mode=MODE] [--workdir=DIR] [--config.KEY=VALUE ...]
+       brainscale --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
+       (python launch/run.py takes the same flags)
+
+modes (--mode):
+{modes}
+
+experiments (--experiment=NAME, the file experiments/NAME.py):
+{experiments}
+
+common flags:
+  --workdir=DIR        checkpoints, logs, TensorBoard (default runs/NAME)
+  --config.KEY=VALUE   set any key of the experiment's config, e.g. --config.train.steps=100;
+                       `--mode=describe` prints them all; a mistyped key names the close ones
+  --submit             write the sbatch script of the cluster section and submit it
+                       (printed where there is no sbatch)
+  --traceback          show the Python traceback of an expected failure too
+
+examples:
+  brainscale --experiment=smoke --config.train.steps=50 --workdir=/tmp/smoke
+  brainscale --experiment=cwm_tiny --mode=eval
+  brainscale --experiment=cwm_80b --mode=plan
+
+exit status: 0 done; 1 non-finite loss, a plan that does not fit, or a bug; 2 bad input;
+74 a checkpoint could not be written or read; 75 stopped by SIGTERM, checkpoint saved.
+README.md says more."""
 
 
 def cluster_size(config) -> dict:
@@ -72,7 +118,12 @@ def plan(config):
     fail(str(e))
   jax.config.update('jax_platforms', 'cpu')   # a GPU target compiles here; nothing runs
   if where == 'cpu':
-    jax.config.update('jax_num_cpu_devices', plan_lib.simulated_devices(config))
+    devices = plan_lib.simulated_devices(config)
+    jax.config.update('jax_num_cpu_devices', devices)
+    os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''),
+                                        *plan_lib.CPU_XLA_FLAGS]).strip()
+    print(f'plan: compiling for {devices} simulated CPU devices, one per GPU: '
+          f'{plan_lib.cpu_reason(config)}', flush=True)
   try:
     text, fits = plan_lib.plan(config, where)
   except (ValueError, config_lib.ConfigError) as e:
@@ -123,6 +174,7 @@ def entry():
   """`python launch/run.py ...` and the `brainscale ...` command (pyproject.toml): the
   --config.KEY=VALUE overrides leave argv before absl parses the flags; exits."""
   _OVERRIDES[:], rest = config_lib.split_overrides(sys.argv)
+  usage_lib.answer_help(rest, usage(), flag_owner='experiment')
   app.run(main, argv=rest)
 
 
