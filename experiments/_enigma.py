@@ -9,8 +9,11 @@ from experiments import base
 
 
 def synthetic(**overrides) -> ml_collections.ConfigDict:
-  """A simulated V1 population (brainscale/data/synthetic/v1.py:Spec); defaults + overrides."""
-  return ml_collections.ConfigDict({**dataclasses.asdict(v1.Spec()), **overrides})
+  """A simulated V1 population (brainscale/data/synthetic/v1.py:Spec); defaults + overrides.
+  `holdout` names sessions of it kept out of training; it applies to this population only,
+  never to a store given by data.root."""
+  return ml_collections.ConfigDict({**dataclasses.asdict(v1.Spec()), 'holdout': (),
+                                    **overrides})
 
 
 def enigma(*, dim: int, layers: int, heads: int, mlp_hidden: int, global_every: int,
@@ -50,7 +53,7 @@ def enigma(*, dim: int, layers: int, heads: int, mlp_hidden: int, global_every: 
   d.root = ''                        # a store (importers/, synthetic/v1.py); '' = synthetic
   d.synthetic = synthetic()
   d.sessions = ()                    # sessions to train on; () = all but holdout
-  d.holdout = ()                     # sessions kept out (e.g. for adaptation)
+  d.holdout = ()                     # sessions of the store kept out (e.g. for adaptation)
   d.eval_tiers = ('validation', 'test')  # eval-loss windows (Sensorium imports have no
                                          # validation tier; its test trials serve)
   d.rate = 30.0                      # Hz; the store must match
@@ -88,6 +91,6 @@ def adapt(c, base_experiment: str, sessions: tuple[str, ...]):
   """Fit only the neuron/session/animal tables of `sessions` on `base_experiment`'s frozen core."""
   c.adapt.experiment = base_experiment
   c.data.sessions = sessions
-  c.data.holdout = ()
+  c.data.holdout = c.data.synthetic.holdout = ()
   c.train.groups.core = dict(pattern=r'^core/', lr_scale=0.0, weight_decay=0.0)
 

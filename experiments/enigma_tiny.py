@@ -2,7 +2,8 @@
 """A tiny Enigma on the simulated V1 population; trains on a 2-core CPU.
 
 Generates the population on first use, trains on every session but one (kept
-for `enigma_tiny_adapt`), and evaluates on the held-out repeated trials.
+for `enigma_tiny_adapt`), and evaluates on the held-out repeated trials. On a store of
+yours (--config.data.root=STORE) it trains on every session of it.
 """
 
 from experiments import _enigma
@@ -11,7 +12,7 @@ from experiments import _enigma
 def get_config():
   c = _enigma.enigma(dim=128, layers=2, heads=4, mlp_hidden=256, global_every=2,
                      video_layers=1, decoder_layers=1, neuron_dim=32, max_neurons=64)
-  c.data.holdout = ('a2s1',)
+  c.data.synthetic.holdout = ('a2s1',)   # the population's own; not a store's
   c.data.min_neurons = c.data.max_neurons   # all of a session's 64 neurons in every window
   c.loss.tasks = (4.0, 2.0, 2.0, 1.0)  # behaviour decoding has no neuron targets: drawn less
   c.model.latents_per_step = 2

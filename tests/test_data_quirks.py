@@ -20,6 +20,7 @@ from pynwb.behavior import BehavioralTimeSeries
 from brainscale import config as config_lib
 from brainscale.data import neural, video
 from brainscale.data.importers import InputError, nwb, videos
+from brainscale.enigma import data as enigma_data
 from brainscale.train import task as task_lib
 from test_neural_importers import BEHAVIOR, H, W, import_quietly, interp, write_nwb
 
@@ -82,13 +83,29 @@ def test_a_store_without_eval_tiers_fails_at_start_up(tmp_path, rng):
 def test_a_holdout_naming_no_session_is_a_config_error(tmp_path, rng):
   write_nwb(tmp_path / 'untiered.nwb', rng, trials=UNTIERED, tier_column=False)
   import_quietly(tmp_path / 'untiered.nwb', tmp_path / 'store')
-  task = task_lib.get_task(enigma_config(tmp_path / 'store'))   # enigma_tiny holds out a2s1
+  task = task_lib.get_task(enigma_config(tmp_path / 'store', "--config.data.holdout=('a2s1',)"))
   with pytest.raises(config_lib.ConfigError, match=r"data.holdout=\('a2s1',\): 'a2s1' is not a "
                                                    r"session .* its sessions are \['untiered'\]"):
     task.train_data(0, 1)
   held = task_lib.get_task(enigma_config(tmp_path / 'store', "--config.data.holdout=('untiered',)"))
   with pytest.raises(config_lib.ConfigError, match=r"leave no session to train on; the store"):
     held.sessions()   # the only session held out
+
+
+def test_the_simulated_populations_holdout_never_applies_to_a_store_of_yours(tmp_path, rng,
+                                                                           capsys):
+  """enigma_tiny keeps a2s1 of its own population out; on an imported store it trains on
+  every session, and says so in one line."""
+  write_nwb(tmp_path / 'untiered.nwb', rng, trials=UNTIERED, tier_column=False)
+  import_quietly(tmp_path / 'untiered.nwb', tmp_path / 'store')
+  task = task_lib.get_task(enigma_config(tmp_path / 'store'))
+  assert task.config.data.synthetic.holdout == ('a2s1',) and task.sessions() == ['untiered']
+  next(task.train_data(0, 1))
+  assert (f'enigma: training on 1 sessions of store {tmp_path / "store"}; held out: none'
+          in capsys.readouterr().out)
+  synthetic = config_lib.resolve('enigma_tiny', [])
+  assert enigma_data.held_out(synthetic) == ('a2s1',)
+  assert enigma_data.held_out(config_lib.resolve('enigma_tiny_adapt', [])) == ()
 
 
 def test_an_unknown_tier_in_the_file_names_the_trial(tmp_path, rng):

@@ -40,25 +40,43 @@ def open_store(c) -> neural.Store:
   return store
 
 
+def held_out(c) -> tuple[str, ...]:
+  """Sessions kept out of training: data.holdout, and on the simulated population (no
+  data.root) also data.synthetic.holdout, the sessions of it an experiment keeps for
+  adaptation. An imported store keeps none out unless data.holdout names them."""
+  d = c.data
+  return tuple(d.holdout) + (() if d.root else tuple(d.synthetic.get('holdout', ())))
+
+
 def sessions(c, store: neural.Store) -> list[str]:
-  """Sessions the run trains on: data.sessions, or all but data.holdout."""
-  d, available = c.data, store.session_names
-  missing = [s for s in d.holdout if s not in available]
+  """Sessions the run trains on: data.sessions, or all but held_out(c)."""
+  d, available, held = c.data, store.session_names, held_out(c)
+  missing = [s for s in held if s not in available]
   if missing:
+    key, value = (('data.holdout', tuple(d.holdout)) if set(missing) & set(d.holdout) else
+                  ('data.synthetic.holdout', tuple(d.synthetic.holdout)))
     raise config_lib.ConfigError(
-        f'data.holdout={tuple(d.holdout)}: {", ".join(map(repr, missing))} is not a session '
-        f'of the store {store.root}; its sessions are {available} (data.holdout=() '
-        'holds none out)')
-  names = list(d.sessions) or [s for s in available if s not in d.holdout]
+        f'{key}={value}: {", ".join(map(repr, missing))} is not a session of the store '
+        f'{store.root}; its sessions are {available} ({key}=() holds none out)')
+  names = list(d.sessions) or [s for s in available if s not in held]
   unknown = sorted(set(names) - set(available))
   if unknown:
     raise config_lib.ConfigError(f'data.sessions {unknown} not in the store; it has '
                                  f'{available}')
   if not names:
     raise config_lib.ConfigError(
-        f'data.sessions={tuple(d.sessions)} and data.holdout={tuple(d.holdout)} leave no '
+        f'data.sessions={tuple(d.sessions)} and held-out sessions {held} leave no '
         f'session to train on; the store {store.root} has {available}')
   return names
+
+
+def sessions_line(c, store: neural.Store) -> str:
+  """One line for start-up: the sessions trained on and those held out, and why."""
+  names, held = sessions(c, store), held_out(c)
+  where = f'store {c.data.root}' if c.data.root else 'the simulated V1 population'
+  why = ('data.holdout' if c.data.root else 'data.holdout, data.synthetic.holdout')
+  kept = f'held out: {", ".join(held)} ({why})' if held else 'held out: none'
+  return f'enigma: training on {len(names)} sessions of {where}; {kept}'
 
 
 def check_eval_tiers(c, store: neural.Store):

@@ -42,12 +42,14 @@ class Task(task.Task, task.Costs):
     return self._store
 
   def sessions(self) -> list[str]:
-    """Sessions this run trains on: data.sessions, or all but data.holdout."""
+    """Sessions this run trains on: data.sessions, or all but the held-out ones."""
     return data.sessions(self.config, self.store)
 
   def train_data(self, process_index, process_count):
     c = self.config
     data.check_eval_tiers(c, self.store)   # the final evaluation needs them: fail now
+    if process_index == 0:
+      print(data.sessions_line(c, self.store), flush=True)
     return iter(data.pipeline(c, self.store, tiers=('train',), train=True, seed=c.seed,
                               batch_size=c.train.batch_size, process_index=process_index,
                               process_count=process_count))
