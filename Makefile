@@ -1,6 +1,6 @@
 # make run   — train the embedded default (smoke experiment, synthetic data, CPU)
-# make test  — the test suite (what CI runs): `make unit` (JOBS=2 worker processes), then
-#              `make acceptance` (the long training runs)
+# make test  — the test suite (what CI runs): `make docs` (the README's console blocks),
+#              `make unit` (JOBS=2 worker processes), then `make acceptance` (the long runs)
 # make lint  — ruff check . (pyproject.toml [tool.ruff]); CI runs it before the tests
 # make cuda  — add the CUDA build of JAX (requirements-cuda.txt) to ./.venv: the GPU-compile
 #              tests then run instead of skipping, and --mode=plan compiles for the GPUs
@@ -12,7 +12,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: run test unit acceptance lint cuda clean
+.PHONY: run test docs unit acceptance lint cuda clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "brainscale needs Python >= 3.11, found " + sys.version.split()[0]'
@@ -35,13 +35,18 @@ run: $(VENV)/.installed
 # longest modules go first (tests/conftest.py) so that both workers finish together.
 JOBS ?= 2
 
-# `make test` runs two stages, one after the other: `unit`, everything but the acceptance
-# runs, on JOBS workers; then `acceptance`, the tiny experiments trained to their quality bars
-# (alone on the machine, so their time limits hold).
-test: unit acceptance
+# `make test` runs three stages, one after the other: `docs`, the README's console blocks run
+# as written (tests/test_readme.py; on the plain install, it skips once `make cuda` is done);
+# `unit`, everything but those and the acceptance runs, on JOBS workers; then `acceptance`,
+# the tiny experiments trained to their quality bars (alone, so their time limits hold).
+# All share one persistent JAX compilation cache (tests/conftest.py).
+test: docs unit acceptance
+
+docs: $(VENV)/.installed
+	$(PY) -m pytest -q -ra --durations=10 -n $(JOBS) -m readme tests/test_readme.py
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile -m "not acceptance" tests
+	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile -m "not acceptance and not readme" tests
 
 acceptance: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=10 -m acceptance tests

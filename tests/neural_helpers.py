@@ -1,7 +1,12 @@
-"""Shared by tests/test_neural_store.py and tests/test_neural_pipeline.py: random sessions
-written with neural.write_session, and direct numpy computations on the arrays written."""
+"""Shared by the neural tests: random sessions written with neural.write_session, direct numpy
+computations on the arrays written, and simulated sessions written as NWB files by pynwb."""
+
+import datetime
 
 import numpy as np
+import pynwb
+from pynwb import behavior as nb
+from pynwb import image, ophys
 
 from brainscale.data import neural
 
@@ -76,3 +81,47 @@ def frame_of_each_sample(data):
   index_T = neural.nearest_frame(timestamps(data), data['frame_times_F'])
   frames_TxHxW = np.where((index_T >= 0)[:, None, None], data['frames_FxHxW'][index_T], 0)
   return frames_TxHxW.astype(np.uint8), index_T >= 0
+
+
+def write_simulated_nwb(path, session, rate=30.0):
+  """One simulated session written with pynwb's own API (traces, behaviour, stimulus, trials)."""
+  f = pynwb.NWBFile(session_description='simulated V1', identifier=path.stem,
+                    session_start_time=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+                    subject=pynwb.file.Subject(subject_id=path.stem, species='Mus musculus'))
+  responses = session['responses']
+  plane = f.create_imaging_plane(
+      name='plane', optical_channel=ophys.OpticalChannel(name='green', description='g',
+                                                         emission_lambda=510.0),
+      description='L2/3', device=f.create_device(name='scope'), excitation_lambda=920.0,
+      indicator='GCaMP6s', location='VISp', imaging_rate=rate)
+  module = f.create_processing_module(name='ophys', description='calcium')
+  segmentation = ophys.ImageSegmentation()
+  module.add(segmentation)
+  rois = segmentation.create_plane_segmentation(name='rois', description='cells',
+                                                imaging_plane=plane)
+  for _ in range(responses.shape[1]):
+    rois.add_roi(image_mask=np.ones((2, 2)))
+  region = rois.create_roi_table_region(region=list(range(responses.shape[1])), description='all')
+  dff = ophys.DfOverF()
+  module.add(dff)
+  dff.add_roi_response_series(ophys.RoiResponseSeries(
+      name='dff', data=responses, rois=region, unit='1', rate=rate, starting_time=0.0))
+  behavior, times = session['behavior'], session['behavior_times']
+  eye = f.create_processing_module(name='behavior', description='eye and wheel')
+  eye.add(nb.EyeTracking(spatial_series=nb.SpatialSeries(
+      name='pupil_position', data=behavior[:, :2], reference_frame='screen', timestamps=times)))
+  eye.add(nb.PupilTracking(time_series=pynwb.TimeSeries(
+      name='pupil_size', data=behavior[:, 2], unit='a.u.', timestamps=times)))
+  f.add_acquisition(nb.BehavioralTimeSeries(time_series=pynwb.TimeSeries(
+      name='running_speed', data=behavior[:, 4], unit='cm/s', timestamps=times)))
+  f.add_stimulus(image.OpticalSeries(
+      name='movie', data=session['frames'], unit='n.a.', distance=0.1, field_of_view=[0.2, 0.3],
+      orientation='lower left', timestamps=session['frame_times']))
+  f.add_trial_column('tier', 'store tier')
+  f.add_trial_column('stimulus', 'stimulus id')
+  trials = session['trials']
+  for k in range(len(trials['start'])):
+    f.add_trial(start_time=trials['start'][k] / rate, stop_time=trials['stop'][k] / rate,
+                tier=str(trials['tier'][k]), stimulus=int(trials['stimulus'][k]))
+  with pynwb.NWBHDF5IO(str(path), 'w') as io:
+    io.write(f)

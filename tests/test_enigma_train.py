@@ -4,14 +4,9 @@ The first two tests share enigma_tiny's full default training run: they are the 
 stage (`pytest -m acceptance`), apart from the rest of the suite.
 """
 
-import datetime
-
 import numpy as np
-import pynwb
 import pytest
 from flax import nnx
-from pynwb import behavior as nb
-from pynwb import image, ophys
 
 from brainscale import config as config_lib
 from brainscale.data import neural
@@ -19,6 +14,7 @@ from brainscale.data.importers import nwb, sensorium
 from brainscale.data.synthetic import v1
 from brainscale.train import loop
 from brainscale.train.checkpoint import Checkpoints
+from neural_helpers import write_simulated_nwb
 from test_train import run_cli
 
 FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_hidden=128',
@@ -84,50 +80,6 @@ def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
 
-def _nwb_file(path, session, rate=30.0):
-  """One simulated session written with pynwb's own API (traces, behaviour, stimulus, trials)."""
-  f = pynwb.NWBFile(session_description='simulated V1', identifier=path.stem,
-                    session_start_time=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
-                    subject=pynwb.file.Subject(subject_id=path.stem, species='Mus musculus'))
-  responses = session['responses']
-  plane = f.create_imaging_plane(
-      name='plane', optical_channel=ophys.OpticalChannel(name='green', description='g',
-                                                         emission_lambda=510.0),
-      description='L2/3', device=f.create_device(name='scope'), excitation_lambda=920.0,
-      indicator='GCaMP6s', location='VISp', imaging_rate=rate)
-  module = f.create_processing_module(name='ophys', description='calcium')
-  segmentation = ophys.ImageSegmentation()
-  module.add(segmentation)
-  rois = segmentation.create_plane_segmentation(name='rois', description='cells',
-                                                imaging_plane=plane)
-  for _ in range(responses.shape[1]):
-    rois.add_roi(image_mask=np.ones((2, 2)))
-  region = rois.create_roi_table_region(region=list(range(responses.shape[1])), description='all')
-  dff = ophys.DfOverF()
-  module.add(dff)
-  dff.add_roi_response_series(ophys.RoiResponseSeries(
-      name='dff', data=responses, rois=region, unit='1', rate=rate, starting_time=0.0))
-  behavior, times = session['behavior'], session['behavior_times']
-  eye = f.create_processing_module(name='behavior', description='eye and wheel')
-  eye.add(nb.EyeTracking(spatial_series=nb.SpatialSeries(
-      name='pupil_position', data=behavior[:, :2], reference_frame='screen', timestamps=times)))
-  eye.add(nb.PupilTracking(time_series=pynwb.TimeSeries(
-      name='pupil_size', data=behavior[:, 2], unit='a.u.', timestamps=times)))
-  f.add_acquisition(nb.BehavioralTimeSeries(time_series=pynwb.TimeSeries(
-      name='running_speed', data=behavior[:, 4], unit='cm/s', timestamps=times)))
-  f.add_stimulus(image.OpticalSeries(
-      name='movie', data=session['frames'], unit='n.a.', distance=0.1, field_of_view=[0.2, 0.3],
-      orientation='lower left', timestamps=session['frame_times']))
-  f.add_trial_column('tier', 'store tier')
-  f.add_trial_column('stimulus', 'stimulus id')
-  trials = session['trials']
-  for k in range(len(trials['start'])):
-    f.add_trial(start_time=trials['start'][k] / rate, stop_time=trials['stop'][k] / rate,
-                tier=str(trials['tier'][k]), stimulus=int(trials['stimulus'][k]))
-  with pynwb.NWBHDF5IO(str(path), 'w') as io:
-    io.write(f)
-
-
 def test_imported_sensorium_and_nwb_sessions_train(tmp_path):
   """Both importers feed one store that enigma_tiny trains on (a few steps)."""
   spec = v1.Spec(animals=2, sessions_per_animal=1, neurons=24, train_trials=4,
@@ -135,7 +87,7 @@ def test_imported_sensorium_and_nwb_sessions_train(tmp_path):
   store = tmp_path / 'store'
   v1.write_sensorium(tmp_path / 'mouse0', v1.simulate_session(spec, 0, 0))
   sensorium.import_sensorium(tmp_path / 'mouse0', store, progress=False)
-  _nwb_file(tmp_path / 'mouse1.nwb', v1.simulate_session(spec, 1, 0))
+  write_simulated_nwb(tmp_path / 'mouse1.nwb', v1.simulate_session(spec, 1, 0))
   nwb.import_nwb(tmp_path / 'mouse1.nwb', store, progress=False)
   s = neural.Store(store)
   assert sorted(s.session_names) == ['mouse0', 'mouse1'] and s.num_neurons == 48
