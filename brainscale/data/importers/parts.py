@@ -182,13 +182,13 @@ class LogProgress:
   """Progress as log lines (a SLURM log has no terminal): files done, files/s, ETA,
   at most one line per every_s seconds, and always the last."""
 
-  def __init__(self, label: str, total: int, every_s: float = 10.0):
-    self.label, self.total, self.every_s = label, total, every_s
+  def __init__(self, label: str, total: int, every_s: float = 10.0, enabled: bool = True):
+    self.label, self.total, self.every_s, self.enabled = label, total, every_s, enabled
     self.start = self.printed = time.monotonic()
 
   def update(self, done: int, clips: int, skipped: int, final: bool = False):
     now = time.monotonic()
-    if not final and now - self.printed < self.every_s:
+    if not self.enabled or (not final and now - self.printed < self.every_s):
       return
     self.printed, elapsed = now, max(now - self.start, 1e-9)
     rate = done / elapsed

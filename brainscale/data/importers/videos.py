@@ -484,7 +484,7 @@ def import_part(source_dir, out_dir, *, part: tuple[int, int], generation: int |
   label = f'import videos g{todo.number:04d} part {i}/{n}'
   names, report = todo.names_of(i), Report()
   options = _Options(**{k: todo.options[k] for k in ('clip_seconds', 'max_side', 'crf', 'gop')})
-  bar = parts_lib.LogProgress(label, len(names), every_s=10.0 if progress else math.inf)
+  bar = parts_lib.LogProgress(label, len(names), enabled=progress)
 
   def fill(folder: pathlib.Path):
     (folder / 'files').mkdir()
@@ -607,8 +607,10 @@ def _main_in_parts(args: argparse.Namespace) -> int:
     report = import_part(args.source, out, part=args.part, generation=args.generation,
                          workers=args.workers, progress=not args.quiet, **settings(args))
     if report is not None:
+      clips = sum(v['clips'] for v in report.imported)
       skipped = f' ({parts_lib.reasons(report.skipped)})' if report.skipped else ''
-      print(f'brainscale: part {args.part[0]}/{args.part[1]}: {report.summary()}{skipped}')
+      print(f'brainscale: part {args.part[0]}/{args.part[1]}: imported {len(report.imported)} '
+            f'videos as {clips} clips, skipped {len(report.skipped)} files{skipped}')
     if not args.merge and parts_lib.missing(out):
       return 0
   print(f'brainscale: {_merged(out, time.monotonic() if args.part else start)}')
