@@ -1,12 +1,17 @@
 """A folder of video files (anything FFmpeg reads) → ArrayRecord shards of short H.264 clips.
 
   python -m brainscale.data.importers.videos SOURCE OUT [--clip_seconds 10] [--workers 8]
+  python -m brainscale.data.importers.videos SOURCE OUT --part=I/N   (then --merge)
+  python launch/import_array.py videos SOURCE OUT --parts=N   (the same as a SLURM job array)
 
 Each readable video is resized (short side ≤ max_side, even sides), split into
 clips of ≤ clip_seconds and re-encoded in memory with a short GOP; one record per
 clip (see brainscale.data.video). X.flow.npy + X.json ("flow_gap_frames") next
 to X.mp4 add ground-truth flow. Unreadable files are skipped and reported.
 OUT is written atomically: shards, index.json and report.json appear together.
+In parts (importers/parts.py: resumable, a killed part redone alone, files added later
+imported alone) each part's shards stay in OUT/parts/ and the merge writes the index a
+one-machine import would, clip for clip, each clip naming its shard and record.
 Frames are stored as players show them: a display matrix (phone video's rotation) is applied.
 """
 
