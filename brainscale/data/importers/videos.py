@@ -555,7 +555,7 @@ def _merged(out_dir: pathlib.Path, start: float) -> str:
   plans = parts_lib.generations(out_dir)
   skipped = f' ({parts_lib.reasons(report.skipped)})' if report.skipped else ''
   return (f'merged {sum(g.parts for g in plans)} parts ({len(plans)} generation(s)) in '
-          f'{time.monotonic() - start:.1f} s: {report.summary()}{skipped}; '
+          f'{time.monotonic() - start:.2f} s: {report.summary()}{skipped}; '
           f'see {out_dir / "report.json"}')
 
 
