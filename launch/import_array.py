@@ -1,6 +1,6 @@
 """An importer as a SLURM job array: one part per task, then the merge as a dependent job.
 
-  python launch/import_array.py videos SOURCE OUT --parts=64 [--max_running=16]
+  python launch/import_array.py videos|sessions SOURCE OUT --parts=64 [--max_running=16]
       [--experiment=cwm_80b | --partition=P --account=A --qos=Q] [--time=12:00:00]
       [--cpus_per_task=8] [importer flags: --clip_seconds=10 ...]
 
@@ -19,10 +19,10 @@ import shutil
 import sys
 
 from brainscale import config as config_lib
-from brainscale.data.importers import InputError, failed, videos
+from brainscale.data.importers import InputError, failed, sessions, videos
 from launch import slurm
 
-IMPORTERS = {'videos': videos}
+IMPORTERS = {'videos': videos, 'sessions': sessions}
 
 
 def array_spec(indices: list[int], max_running: int = 0) -> str:
