@@ -65,11 +65,12 @@ def scripts(kind: str, args: argparse.Namespace, generation, todo: list[int], re
   which runs after every task of array_job ends well)."""
   out, g = pathlib.Path(args.out).resolve(), f'g{generation.number:04d}'
   task = f'--part=${{SLURM_ARRAY_TASK_ID}}/{generation.parts}'
+  workers = [f'--workers={resources["cpus_per_task"]}'] if 'workers' in vars(args) else []
   array = ['#!/bin/bash',
            *_header(f'import-{kind}-{g}', f'{out}/logs/import-{g}-%A_%a.log', resources),
            f'#SBATCH --array={array_spec(todo, max_running)}',
            *_body(_importer_command(kind, args, task, f'--generation={generation.number}',
-                                    f'--workers={resources["cpus_per_task"]}'))]
+                                    *workers))]
   after = array_job if array_job is not None else 'ARRAY_JOB_ID'
   merge = ['#!/bin/bash',
            *_header(f'import-{kind}-merge', f'{out}/logs/merge-%j.log',

@@ -124,7 +124,8 @@ def test_the_array_task_runs_the_import_with_its_settings(tmp_path, rng):
   generation = sessions.plan(args.source, args.out, parts=2, **sessions.settings(args))
   resources = {'partition': '', 'account': '', 'qos': '', 'time': '1:00:00', 'cpus_per_task': 1}
   array, _ = import_array.scripts('sessions', args, generation, [0, 1], resources)
-  command = shlex.split(array.splitlines()[-1])
+  command = shlex.split(array.splitlines()[-1].replace('${SLURM_ARRAY_TASK_ID}', '1'))
   assert command[:4] == ['exec', sys.executable, '-m', 'brainscale.data.importers.sessions']
-  again = sessions.parser().parse_args(command[4:-3])
+  again = sessions.parser().parse_args(command[4:])
   assert sessions.settings(again) == sessions.settings(args) == generation.options
+  assert (again.part, again.generation) == ((1, 2), 1)

@@ -182,11 +182,14 @@ class LogProgress:
   """Progress as log lines (a SLURM log has no terminal): files done, files/s, ETA,
   at most one line per every_s seconds, and always the last."""
 
-  def __init__(self, label: str, total: int, every_s: float = 10.0, enabled: bool = True):
+  def __init__(self, label: str, total: int, *, every_s: float = 10.0, enabled: bool = True,
+               units: tuple[str, str] = ('files', 'clips')):
     self.label, self.total, self.every_s, self.enabled = label, total, every_s, enabled
+    self.units = units   # what is counted, what it makes
     self.start = self.printed = time.monotonic()
 
   def update(self, done: int, clips: int, skipped: int, final: bool = False):
+    """done of total inputs, making `clips` outputs, `skipped` of them skipped."""
     now = time.monotonic()
     if not self.enabled or (not final and now - self.printed < self.every_s):
       return
@@ -194,5 +197,6 @@ class LogProgress:
     rate = done / elapsed
     when = f'took {elapsed:.1f} s' if final else (
         f'eta {(self.total - done) / rate:.0f} s' if rate else 'eta ?')
-    print(f'{self.label}: {done}/{self.total} files, {clips} clips, {skipped} skipped, '
-          f'{rate:.2f} files/s, {when}', file=sys.stderr, flush=True)
+    counted, made = self.units
+    print(f'{self.label}: {done}/{self.total} {counted}, {clips} {made}, {skipped} skipped, '
+          f'{rate:.2f} {counted}/s, {when}', file=sys.stderr, flush=True)

@@ -71,7 +71,7 @@ def import_part(source, root, *, part: tuple[int, int], generation: int | None =
     return None
   names, report = todo.names_of(part[0]), {'imported': [], 'skipped': []}
   bar = parts_lib.LogProgress(f'import sessions g{todo.number:04d} part {part[0]}/{part[1]}',
-                              len(names), enabled=progress)
+                              len(names), enabled=progress, units=('sessions', 'imported'))
 
   def fill(folder: pathlib.Path):
     for done, name in enumerate(names, 1):
