@@ -127,7 +127,7 @@ def submit(kind: str, args: argparse.Namespace, *, parts: int, resources: dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python launch/import_array.py',
+  parser = argparse.ArgumentParser(prog='python launch/import_array.py', allow_abbrev=False,
                                    description=__doc__.splitlines()[0])
   parser.add_argument('kind', choices=sorted(IMPORTERS))
   parser.add_argument('--parts', type=int, required=True, help='how many array tasks')

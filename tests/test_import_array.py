@@ -282,3 +282,20 @@ def test_a_task_killed_mid_part_is_redone_alone_on_resubmission(
   assert {i: fingerprints(out / 'parts' / f'g0001-p{i:05d}-of-00003') for i in (0, 2)} == kept
   assert not list((out / 'parts').glob('.*.tmp-*'))
   assert_same_import(out, reference)
+
+
+def test_partition_account_and_qos_come_from_the_experiment_unless_flags_say(
+    tmp_path, monkeypatch, capsys):
+  source, out = tmp_path / 'src', tmp_path / 'out'
+  write_clip(source / 'a.mp4', 0.6)
+  monkeypatch.setenv('PATH', str(tmp_path))   # no sbatch
+  argv = ['videos', str(source), str(out), '--parts=2', *SETTINGS]
+  assert import_array.main([*argv, '--experiment=smoke']) == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and '--submit needs a cluster section' in err
+  assert import_array.main([*argv, '--experiment=cwm_80b', '--qos=high']) == 0
+  options = sbatch_options((out / 'slurm' / 'import-g0001.sbatch').read_text())
+  assert '--qos=high' in options and not any(o.startswith(('--partition', '--account'))
+                                             for o in options)   # cwm_80b leaves them ''
+  assert import_array.main([*argv, '--part=0/2']) == 2
+  assert 'set by the array script' in capsys.readouterr().err
