@@ -488,7 +488,7 @@ def import_part(source_dir, out_dir, *, part: tuple[int, int], generation: int |
     return None
   label = f'import videos g{todo.number:04d} part {i}/{n}'
   names, report = todo.names_of(i), Report()
-  options = _Options(**{k: todo.options[k] for k in ('clip_seconds', 'max_side', 'crf', 'gop')})
+  options = _Options(**{f.name: todo.options[f.name] for f in dataclasses.fields(_Options)})
   bar = parts_lib.LogProgress(label, len(names), enabled=progress)
 
   def fill(folder: pathlib.Path):
@@ -540,7 +540,7 @@ def merge(out_dir) -> Report:
   clips.sort(key=lambda c: (c['source'], c['clip']))
   report.imported.sort(key=lambda v: v['path'])
   report.skipped.sort(key=lambda v: v['path'])
-  options = {k: plans[0].options[k] for k in ('clip_seconds', 'max_side', 'crf', 'gop')}
+  options = {f.name: plans[0].options[f.name] for f in dataclasses.fields(_Options)}
   index = {'format': video_lib.MAGIC.decode(), 'clips': clips, 'records': len(clips),
            'shards': shards, 'videos': len(report.imported), 'options': options}
   parts_lib.write_atomically(out_dir / 'report.json', json.dumps(dataclasses.asdict(report),
