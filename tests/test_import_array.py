@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,6 @@ import pytest
 
 from brainscale.data import video
 from brainscale.data.importers import parts, videos
-from conftest import ROOT
 from launch import import_array
 from test_slurm import LOCAL_SLURM, bash_syntax_ok, sbatch_options, start_local_slurm, wait_for
 
@@ -95,6 +95,13 @@ def assert_same_import(got: pathlib.Path, expected: pathlib.Path):
       (expected / 'report.json').read_text())
 
 
+def command_of(script: pathlib.Path) -> list[str]:
+  """The words of the script's last line, after `exec`."""
+  words = shlex.split(script.read_text().splitlines()[-1])
+  assert words[0] == 'exec'
+  return words[1:]
+
+
 def fingerprints(folder: pathlib.Path) -> dict[str, tuple[int, int, str]]:
   """(inode, mtime in ns, sha256) of every file under folder."""
   return {p.relative_to(folder).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns,
@@ -139,7 +146,8 @@ def test_merge_waits_for_every_part_and_a_done_part_is_skipped(tmp_path, rng, ca
   source = tmp_path / 'src'
   for k in range(4):
     write_clip(source / f'c{k}.mp4', 0.6)
-  out, argv = tmp_path / 'out', [str(source), str(tmp_path / 'out'), '--quiet', *SETTINGS]
+  out, argv = tmp_path / 'out', [str(source), str(tmp_path / 'out'), '--quiet', '--workers=1',
+                              *SETTINGS]
   assert videos.main([*argv, '--part=0/2']) == 0
   assert videos.main([*argv, '--merge']) == 2
   err = capsys.readouterr().err
@@ -154,20 +162,21 @@ def test_merge_waits_for_every_part_and_a_done_part_is_skipped(tmp_path, rng, ca
   assert_same_import(out, one_machine_import(source, tmp_path / 'one'))
 
 
-def test_the_array_scripts_are_printed_where_there_is_no_sbatch(tmp_path):
-  source, out, bin_dir = tmp_path / 'src', tmp_path / 'out', tmp_path / 'bin'
-  bin_dir.mkdir()
+def test_the_array_scripts_are_printed_where_there_is_no_sbatch(tmp_path, monkeypatch, capsys):
+  source, out = tmp_path / 'src', tmp_path / 'out'
   write_clip(source / 'a.mp4', 0.6)
-  done = subprocess.run([sys.executable, 'launch/import_array.py', 'videos', str(source), str(out),
-                         '--parts=4', '--max_running=2', '--partition=cpu', '--qos=low',
-                         '--time=01:00:00', '--cpus_per_task=3', *SETTINGS], cwd=ROOT,
-                        env=dict(os.environ, PATH=str(bin_dir)), capture_output=True, text=True,
-                        timeout=120)
-  assert done.returncode == 0, done.stderr
+  with monkeypatch.context() as patch:
+    patch.setenv('PATH', str(tmp_path))   # no sbatch
+    assert import_array.main(['videos', str(source), str(out), '--parts=4', '--max_running=2',
+                              '--partition=cpu', '--qos=low', '--time=01:00:00',
+                              '--cpus_per_task=3', *SETTINGS]) == 0
+  printed = capsys.readouterr().out
   array, merge = (out / 'slurm' / f'{k}-g0001.sbatch' for k in ('import', 'merge'))
-  assert done.stdout == array.read_text() + '\n' + merge.read_text() + done.stdout.splitlines(
+  assert printed == array.read_text() + '\n' + merge.read_text() + printed.splitlines(
       keepends=True)[-1]
-  assert 'sbatch not found' in done.stdout.splitlines()[-1]
+  assert 'sbatch not found' in printed.splitlines()[-1]
+  assert command_of(array)[:4] == [sys.executable, '-m', 'brainscale.data.importers.videos',
+                                   str(source)]
   for path in (array, merge):
     bash_syntax_ok(path)
     assert {'--partition=cpu', '--qos=low', '--time=01:00:00', '--ntasks=1'} <= set(
