@@ -14,9 +14,13 @@ appending immutable parts, as TFDS/ArrayRecord datasets are versioned, never edi
 A changed or deleted input is not noticed: a generation is a snapshot of names.
 The merge reads every part's own index and report and writes the one index.json and
 report.json of OUT atomically; the importer decides their content and order.
-Assumes OUT is on a file system all tasks share, with atomic rename and hard links.
+Why not name a part by the content of its file list? New files hash into every part, so
+adding 1% more files to n parts would invalidate and redo nearly all n; a generation
+redoes nothing. Assumes OUT is on a file system all tasks share, with atomic rename and
+hard links.
 """
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -46,6 +50,14 @@ def parse_part(text: str) -> tuple[int, int]:
   if not found or not int(found.group(1)) < int(found.group(2)):
     raise InputError(f'--part={text} is not i/n with 0 <= i < n (e.g. --part=0/64)')
   return int(found.group(1)), int(found.group(2))
+
+
+def part_flag(text: str) -> tuple[int, int]:
+  """parse_part for argparse's type=, which then prints the reason."""
+  try:
+    return parse_part(text)
+  except InputError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,7 +165,7 @@ def parser() -> argparse.ArgumentParser:
                       help='H,W (NWB stimulus frames)')
   parser.add_argument('--missing_behavior', choices=('error', 'nan'), default='error')
   parser.add_argument('--quiet', action='store_true', help='no progress')
-  parser.add_argument('--part', metavar='I/N', type=parts_lib.parse_part,
+  parser.add_argument('--part', metavar='I/N', type=parts_lib.part_flag,
                       help='import part I of N into ROOT/parts/; the last part merges')
   parser.add_argument('--generation', type=int, help='with --part: the generation to work on')
   parser.add_argument('--merge', action='store_true', help='link every part into ROOT')

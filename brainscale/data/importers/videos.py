@@ -576,7 +576,7 @@ def parser() -> argparse.ArgumentParser:
   parser.add_argument('--gop', type=int, default=8)
   parser.add_argument('--overwrite', action='store_true', help='replace an earlier import in OUT')
   parser.add_argument('--quiet', action='store_true', help='no progress bar')
-  parser.add_argument('--part', metavar='I/N', type=parts_lib.parse_part,
+  parser.add_argument('--part', metavar='I/N', type=parts_lib.part_flag,
                       help='import part I of N into OUT/parts/ (resumable; see parts.py); '
                       'the task that completes the last part merges')
   parser.add_argument('--generation', type=int, help='with --part: the generation to work on')
