@@ -8,14 +8,17 @@ Plans the next generation of parts (brainscale/data/importers/parts.py), writes
 OUT/slurm/import-gGGGG.sbatch (`--array` over the parts not yet done, `%K` caps how
 many run at once) and OUT/slurm/merge-gGGGG.sbatch (`afterok` on the array), and
 submits both, or prints them where there is no sbatch. Rerunning it resubmits only
-what is missing: the parts of a killed task, or the files added to SOURCE since.
+what is missing: the parts of a killed task, or the files added to SOURCE since; it
+refuses while a job of the same OUT is still queued or running (job names carry a tag of OUT).
 Logs: OUT/logs/import-gGGGG-ARRAYJOB_TASK.log and merge-JOB.log.
 """
 
 import argparse
+import hashlib
 import pathlib
 import shlex
 import shutil
+import subprocess
 import sys
 
 from brainscale import config as config_lib
@@ -35,6 +38,23 @@ def array_spec(indices: list[int], max_running: int = 0) -> str:
       runs.append([i, i])
   spec = ','.join(f'{a}-{b}' if b > a else f'{a}' for a, b in runs)
   return f'{spec}%{max_running}' if max_running else spec
+
+
+def _tag(out: pathlib.Path) -> str:
+  """A short name of OUT that its jobs carry, so that squeue tells whether they still run."""
+  return hashlib.sha256(str(out).encode()).hexdigest()[:8]
+
+
+def _check_idle(out: pathlib.Path):
+  """Raises while a job of this import is queued or running (its parts would run twice)."""
+  if shutil.which('squeue') is None:
+    return
+  listed = subprocess.run(['squeue', '-h', '-t', 'PENDING,CONFIGURING,RUNNING,SUSPENDED', '-o',
+                           '%i %j'], capture_output=True, text=True).stdout
+  busy = [line.split()[0] for line in listed.splitlines() if line.endswith(f'-{_tag(out)}')]
+  if busy:
+    raise InputError(f'jobs {", ".join(busy)} of this import of {out} are still queued or '
+                     'running; wait for them (or scancel them), then submit again')
 
 
 def _header(name: str, log: str, resources: dict) -> list[str]:
@@ -67,13 +87,14 @@ def scripts(kind: str, args: argparse.Namespace, generation, todo: list[int], re
   task = f'--part=${{SLURM_ARRAY_TASK_ID}}/{generation.parts}'
   workers = [f'--workers={resources["cpus_per_task"]}'] if 'workers' in vars(args) else []
   array = ['#!/bin/bash',
-           *_header(f'import-{kind}-{g}', f'{out}/logs/import-{g}-%A_%a.log', resources),
+           *_header(f'import-{kind}-{g}-{_tag(out)}', f'{out}/logs/import-{g}-%A_%a.log',
+                    resources),
            f'#SBATCH --array={array_spec(todo, max_running)}',
            *_body(_importer_command(kind, args, task, f'--generation={generation.number}',
                                     *workers))]
   after = array_job if array_job is not None else 'ARRAY_JOB_ID'
   merge = ['#!/bin/bash',
-           *_header(f'import-{kind}-merge', f'{out}/logs/merge-%j.log',
+           *_header(f'import-{kind}-merge-{_tag(out)}', f'{out}/logs/merge-%j.log',
                     {**resources, 'cpus_per_task': 1}),
            f'#SBATCH --dependency=afterok:{after}', '#SBATCH --kill-on-invalid-dep=yes',
            *_body(_importer_command(kind, args, '--merge'))]
@@ -97,6 +118,7 @@ def submit(kind: str, args: argparse.Namespace, *, parts: int, resources: dict,
   (array job, merge job), or None when sbatch is missing (the scripts are then printed)
   or there is nothing to do."""
   importer, out = IMPORTERS[kind], pathlib.Path(args.out).resolve()
+  _check_idle(out)
   generation = importer.plan(args.source, out, parts=parts, **importer.settings(args))
   if generation is None:
     print(f'nothing to import: every file of {args.source} is in a part of {out}; '

@@ -270,6 +270,8 @@ def test_a_task_killed_mid_part_is_redone_alone_on_resubmission(
   src, reference = source
   out = tmp_path / 'out'
   array_job, merge_job = submit(src, out, cluster, monkeypatch)
+  with pytest.raises(ValueError, match=rf'jobs {array_job}_\S+ .* still queued or running'):
+    submit(src, out, cluster, monkeypatch)   # its parts would run twice
   deadline = time.monotonic() + 240
   while not list((out / 'parts').glob('.g0001-p00001-of-00003.tmp-*')):   # part 1 under way
     assert time.monotonic() < deadline, logs(out)
