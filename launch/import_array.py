@@ -75,8 +75,9 @@ def _importer_command(kind: str, args: argparse.Namespace, *extra: str) -> list[
   importer = IMPORTERS[kind]
   flags = [f'--{key}={value}' for key, value in importer.settings(args).items()]
   flags += ['--quiet'] if args.quiet else []
-  return [shlex.quote(a) for a in (sys.executable, '-m', importer.__name__, str(args.source),
-                                   str(args.out), *flags)] + list(extra)
+  paths = [str(pathlib.Path(p).resolve()) for p in (args.source, args.out)]   # the job cds
+  return [shlex.quote(a) for a in (sys.executable, '-m', importer.__name__, *paths,
+                                   *flags)] + list(extra)
 
 
 def scripts(kind: str, args: argparse.Namespace, generation, todo: list[int], resources: dict,

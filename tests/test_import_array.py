@@ -167,7 +167,8 @@ def test_the_array_scripts_are_printed_where_there_is_no_sbatch(tmp_path, monkey
   write_clip(source / 'a.mp4', 0.6)
   with monkeypatch.context() as patch:
     patch.setenv('PATH', str(tmp_path))   # no sbatch
-    assert import_array.main(['videos', str(source), str(out), '--parts=4', '--max_running=2',
+    patch.chdir(tmp_path)   # SOURCE and OUT relative to here; the job's command makes them absolute
+    assert import_array.main(['videos', 'src', 'out', '--parts=4', '--max_running=2',
                               '--partition=cpu', '--qos=low', '--time=01:00:00',
                               '--cpus_per_task=3', *SETTINGS]) == 0
   printed = capsys.readouterr().out
@@ -175,8 +176,8 @@ def test_the_array_scripts_are_printed_where_there_is_no_sbatch(tmp_path, monkey
   assert printed == array.read_text() + '\n' + merge.read_text() + printed.splitlines(
       keepends=True)[-1]
   assert 'sbatch not found' in printed.splitlines()[-1]
-  assert command_of(array)[:4] == [sys.executable, '-m', 'brainscale.data.importers.videos',
-                                   str(source)]
+  assert command_of(array)[:5] == [sys.executable, '-m', 'brainscale.data.importers.videos',
+                                   str(source), str(out)]
   for path in (array, merge):
     bash_syntax_ok(path)
     assert {'--partition=cpu', '--qos=low', '--time=01:00:00', '--ntasks=1'} <= set(
