@@ -193,15 +193,28 @@ class ClipSource:
       raise ValueError(f'{self.directory} holds no clips; see its report.json')
     paths = [f'{self.directory / s["name"]}[0:{s["records"]}]' for s in self.index['shards']]
     self._records = grain.sources.ArrayRecordDataSource(paths)
+    self._order = _record_order(self.index)
 
   def __len__(self) -> int:
     return len(self._records)
 
   def __getitem__(self, record_index: int) -> bytes:
+    """The record of clip record_index of the index."""
+    if self._order is not None:
+      record_index = int(self._order[record_index])
     return self._records[record_index]
 
   def __repr__(self) -> str:
     return f'ClipSource({str(self.directory)!r}, clips={len(self)})'
+
+
+def _record_order(index: dict) -> np.ndarray | None:
+  """Clip k's position in the shards, one after another, where an import in parts put the
+  clips in another order than the index's (each clip then names its shard and record)."""
+  if 'record' not in index['clips'][0]:
+    return None   # a one-machine import: the shards hold the clips in index order
+  starts = np.cumsum([0] + [s['records'] for s in index['shards']])
+  return np.array([starts[c['shard']] + c['record'] for c in index['clips']], np.int64)
 
 
 # ---------------------------------------------------------------- pipeline
