@@ -15,7 +15,7 @@ from brainscale.data.synthetic import v1
 from brainscale.train import loop
 from brainscale.train.checkpoint import Checkpoints
 from neural_helpers import write_simulated_nwb
-from test_train import run_cli
+from test_train import run_cli, start_cli
 
 FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_hidden=128',
         '--config.train.batch_size=8', '--config.train.steps=3', '--config.train.log_every=1',
@@ -23,21 +23,32 @@ FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_h
         '--config.evaluation.sessions=0']
 
 
+def _eval_metrics(stdout: str, step: int) -> dict[str, float]:
+  """The metrics of the last `eval step STEP | name value | ... | seconds` line."""
+  line = [x for x in stdout.splitlines() if x.startswith(f'eval step {step} | ')][-1]
+  return {k: float(v) for k, v in (item.split() for item in line.split(' | ')[1:-1])}
+
+
 @pytest.fixture(scope='module')
 def tiny_run(tmp_path_factory):
   """enigma_tiny trained as the README gives it: launch/run.py with the experiment's defaults
-  (1800 steps), one CPU device, the population simulated into an empty cache; then --mode=eval.
-  Yields the runs folder and the printed eval metrics."""
+  (1800 steps), one CPU device, the population simulated into an empty cache; then, side by
+  side on two cores, --mode=eval of it and enigma_tiny_adapt from it (150 steps, one device).
+  Yields the runs folder, the eval metrics and the adaptation's final eval metrics."""
   mp = pytest.MonkeyPatch()
   mp.setenv('BRAINSCALE_DATA', str(tmp_path_factory.mktemp('data')))
   runs = tmp_path_factory.mktemp('runs')
-  for mode in ('train', 'eval'):
-    out = run_cli('--experiment=enigma_tiny', f'--workdir={runs / "enigma_tiny"}',
-                  f'--mode={mode}', timeout=2400)
-    assert out.returncode == 0, out.stderr[-3000:]
-  line = [x for x in out.stdout.splitlines() if x.startswith('eval step 1800 | ')][-1]
-  metrics = {k: float(v) for k, v in (item.split() for item in line.split(' | ')[1:-1])}
-  yield runs, metrics
+  workdir = f'--workdir={runs / "enigma_tiny"}'
+  out = run_cli('--experiment=enigma_tiny', workdir, timeout=2400)
+  assert out.returncode == 0, out.stderr[-3000:]
+  evaluate = start_cli('--experiment=enigma_tiny', workdir, '--mode=eval')
+  adapt = start_cli('--experiment=enigma_tiny_adapt', f'--workdir={runs / "adapt"}',
+                    '--config.checkpoint.async_save=false', '--config.train.steps=150',
+                    f'--config.adapt.workdir={runs / "enigma_tiny"}')
+  outputs = [run.communicate(timeout=1200) for run in (evaluate, adapt)]
+  for run, (_, stderr) in zip((evaluate, adapt), outputs):
+    assert run.returncode == 0, stderr[-3000:]
+  yield runs, _eval_metrics(outputs[0][0], 1800), _eval_metrics(outputs[1][0], 150)
   mp.undo()
 
 
@@ -54,7 +65,7 @@ def _params(workdir, config):
 def test_enigma_tiny_beats_ln_on_held_out_repeats(tiny_run):
   """enigma_tiny's quality bar on held-out repeats: cc_norm >= 0.75 and at least 0.05 above
   the LN baseline, whose own cc_norm lies between 0.2 and 0.6."""
-  _, m = tiny_run
+  _, m, _ = tiny_run
   for k in ('single_trial_corr', 'corr_to_average', 'cc_norm', 'ln_baseline_cc_norm',
             'behavior_r2'):
     assert np.isfinite(m[k]), (k, m)
@@ -67,12 +78,9 @@ def test_enigma_tiny_beats_ln_on_held_out_repeats(tiny_run):
 @pytest.mark.acceptance
 def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
   """Fitting only the new session's embeddings reaches 85% of the joint CC_norm."""
-  runs, joint = tiny_run
-  c = config_lib.resolve('enigma_tiny_adapt', [
-      '--config.checkpoint.async_save=false', '--config.train.steps=150',
-      f'--config.adapt.workdir={runs / "enigma_tiny"}'])
-  adapted = loop.train(c, str(runs / 'adapt'))
-  assert adapted['eval_cc_norm'] >= 0.85 * joint['cc_norm'], (adapted, joint)
+  runs, joint, adapted = tiny_run
+  assert adapted['cc_norm'] >= 0.85 * joint['cc_norm'], (adapted, joint)
+  c = config_lib.resolve('enigma_tiny_adapt', [f'--config.adapt.workdir={runs / "enigma_tiny"}'])
   base = config_lib.resolve('enigma_tiny', [])
   before = nnx.State(_params(str(runs / 'enigma_tiny'), base)['core']).flat_state()
   after = nnx.State(_params(str(runs / 'adapt'), c)['core']).flat_state()

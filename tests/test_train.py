@@ -34,6 +34,12 @@ def run_cli(*args, devices: int = 1, timeout: int = 300) -> subprocess.Completed
                         capture_output=True, text=True, timeout=timeout)
 
 
+def start_cli(*args, devices: int = 1) -> subprocess.Popen:
+  """run_cli without waiting: communicate() gives (stdout, stderr)."""
+  return subprocess.Popen([sys.executable, 'launch/run.py', *args], cwd=ROOT, env=cli_env(devices),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 def last_line(text: str) -> str:
   return [line for line in text.splitlines() if line.strip()][-1]
 
