@@ -311,7 +311,7 @@ def report(config, plan: Plan) -> tuple[str, bool]:
   gpu_hours = plan.devices * 24 * p.days
   steps_in_campaign = p.days * 86400 / step_s
   how = ("XLA's GPU compiler on this CPU, no GPU present" if plan.target == 'gpu' else
-         "CPU stand-ins: their memory has come within -1..+4 GiB of XLA GPU's for the "
+         "CPU stand-ins: their memory has come within -2..+7 GiB of XLA GPU's for the "
          'committed configs; `make cuda` to compile for the GPUs')
   lines = [
       f'plan: {config.experiment} on {plan.nodes} nodes x {cl.gpus_per_node} {cl.gpu} '

@@ -28,7 +28,7 @@ def test_cluster_experiments_fit(experiment, devices):
   out = result.stdout
   assert f'= {devices} devices' in out
   assert f'compiled_for: {devices} simulated CPU devices' in out
-  assert "within -1..+4 GiB of XLA GPU's" in out and '`make cuda`' in out
+  assert "within -2..+7 GiB of XLA GPU's" in out and '`make cuda`' in out
   assert _value('per_device_memory_gib', out) <= 64
   assert re.search(r'^fits: yes$', out, re.M)
   for name in ('model_flops_per_step', 'compiled_flops_per_step', 'step_time_s',
