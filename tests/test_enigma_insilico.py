@@ -1,9 +1,12 @@
 """In-silico experiments (enigma/insilico.py) on models whose answer is known: LN models
 (enigma/baselines.py) whose filter is a Gabor of chosen centre, orientation and wavelength."""
 
+import json
+
 import numpy as np
 import pytest
 
+from brainscale.data.synthetic import v1
 from brainscale.enigma import baselines, insilico
 
 H, W, T = 36, 64, 10
@@ -58,3 +61,25 @@ def test_mei_tuning_and_rf_of_gabor_neurons_recover_the_gabor(ln):
   # Each MEI drives its own neuron more than the other's MEI does.
   cross = insilico.responses(respond, images, settle=0)
   assert cross[0, 0] > cross[1, 0] and cross[1, 1] > cross[0, 1]
+
+
+def test_the_simulators_truth_is_what_the_experiments_find_in_its_simple_cells(tmp_path):
+  """truth.json beside a store names each neuron's RF; an LN model of each simulated
+  neuron's own (even) Gabor, run through the experiments, gives it back."""
+  spec = v1.Spec(animals=1, sessions_per_animal=1, neurons=8, train_trials=2,
+                 validation_trials=1, repeat_stimuli=1, repeats=2, trial_seconds=2.0)
+  path = v1.write_truth(tmp_path, spec)
+  truth = json.loads(path.read_text())['a0s0']
+  assert set(truth) == {'unit_ids', 'centre', 'orientation', 'wavelength', 'type'}
+  tun = v1.select(v1.neurons(spec, 0), v1.session_neurons(spec, 0))
+  assert truth['unit_ids'] == [str(u) for u in tun['unit_ids']]
+  n = len(truth['unit_ids'])
+  w_ExN = np.concatenate([tun['even'].reshape(n, -1).T, np.zeros((1, n))])
+  ones = np.ones(n)
+  ln = baselines.LN(1, 1, w_ExN, ones, 3 * ones, -ones, ones)
+  respond = insilico.ln_response(ln, np.arange(n))
+  est = insilico.tuning(respond, (T, H, W), wavelengths=(10.0, 14.0, 18.0), batch=24)
+  rf = insilico.sparse_noise(respond, (2, H, W), dot=2, batch=64)
+  ori = insilico.angle_error(est.orientation, np.asarray(truth['orientation']))
+  centre = np.linalg.norm(rf.centre - np.asarray(truth['centre']), axis=-1)
+  assert np.median(ori) < 5 and np.median(centre) < 2, (ori, centre)

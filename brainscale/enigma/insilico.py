@@ -8,8 +8,12 @@ neuron's mean rate over its frames from `settle` on. Angles follow the simulator
 y down), orientations in [0°, 180°), directions in [0°, 360°).
 """
 
+import argparse
 import dataclasses
+import json
 import math
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +225,101 @@ def enigma_response(model, session, neurons, c) -> callable:
     rates_BxWxM, _ = model(batch, masking.fixed(batch, 'encoding'))
     return rates_BxWxM[:, :, :m]
   return respond
+
+
+# ----------------------------------------------------------------------------- ground truth
+
+def angle_error(a_deg, b_deg, period: float = 180.0) -> np.ndarray:
+  """|a - b| on a circle of `period` degrees."""
+  return np.abs((np.asarray(a_deg) - b_deg + period / 2) % period - period / 2)
+
+
+def session_estimates(model, session, c, *, settle: int | None = None) -> dict:
+  """Tuning and sparse-noise RF of every neuron of `session` (groups of data.max_neurons),
+  and its cc_norm on the repeated trials: arrays [N]."""
+  from brainscale.enigma import evaluation, metrics  # noqa: PLC0415
+  t, (h, w) = c.data.window, tuple(c.data.frame_shape)
+  settle = t // 3 if settle is None else settle
+  n, step = session.num_neurons, c.data.max_neurons
+  parts = []
+  for lo in range(0, n, step):
+    respond = enigma_response(model, session, np.arange(lo, min(lo + step, n)), c)
+    tun = tuning(respond, (t, h, w), settle=settle, batch=c.evaluation.batch)
+    rf = sparse_noise(respond, (t, h, w), settle=settle, batch=c.evaluation.batch)
+    parts.append((tun.orientation, tun.direction, tun.gosi, tun.gdsi, tun.wavelength, rf.centre))
+  repeats = session.trials_of(('repeats',))
+  enc = [evaluation.predict_trial(model, session, k, c)[0] for k in repeats]
+  resp = [session.read(int(session.trials['start'][k]), int(session.trials['stop'][k]))[
+      'responses'] for k in repeats]
+  cc = metrics.cc_norm(enc, resp, np.asarray(session.trials['stimulus'])[repeats],
+                       skip=c.evaluation.skip)
+  keys = ('orientation', 'direction', 'gosi', 'gdsi', 'wavelength', 'centre')
+  return {k: np.concatenate([p[i] for p in parts]) for i, k in enumerate(keys)} | {'cc_norm': cc}
+
+
+def against_truth(estimates: dict, truth: dict, *, min_cc: float = 0.5) -> dict:
+  """Median preferred-orientation error (degrees) and RF-centre error (pixels) of the
+  neurons with cc_norm >= min_cc, simple and complex cells apart, with their counts."""
+  ori_err = angle_error(estimates['orientation'], np.asarray(truth['orientation']))
+  rf_err = np.linalg.norm(estimates['centre'] - np.asarray(truth['centre']), axis=-1)
+  good = np.nan_to_num(estimates['cc_norm'], nan=-1) >= min_cc
+  out = {}
+  for kind in ('simple', 'complex'):
+    mine = good & (np.asarray(truth['type']) == kind)
+    out[kind] = {'neurons': int(mine.sum()),
+                 'orientation_error_deg': float(np.median(ori_err[mine])) if mine.any() else None,
+                 'rf_centre_error_px': float(np.median(rf_err[mine])) if mine.any() else None}
+  return out
+
+
+def main(argv=None) -> int:
+  """python -m brainscale.enigma.insilico --workdir=RUN [--sessions=a,b] [--min_cc=0.5]:
+  a trained Enigma's in-silico tuning and RFs against the simulator's truth.json."""
+  parser = argparse.ArgumentParser(prog='python -m brainscale.enigma.insilico',
+                                   description=main.__doc__.splitlines()[0])
+  parser.add_argument('--workdir', required=True, help='an Enigma run folder (newest checkpoint)')
+  parser.add_argument('--sessions', default='', help="comma-separated; default the run's eval "
+                      'sessions')
+  parser.add_argument('--min_cc', type=float, default=0.5)
+  parser.add_argument('--out', default='', help='write the comparison as JSON here')
+  args = parser.parse_args(argv)
+  from brainscale import inspect  # noqa: PLC0415  (the CLI loads a checkpoint, as launch/ does)
+  from brainscale.data.synthetic import v1  # noqa: PLC0415
+  from brainscale.enigma import data  # noqa: PLC0415
+  try:
+    run = inspect.load(args.workdir)
+    c = run.config
+    store = data.open_store(c)
+    truth_path = pathlib.Path(store.root) / v1.TRUTH_FILE
+    if not truth_path.is_file():
+      raise ValueError(f'{truth_path} does not exist: the store is not a simulated population '
+                       '(or predates truth.json; regenerate it)')
+    truths = json.loads(truth_path.read_text())
+    names = args.sessions.split(',') if args.sessions else data.sessions(c, store)
+    per_session, pooled = {}, {'estimates': [], 'truth': []}
+    for name in names:
+      session = store.session(name)
+      est = session_estimates(run.model, session, c)
+      if truths[name]['unit_ids'] != [str(u) for u in session.unit_ids]:
+        raise ValueError(f'{truth_path}: the neurons of {name} are not the store\'s')
+      per_session[name] = against_truth(est, truths[name], min_cc=args.min_cc)
+      pooled['estimates'].append(est)
+      pooled['truth'].append(truths[name])
+  except (ValueError, OSError) as e:
+    print(f'brainscale: {str(e).splitlines()[0]}', file=sys.stderr)
+    return 2
+  est = {k: np.concatenate([e[k] for e in pooled['estimates']]) for k in pooled['estimates'][0]}
+  tru = {k: sum((t[k] for t in pooled['truth']), []) for k in ('orientation', 'centre', 'type')}
+  result = {'all': against_truth(est, tru, min_cc=args.min_cc), 'sessions': per_session,
+            'step': run.step, 'min_cc': args.min_cc,
+            'neurons_cc_norm_median': float(np.nanmedian(est['cc_norm']))}
+  for kind, r in result['all'].items():
+    print(f'{kind:8s} neurons {r["neurons"]:4d} | median orientation error '
+          f'{r["orientation_error_deg"]} deg | median RF centre error {r["rf_centre_error_px"]} px')
+  if args.out:
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=1))
+  return 0
+
+
+if __name__ == '__main__':
+  raise SystemExit(main())
