@@ -310,7 +310,12 @@ def main(argv=None) -> int:
     return 2
   est = {k: np.concatenate([e[k] for e in pooled['estimates']]) for k in pooled['estimates'][0]}
   tru = {k: sum((t[k] for t in pooled['truth']), []) for k in ('orientation', 'centre', 'type')}
+  per_neuron = {'cc_norm': est['cc_norm'], 'orientation': est['orientation'],
+                'gosi': est['gosi'], 'centre': est['centre'],
+                'true_orientation': np.asarray(tru['orientation']),
+                'true_centre': np.asarray(tru['centre']), 'type': tru['type']}
   result = {'all': against_truth(est, tru, min_cc=args.min_cc), 'sessions': per_session,
+            'per_neuron': {k: np.asarray(v).tolist() for k, v in per_neuron.items()},
             'step': run.step, 'min_cc': args.min_cc,
             'neurons_cc_norm_median': float(np.nanmedian(est['cc_norm']))}
   for kind, r in result['all'].items():
