@@ -3,6 +3,8 @@ the exact flow of synthetic clips and calls occluded points occluded; broken pro
 model that knows nothing fail the same check; predict_frame and move_patch give back a
 known translation."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,7 +76,8 @@ def test_kl_tracing_of_the_oracle_gives_back_the_exact_flow_and_occlusion(clips)
   assert within >= 0.9, within
   assert called_visible.all() and called_occluded.all(), (called_visible, called_occluded)
   # The uncached reference path (whole sequences, no shared KV prefix) reads the same.
-  ref = counterfactual.kl_flow(model, frames, points, orders=1, cached=False)
+  ref = nnx.jit(functools.partial(counterfactual.kl_flow, orders=1, cached=False))(
+      model, frames, points)
   np.testing.assert_allclose(np.asarray(ref['flow']), np.asarray(out['flow']), atol=1e-3)
 
 
@@ -121,7 +124,8 @@ def test_predict_frame_and_move_patch_give_back_a_known_translation(clips):
   known[2:, 2:] = True                                   # cells something lands in
   gw = layout.grid[1]
   revealed = jnp.asarray([[0, 7, 20]], jnp.int32)        # patches (0,0), (1,1), (3,2)
-  pred = counterfactual.predict_frame(model, frames, revealed, decode='argmax')
+  pred = nnx.jit(functools.partial(counterfactual.predict_frame, decode='argmax'))(
+      model, frames, revealed)
   got = np.asarray(pred['codes'])[0]
   np.testing.assert_array_equal(got[known], truth[known])
   assert np.mean(copy[known] == truth[known]) < 0.5      # the answer is not frame 0 again
@@ -131,9 +135,10 @@ def test_predict_frame_and_move_patch_give_back_a_known_translation(clips):
   # Moving patch (2, 1) of frame 0 to where the motion takes it, (3, 2), gives frame 1 again;
   # to anywhere else, its codes land there instead.
   src = 2 * gw + 1
+  move = nnx.jit(functools.partial(counterfactual.move_patch, decode='argmax'))
   for dst, right in ((3 * gw + 2, True), (4 * gw + 4, False)):
-    moved = counterfactual.move_patch(model, frames, jnp.asarray([src]), jnp.asarray([dst]),
-                                      jnp.zeros((1, 0), jnp.int32), decode='argmax')
+    moved = move(model, frames, jnp.asarray([src]), jnp.asarray([dst]),
+                 jnp.zeros((1, 0), jnp.int32))
     got = np.asarray(moved['codes'])[0]
     y, x = divmod(dst, gw)
     at_dst = got[2 * y:2 * y + 2, 2 * x:2 * x + 2]
