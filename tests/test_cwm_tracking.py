@@ -133,6 +133,10 @@ def test_kinetics_shards_of_jpeg_bytes_are_read(tmp_path):
   [video] = tracking.read(tmp_path)
   assert video.name == 'abc' and video.extra == {'video_id': 'abc'}
   assert np.abs(video.frames_TxHxWx3.astype(float) - frames).mean() < 8
+  # the same bytes as a numpy array of fixed-size byte strings, in a second shard
+  shard[0]['video'] = np.array(shard[0]['video'])
+  (tmp_path / '0001_of_0002.pkl').write_bytes(pickle.dumps(shard))
+  assert [v.frames_TxHxWx3.shape for v in tracking.read(tmp_path)] == [frames.shape] * 2
   with pytest.raises(FileNotFoundError):
     tracking.read(tmp_path / 'nothing')
   os.mkdir(tmp_path / 'nothing')

@@ -92,7 +92,7 @@ def _video(name: str, entry, where) -> Video:
     raise ValueError(f'{where}: entry {name} is not a dict with video, points and occluded')
   frames = entry['video']
   if isinstance(frames, (list, tuple)) or (isinstance(frames, np.ndarray)
-                                           and frames.dtype == object):
+                                           and frames.dtype.kind in 'OS'):
     frames = decode_jpegs(frames)
   frames = np.asarray(frames)
   points, occluded = np.asarray(entry['points'], np.float32), np.asarray(entry['occluded'], bool)
