@@ -86,6 +86,11 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.probe.min_motion = 3.0             # ... on cells whose true flow is at least this (pixels)
   c.probe.flow_orders = 4              # random frame-1 patch orders the KL maps average over
                                        # (more points and clips, not orders, narrow flow_epe)
+  c.probe.tracking_videos = 0          # TAP-Vid tracking on this many synthetic videos (0: off;
+                                       # python -m brainscale.cwm.tracking runs it on its own)
+  c.probe.tracking_tracks = 32         # ... with this many tracks each
+  c.probe.tracking_protocol = 'gap'    # 'first' | 'gap' (Opt-CWM's constant gap of 5 frames)
+  c.probe.occlusion_kl = 0.5           # a point is occluded where its KL mass (nats) is below
 
   c.train.groups.tokenizer = dict(pattern=r'^tokenizer/', lr_scale=0.0, weight_decay=0.0)
   c.train.groups.no_decay = dict(pattern=r'(norm|scale)', lr_scale=1.0, weight_decay=0.0)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -242,3 +243,30 @@ def test_kl_flow_maps_and_flow(probe_inputs):
   np.testing.assert_allclose(np.asarray(off['cell_centre'])[0, 0], [w - 2.5, 1.5])
   with pytest.raises(ValueError, match='orders=0'):
     counterfactual.kl_flow(model, frames, points, orders=0)
+
+
+@pytest.mark.slow
+def test_tracking_command_scores_a_davis_layout_pickle(trained, tmp_path):
+  """python -m brainscale.cwm.tracking on the trained run: a TAP-Vid DAVIS-layout pickle
+  (frames larger than the model's) under the gap protocol, the model beside the baselines;
+  a pickle that would call a function is refused in one line."""
+  workdir, _, env, _ = trained
+  rng = np.random.default_rng(0)
+  frames = rng.integers(0, 256, (7, 96, 128, 3), dtype=np.uint8)
+  points = rng.uniform(0.1, 0.9, (3, 7, 2)).astype(np.float32)
+  (tmp_path / 'davis.pkl').write_bytes(pickle.dumps(
+      {'clip': {'video': frames, 'points': points, 'occluded': np.zeros((3, 7), bool)}}))
+  command = [sys.executable, '-m', 'brainscale.cwm.tracking', f'--workdir={workdir}',
+             f'--data={tmp_path / "davis.pkl"}', '--protocol=gap', '--orders=1',
+             f'--out={tmp_path / "scores.json"}']
+  out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  scores = json.loads((tmp_path / 'scores.json').read_text())
+  assert set(scores) == {'model', 'zero_motion', 'copy_position'}
+  assert all(0 <= v <= 100 for m in scores.values() for v in m.values()), scores
+  assert 'AJ' in out.stdout and '1 videos, protocol gap' in out.stdout
+  (tmp_path / 'evil.pkl').write_bytes(pickle.dumps(os.system))
+  command[4] = f'--data={tmp_path / "evil.pkl"}'
+  out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+  assert out.returncode == 2 and out.stderr.strip().count('\n') == 0, out.stderr
+  assert 'refuses posix.system' in out.stderr or 'refuses os.system' in out.stderr, out.stderr

@@ -5,6 +5,7 @@ Each test draws its population from the seed of its own node id (conftest `seed`
 """
 
 import dataclasses
+import json
 import time
 
 import numpy as np
@@ -310,6 +311,14 @@ def test_generate_writes_a_store_with_one_index_per_shared_neuron(seed, tmp_path
   np.testing.assert_array_equal(read['frames'], session['frames'][:2 * spec.trial_samples])
   assert read['frame_valid'].all() and np.isfinite(read['behavior']).all()
   assert store.session('a1s1').trials['tier'].tolist() == session['trials']['tier']
+  # truth.json beside the store: each session's neurons in its order, with their true RFs
+  truth = json.loads((tmp_path / 'store' / v1.TRUTH_FILE).read_text())
+  assert sorted(truth) == names
+  for name in names:
+    assert truth[name]['unit_ids'] == store.session(name).unit_ids
+  tuning = v1.select(v1.neurons(spec, 1), v1.session_neurons(spec, 1))
+  np.testing.assert_allclose(truth['a1s1']['centre'], tuning['centre'], atol=1e-3)
+  assert truth['a1s1']['type'] == ['complex' if c else 'simple' for c in tuning['complex']]
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import nn
-from brainscale.cwm import counterfactual, data, sequence
+from brainscale.cwm import counterfactual, data, sequence, tracking
 from brainscale.cwm import model as world_model
 from brainscale.cwm import tokenizer as tokenizer_lib
 from brainscale.cwm.model import WorldModel
@@ -153,8 +153,9 @@ class Task(_VideoTask):
   def evaluate(self, model):
     """Probes on held-out synthetic clips with ground-truth flow (see module docstring)."""
     c = self.config
+    tracked = self._tracking(model) if c.probe.tracking_videos else {}
     if not c.probe.clips:
-      return {}
+      return tracked
     it = iter(self._data(data.eval_directory(c), train=False, seed=c.seed + 2,
                          batch_size=c.probe.batch * jax.process_count(),
                          process_index=jax.process_index(), process_count=jax.process_count(),
@@ -164,7 +165,24 @@ class Task(_VideoTask):
     for _ in range(max(c.probe.clips // c.probe.batch, 1)):
       batch = next(it)
       results.append(self._probe(model, batch, rng))
-    return {k: float(np.mean([r[k] for r in results])) for k in results[0]}
+    return {**{k: float(np.mean([r[k] for r in results])) for k in results[0]}, **tracked}
+
+  def _tracking(self, model) -> dict:
+    """TAP-Vid AJ, <δ_avg and OA (x100) of KL-tracing on the synthetic tracking set, and of
+    the zero-motion baseline, under probe.tracking_protocol (cwm/tracking.py)."""
+    c = self.config
+    videos = tracking.synthetic_set(c, c.probe.tracking_videos, c.probe.tracking_tracks)
+    protocol = c.probe.tracking_protocol
+    short = {'average_jaccard': 'aj', 'average_pts_within_thresh': 'pts_within',
+             'occlusion_accuracy': 'oa'}
+    out = {}
+    for name, method in (('tracking', tracking.kl_tracker(
+        model, c.data.size, orders=c.probe.flow_orders, occlusion_kl=c.probe.occlusion_kl,
+        seed=c.seed)), ('tracking_zero_motion', tracking.zero_motion)):
+      scores = tracking.evaluate(method, videos, protocol, batch=c.probe.batch,
+                                 points=c.probe.flow_points)
+      out |= {f'{name}_{short[k]}': v for k, v in scores.items() if k in short}
+    return out
 
   def _probe(self, model, batch, rng) -> dict:
     c, layout = self.config, self.layout

@@ -398,6 +398,49 @@ def render(seed: int, spec: Spec) -> Clip:
   return draw(scene(seed, spec), spec)
 
 
+def flow_between(scene: Scene, spec: Spec, t0: int, t1: int) -> tuple[np.ndarray, np.ndarray]:
+  """Exact flow [H, W, 2] (dx, dy) from frame t0 to frame t1 (either order) and where the
+  surface seen at each pixel of t0 is visible at t1 [H, W]: in the frame, no nearer body over it."""
+  x_W = np.arange(spec.size, dtype=F32)
+  offset_SxTx2, angle_SxT = _surfaces(scene)
+  offset_Sx2x2, angle_Sx2 = offset_SxTx2[:, [t0, t1]], angle_SxT[:, [t0, t1]]
+  _, segment_2xHxW = _paint(scene, offset_Sx2x2, angle_Sx2, x_W)
+  qx, qy = _targets(segment_2xHxW, offset_Sx2x2, angle_Sx2, x_W, 1)
+  visible_1xHxW = _visible(scene.bodies, segment_2xHxW, qx, qy, offset_Sx2x2, angle_Sx2, 1)
+  flow_HxWx2 = np.stack([qx[0] - x_W[None, :], qy[0] - x_W[:, None]], axis=-1)
+  return flow_HxWx2, visible_1xHxW[0]
+
+
+def tapvid_tracks(seed: int, spec: Spec, tracks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Clip `seed` in TAP-Vid's layout: frames [T, H, W, 3] uint8, points [N, T, 2] (x, y of
+  pixel centres / size) and occluded [N, T], from the exact flow and depth order.
+
+  Half the tracks start on a random pixel of frame 0, half on a random frame, one in two of
+  those on an object; each is followed to every frame, backwards too.
+  """
+  rng = np.random.default_rng([seed, 1])
+  sc = scene(seed, spec)
+  x_W = np.arange(spec.size, dtype=F32)
+  offset_SxTx2, angle_SxT = _surfaces(sc)
+  frames_TxHxWx3, segment_TxHxW = _paint(sc, offset_SxTx2, angle_SxT, x_W)
+  start_N = np.where(np.arange(tracks) < tracks // 2, 0, rng.integers(0, spec.frames, tracks))
+  yx_Nx2 = rng.integers(0, spec.size, (tracks, 2))
+  for n in range(tracks):
+    on_object = np.argwhere(segment_TxHxW[start_N[n]] > 0)
+    if n % 2 and len(on_object):
+      yx_Nx2[n] = on_object[rng.integers(len(on_object))]
+  points_NxTx2 = np.zeros((tracks, spec.frames, 2), F32)
+  occluded_NxT = np.zeros((tracks, spec.frames), bool)
+  for t0 in np.unique(start_N):
+    mine = np.flatnonzero(start_N == t0)
+    y_M, x_M = yx_Nx2[mine, 0], yx_Nx2[mine, 1]
+    for t1 in range(spec.frames):
+      flow_HxWx2, visible_HxW = flow_between(sc, spec, int(t0), t1)
+      points_NxTx2[mine, t1] = np.stack([x_M, y_M], -1) + flow_HxWx2[y_M, x_M]
+      occluded_NxT[mine, t1] = ~visible_HxW[y_M, x_M]
+  return frames_TxHxWx3, points_NxTx2 / spec.size, occluded_NxT
+
+
 # ----------------------------------------------------------------------------- files
 
 def write_video(path, frames_TxHxWx3, fps, *, codec='libx264', crf=16) -> None:

@@ -7,6 +7,7 @@ or calcium traces are drawn around the true rates. Everything is a pure function
 
 import dataclasses
 import functools
+import json
 import math
 import pathlib
 
@@ -474,7 +475,35 @@ def generate(root, spec: Spec = Spec(), *, progress: bool = False,
         behavior_SxC=data['behavior'], behavior_times_S=data['behavior_times'],
         unit_ids=data['unit_ids'], trials=data['trials'], positions_Nx3=data['positions'],
         areas=data['areas'], overwrite=overwrite)
+  write_truth(root, spec)
   return names
+
+
+TRUTH_FILE = 'truth.json'
+
+
+def truth(spec: Spec, animal: int, session: int) -> dict:
+  """Each neuron's true RF of a session, in its store order: unit_ids, centre (x, y px),
+  orientation (degrees in [0, 180), the Gabor's wave vector in image axes), wavelength (px)
+  and type ('simple' | 'complex')."""
+  t = select(neurons(spec, animal), session_neurons(spec, session))
+  return {'unit_ids': [str(u) for u in t['unit_ids']],
+          'centre': t['centre'].astype(float).round(4).tolist(),
+          'orientation': (np.degrees(t['orientation'].astype(float)) % 180).round(4).tolist(),
+          'wavelength': t['wavelength'].astype(float).round(4).tolist(),
+          'type': ['complex' if c else 'simple' for c in t['complex']]}
+
+
+def write_truth(root, spec: Spec) -> pathlib.Path:
+  """root/truth.json: `truth` of every session, by session name, beside the store."""
+  names = session_names(spec)
+  data = {name: truth(spec, a, s) for name, (a, s) in zip(
+      names, [(a, s) for a in range(spec.animals) for s in range(spec.sessions_per_animal)])}
+  path = pathlib.Path(root) / TRUTH_FILE
+  partial = path.with_name(f'.{TRUTH_FILE}.partial')
+  partial.write_text(json.dumps(data))
+  partial.rename(path)
+  return path
 
 
 def write_sensorium(folder, session: dict) -> None:
