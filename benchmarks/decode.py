@@ -29,7 +29,7 @@ from brainscale import config as config_lib
 from brainscale import gpu as gpu_lib
 from brainscale import hlo, parallel
 from brainscale.cwm import counterfactual
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 from brainscale.train.task import get_task
 
 FLAGS = flags.FLAGS
@@ -45,8 +45,8 @@ GiB = 2 ** 30
 
 def timed(config, batch: int, repeats: int) -> list[dict]:
   """Whole-frame prediction, sequential and parallel, cached and recomputed."""
-  setup = loop.build(config)
-  model = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
+  setup = step_lib.build(config)
+  model = nnx.merge(setup.graphdef, step_lib.init_state(setup)['params'])
   layout = model.layout
   frames = jax.random.randint(jax.random.key(0), (batch, 2, layout.height, layout.width, 3), 0,
                               256).astype(jnp.uint8)
@@ -94,7 +94,7 @@ def gpu_step(config, batch: int) -> dict:
   experiment's GPUs (no GPU needed): memory plan and roofline time."""
   devices = gpu_lib.topology(config.cluster)
   mesh = parallel.make_mesh(config.mesh, devices, nodes=config.cluster.nodes)
-  setup = loop.build(config, mesh)
+  setup = step_lib.build(config, mesh)
   dtype = jnp.dtype(config.model.compute_dtype)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
                         setup.abstract_state['params'])

@@ -2,7 +2,7 @@
 #     [--config.KEY=VALUE ...]
 """Model FLOPs utilisation of an experiment's train step on this machine's devices.
 
-The step is the one launch/run.py trains with (loop.make_train_step), compiled
+The step is the one launch/run.py trains with (train/step.py:make_train_step), compiled
 ahead of time for a synthetic batch from the task (`Task.synthetic_batch`)
 that is put on the devices once, so nothing but the step is timed: `--steps`
 steps are dispatched back to back and waited for, `--repeats` times, and the
@@ -40,8 +40,8 @@ from absl import app, flags
 
 from brainscale import config as config_lib
 from brainscale import gpu, hlo, plan
-from brainscale.train import loop
 from brainscale.train import report as train_report
+from brainscale.train import step as step_lib
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
 flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
@@ -71,10 +71,10 @@ def compile_step(config):
   """(setup, state, batch on the devices, compiled step, traced step, compile seconds)."""
   if jax.process_count() != 1:
     raise SystemExit('brainscale: benchmarks/mfu.py measures one host; run it without srun')
-  setup = loop.build(config)
-  state = loop.init_state(setup)
-  batch = loop.global_batch(setup, setup.task.synthetic_batch(config.train.batch_size))
-  step = loop.make_train_step(setup, batch)
+  setup = step_lib.build(config)
+  state = step_lib.init_state(setup)
+  batch = step_lib.global_batch(setup, setup.task.synthetic_batch(config.train.batch_size))
+  step = step_lib.make_train_step(setup, batch)
   start = time.perf_counter()
   traced = step.trace(state, batch)
   compiled = traced.lower().compile()

@@ -46,7 +46,7 @@ from jax.extend import core as jax_core
 from brainscale import gpu as gpu_lib
 from brainscale import hlo, parallel
 from brainscale.config import ConfigError, cluster_devices
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 from brainscale.train.task import costs
 
 GiB = 2 ** 30
@@ -172,10 +172,10 @@ def compile_step(config, where: str) -> Plan:
   else:
     devices, planned, options = jax.devices(), _plan_config(config), None
   mesh = parallel.make_mesh(config.mesh, devices, nodes=nodes)
-  setup = loop.build(planned, mesh)
+  setup = step_lib.build(planned, mesh)
   batch = setup.task.batch_shapes(planned.train.batch_size)
-  step = loop.make_train_step(setup, batch)
-  shardings = loop.batch_shardings(setup, batch)
+  step = step_lib.make_train_step(setup, batch)
+  shardings = step_lib.batch_shardings(setup, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
            for k, v in batch.items()}
   start = time.perf_counter()

@@ -11,7 +11,7 @@ from flax import nnx
 from brainscale import config as config_lib
 from brainscale import nn, parallel
 from brainscale.cwm import counterfactual
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 
 SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
          '--config.model.head_dim=16', '--config.model.mlp_hidden=256',
@@ -69,8 +69,8 @@ def world():
   """A randomly initialised small world model (fp32) and two random clips."""
   c = config_lib.resolve('cwm_tiny', SMALL)
   c.mesh.ici.update(dict(data=1, fsdp=1, tensor=1))
-  setup = loop.build(c, parallel.make_mesh(c.mesh, devices=jax.devices()[:1]))
-  model = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh, devices=jax.devices()[:1]))
+  model = nnx.merge(setup.graphdef, step_lib.init_state(setup)['params'])
   h, w = model.layout.height, model.layout.width
   frames = jax.random.randint(jax.random.key(1), (2, 2, h, w, 3), 0, 256).astype(jnp.uint8)
   return c, model, frames
@@ -125,8 +125,8 @@ def test_cached_decoding_under_a_2x2x2_mesh(world):
           for s in (False, True)]
   c8 = c.copy_and_resolve_references()
   c8.mesh.ici.update(dict(data=2, fsdp=2, tensor=2))
-  setup = loop.build(c8, parallel.make_mesh(c8.mesh))
-  model8 = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
+  setup = step_lib.build(c8, parallel.make_mesh(c8.mesh))
+  model8 = nnx.merge(setup.graphdef, step_lib.init_state(setup)['params'])
   codes, context, queries = jax.device_put((codes, context, queries),
                                            parallel.replicated(setup.mesh))
   with parallel.axis_rules(setup.mesh, setup.rules):

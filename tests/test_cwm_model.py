@@ -12,7 +12,8 @@ from brainscale import config as config_lib
 from brainscale import gpu, parallel
 from brainscale.cwm import sequence
 from brainscale.cwm.task import Task
-from brainscale.train import describe, loop
+from brainscale.train import describe
+from brainscale.train import step as step_lib
 from test_train import run_cli
 
 SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
@@ -64,13 +65,13 @@ def _batch(rng, b, size=48):
 
 
 def _train_steps(config, mesh, batch, steps=2):
-  setup = loop.build(config, mesh)
-  state = loop.init_state(setup)
+  setup = step_lib.build(config, mesh)
+  state = step_lib.init_state(setup)
   before = jax.device_get(state['params'])
-  step = loop.make_train_step(setup, batch)
+  step = step_lib.make_train_step(setup, batch)
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, loop.global_batch(setup, batch))
+    state, metrics = step(state, step_lib.global_batch(setup, batch))
     losses.append(float(metrics['loss']))
   return setup, before, jax.device_get(state['params']), losses, metrics
 
@@ -113,10 +114,11 @@ def test_revealed_frame1_patches_carry_no_loss():
 def test_frames_of_another_size_are_a_clear_error():
   c = config_lib.resolve('cwm_tiny', SMALL)
   c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
-  setup = loop.build(c, parallel.make_mesh(c.mesh))
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh))
   batch = _batch(np.random.default_rng(3), 8, size=64)
   with pytest.raises(ValueError, match=r'frames of 64x64.*data.size=48'):
-    loop.make_train_step(setup, batch)(loop.init_state(setup), loop.global_batch(setup, batch))
+    step_lib.make_train_step(setup, batch)(step_lib.init_state(setup),
+                                           step_lib.global_batch(setup, batch))
 
 
 def test_tokenizer_is_frozen_and_the_rest_trains():

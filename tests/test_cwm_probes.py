@@ -14,7 +14,7 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale.cwm import counterfactual, sequence
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
 
 def _model(workdir):
   c = _config()
-  setup = loop.build(c)
+  setup = step_lib.build(c)
   checkpoints = Checkpoints(str(workdir), keep=3, async_save=False)
   state = checkpoints.restore(checkpoints.latest(), setup.abstract_state)
   checkpoints.close()
@@ -69,13 +69,13 @@ def test_trains_tokenizer_first_then_world_model_with_it_frozen(trained):
   assert (workdir / 'checkpoints' / '12').is_dir()
   # The world model's tokenizer is the prerequisite's final tokenizer, unchanged by training.
   tok_config = config_lib.resolve('cwm_tokenizer_tiny', list(eval(overrides[-1].split('=', 1)[1])))
-  tok_setup = loop.build(tok_config)
+  tok_setup = step_lib.build(tok_config)
   ck = Checkpoints(str(workdir / 'tokenizer'), keep=3, async_save=False)
   tok_params = ck.restore(30, tok_setup.abstract_state)['params']
   ck.close()
   model, _ = _model(workdir)
   _, wm_tok = nnx.split(model.tokenizer, nnx.Param)
-  wm_tok = loop.param_tree(wm_tok, lambda v: v[...])
+  wm_tok = step_lib.param_tree(wm_tok, lambda v: v[...])
   jax.tree.map(np.testing.assert_array_equal, wm_tok, jax.device_get(tok_params))
   # eval prints every probe metric
   out = run_cli('--experiment=cwm_tiny', f'--workdir={workdir}', '--mode=eval', *overrides,

@@ -25,6 +25,7 @@ from brainscale.cwm import tokenizer as tokenizer_lib
 from brainscale.cwm.model import WorldModel
 from brainscale.cwm.tokenizer import Tokenizer, psnr
 from brainscale.train import task
+from brainscale.train.prerequisites import Prerequisite
 
 
 def _weights(module: nnx.Module) -> int:
@@ -114,12 +115,14 @@ class Task(_VideoTask):
   def tokens_per_example(self):
     return self.layout.length
 
-  def prerequisites(self, workdir):
+  def prerequisites(self):
+    """With tokenizer.experiment: that run, trained in WORKDIR/tokenizer, frozen."""
     t = self.config.tokenizer
     if not t.experiment:
       return {}
     tok_config = config_lib.resolve(t.experiment, list(t.overrides))
-    return {'tokenizer': (tok_config, t.workdir or os.path.join(workdir, 'tokenizer'))}
+    return {'tokenizer': Prerequisite(tok_config, os.path.abspath(t.workdir) if t.workdir
+                                      else 'tokenizer')}
 
   def loss(self, model, batch, rng, train):
     c, layout = self.config, self.layout

@@ -93,17 +93,19 @@ def describe(config, num_devices: int | None = None) -> str:
             'memory per device (analytic):']
   lines += [f'  {k:<36} {v / GiB:10.3f} GiB' for k, v in memory.items()]
   lines.append(f'  {"total":<36} {sum(memory.values()) / GiB:10.3f} GiB')
-  return '\n'.join(lines + group_lines(config, rows))
+  frozen = [name for name, pre in task.prerequisites().items() if pre.frozen]
+  return '\n'.join(lines + group_lines(config, rows, frozen))
 
 
-def group_lines(config, rows) -> list[str]:
-  """Which parameters each optimizer group holds (train.groups; 'default' the rest)."""
+def group_lines(config, rows, frozen=()) -> list[str]:
+  """Which parameters each optimizer group holds (optim.groups; 'default' the rest)."""
   t = config.train
-  labels = optim.group_of([r.path for r in rows], t.groups)
+  groups = optim.groups(config, frozen)
+  labels = optim.group_of([r.path for r in rows], groups)
   lines = ['optimizer groups (frozen first, then the first pattern that matches):']
-  for name in ['default', *t.groups]:
+  for name in ['default', *groups]:
     mine = [r for r, label in zip(rows, labels) if label == name]
-    g = t.groups[name] if name != 'default' else types.SimpleNamespace(
+    g = groups[name] if name != 'default' else types.SimpleNamespace(
         lr_scale=1.0, weight_decay=t.weight_decay, pattern='(the rest)')
     what = 'frozen' if g.lr_scale == 0 else f'lr x{g.lr_scale:g}, weight_decay {g.weight_decay:g}'
     example = f', e.g. {mine[0].path}' if mine else ''
