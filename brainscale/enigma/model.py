@@ -19,7 +19,9 @@ from flax import nnx
 from brainscale import nn, parallel
 from brainscale.enigma import tokens
 from brainscale.enigma.masking import Masks
+from brainscale.parallel import EMBED, WHOLE
 
+NEURONS = 'neurons'   # logical axis of the per-neuron table (mesh.rules.neurons, _enigma.py)
 PLACE_FREQUENCIES = (0.25, 0.5, 1.0)  # cycles per std of a session's neuron positions
 
 
@@ -93,16 +95,16 @@ class Core(nnx.Module):
     self.behavior_tokens = tokens.BehaviorTokens(c.dim, channels, window, rngs=rngs)
     self.video = nn.Stack(block, c.video_layers, remat=c.remat, rngs=rngs)
     latents = (window // c.latent_stride) * c.latents_per_step
-    self.latents_LxD = nn.param(rngs, (latents, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.latents_LxD = nn.param(rngs, (latents, c.dim), (None, EMBED), fan_in=c.dim)
     self.read = block(rngs)
     self.tower = nn.Stack(lambda r: _Group(block, c.global_every, r),
                           c.layers // c.global_every, remat=c.remat, rngs=rngs)
     self.norm = nn.RMSNorm(c.dim, rngs=rngs)
-    self.w_query_ExD = nn.param(rngs, (c.neuron_dim, c.dim), (None, 'embed'))
+    self.w_query_ExD = nn.param(rngs, (c.neuron_dim, c.dim), (None, EMBED))
     # Where a neuron sits in cortex says where its receptive field is (retinotopy):
     # Fourier features of its position enter its query, one map shared by all neurons.
-    self.w_place_PxD = nn.param(rngs, (6 * len(PLACE_FREQUENCIES), c.dim), (None, 'embed'))
-    self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.w_place_PxD = nn.param(rngs, (6 * len(PLACE_FREQUENCIES), c.dim), (None, EMBED))
+    self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, EMBED), fan_in=c.dim)
     # A Gaussian readout (Lurz et al. 2021): each neuron weighs the video encoder's grid
     # by a Gaussian at its receptive field, placed from its cortical position (retinotopy,
     # shared) and identity; the weighted features of the last `readout_seconds` join its
@@ -115,17 +117,17 @@ class Core(nnx.Module):
     pt = c.video_patch[0]
     self.readout_tubelets = -(-(c.decode_stride + round(c.readout_seconds * rate)) // pt)
     self.w_readout_KxDxD = nn.param(rngs, (self.readout_tubelets, c.dim, c.dim),
-                                    (None, 'embed', None), fan_in=self.readout_tubelets * c.dim)
+                                    (None, EMBED, None), fan_in=self.readout_tubelets * c.dim)
     self.decoder = nn.Stack(block, c.decoder_layers, remat=c.remat, rngs=rngs)
     self.decoder_norm = nn.RMSNorm(c.dim, rngs=rngs)
     # Readouts: a neuron's weights are a shared part plus one made from its embedding,
     # so each neuron reads its own features (as a per-neuron linear readout would).
-    self.w_rate_DxS = nn.param(rngs, (c.dim, c.decode_stride), ('embed', None))
+    self.w_rate_DxS = nn.param(rngs, (c.dim, c.decode_stride), (EMBED, None))
     self.w_rate_ExDxS = nn.param(rngs, (c.neuron_dim, c.dim, c.decode_stride),
-                                 (None, 'embed', None), fan_in=c.neuron_dim * c.dim)
+                                 (None, EMBED, None), fan_in=c.neuron_dim * c.dim)
     self.w_bias_ExS = nn.param(rngs, (c.neuron_dim, c.decode_stride), (None, None))
     self.w_behavior_CxDxS = nn.param(rngs, (channels, c.dim, c.decode_stride),
-                                     (None, 'embed', None), fan_in=c.dim)
+                                     (None, EMBED, None), fan_in=c.dim)
     self.bins = window // c.decode_stride
     self.local_window = c.local_window * rate  # seconds -> samples
     self.c = c
@@ -162,7 +164,7 @@ class Core(nnx.Module):
 
     x_BxXxD = jnp.concatenate([x_BxLxD, video_BxVxD.astype(x_BxLxD.dtype),
                                behav_BxCxD.astype(x_BxLxD.dtype)], 1)
-    x_BxXxD = parallel.constrain(x_BxXxD, ('batch', 'length', 'act_embed'))
+    x_BxXxD = parallel.constrain(x_BxXxD, WHOLE)
     ok_BxX = jnp.concatenate([jnp.ones((b, latents), bool), video_ok_BxV, behav_ok_BxC], 1)
     t_X = jnp.concatenate([latent_t_L, video_t_V, behav_t_C])
     t_BxX = jnp.broadcast_to(t_X, ok_BxX.shape)
@@ -254,9 +256,9 @@ class Enigma(nnx.Module):
                rate: float, channels: int, frame_shape: tuple, rngs: nnx.Rngs):
     self.core = Core(c, window=window, rate=rate, channels=channels, frame_shape=frame_shape,
                      rngs=rngs)
-    self.neuron_NxE = nn.param(rngs, (neurons, c.neuron_dim), ('neurons', None), fan_in=1)
-    self.session_SxD = nn.param(rngs, (sessions, c.dim), (None, 'embed'), fan_in=c.dim)
-    self.animal_AxD = nn.param(rngs, (animals, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.neuron_NxE = nn.param(rngs, (neurons, c.neuron_dim), (NEURONS, None), fan_in=1)
+    self.session_SxD = nn.param(rngs, (sessions, c.dim), (None, EMBED), fan_in=c.dim)
+    self.animal_AxD = nn.param(rngs, (animals, c.dim), (None, EMBED), fan_in=c.dim)
 
   def __call__(self, batch: dict, masks: Masks):
     identity_BxMxE = jnp.take(self.neuron_NxE[...], batch['neurons'], axis=0)

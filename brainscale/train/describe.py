@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.nn.core import axes_of
 from brainscale.train import optim
@@ -59,7 +60,7 @@ def describe(config, num_devices: int | None = None) -> str:
   num_nodes = 1
   if num_devices is None and 'cluster' in config:
     num_nodes = config.cluster.nodes
-    num_devices = num_nodes * config.cluster.gpus_per_node
+    num_devices = config_lib.cluster_devices(config.cluster)
   num_devices = num_devices or jax.device_count()
   dcn, ici = parallel.mesh_shape(config.mesh, num_devices, num_nodes)
   sizes = {a: dcn[a] * ici[a] for a in parallel.AXES}
@@ -78,7 +79,7 @@ def describe(config, num_devices: int | None = None) -> str:
   param_bytes = np.dtype(config.model.param_dtype).itemsize
   compute_bytes = np.dtype(config.model.compute_dtype).itemsize
   shard_elems = sum(r.count / r.shards for r in rows)
-  data_shards = sizes['data'] * sizes['fsdp']
+  data_shards = math.prod(config_lib.batch_axes(config, num_devices, num_nodes).values())
   examples = max(batch // data_shards // config.train.microbatches, 1)
   memory = {
       'params': shard_elems * param_bytes,

@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 
 from brainscale import parallel
 from brainscale.nn.core import axes_of
+from brainscale.parallel import BATCH
 from brainscale.train import optim, report
 from brainscale.train.task import Task, get_task
 
@@ -110,7 +111,7 @@ def batch_shardings(setup: Setup, batch: dict) -> dict:
 
 def _batch_shardings(setup: Setup, layout: tuple) -> dict:
   """Every entry split along its first dim (the example) over the batch axes."""
-  return {k: NamedSharding(setup.mesh, parallel.spec(('batch',) + (None,) * (ndim - 1),
+  return {k: NamedSharding(setup.mesh, parallel.spec((BATCH,) + (None,) * (ndim - 1),
                                                      setup.rules, setup.mesh))
           for k, ndim in layout}
 
