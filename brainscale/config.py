@@ -28,6 +28,12 @@ class ConfigError(ValueError):
   """A user-facing configuration error; its message is one line."""
 
 
+def default_workdir(experiment: str) -> str:
+  """Where a run of `experiment` lives without --workdir: runs/EXPERIMENT under the current
+  folder, as an absolute path (train, eval and --submit alike)."""
+  return os.path.abspath(os.path.join('runs', experiment))
+
+
 def experiment_names() -> list[str]:
   return sorted(p.stem for p in EXPERIMENTS.glob('*.py')
                 if p.stem != 'base' and not p.stem.startswith('_'))

@@ -18,7 +18,6 @@ checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
 (requeue me).
 """
 
-import os
 import sys
 
 from absl import app, flags
@@ -116,7 +115,7 @@ def main(argv):
   if FLAGS.mode == 'plan':
     return plan(config)
   with errors.funnel(FLAGS.traceback):
-    run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
+    run(config, FLAGS.workdir or config_lib.default_workdir(FLAGS.experiment))
 
 
 def entry():
