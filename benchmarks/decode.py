@@ -13,7 +13,7 @@
 3. With JAX's CUDA plugin installed (requirements-cuda.txt), `--gpu_of` compiled
    for its GPUs by XLA's GPU compiler without a GPU: one sequential decode step
    (one token against a full cache) -- XLA's memory plan, and the roofline time
-   of its kernels (brainscale/hlo.py), against the bound of reading every weight
+   of its kernels (brainscale/plan/hlo.py), against the bound of reading every weight
    and the cache once at HBM bandwidth.
 """
 
@@ -26,9 +26,10 @@ from flax import nnx
 
 from benchmarks.timing import median_seconds
 from brainscale import config as config_lib
-from brainscale import gpu as gpu_lib
-from brainscale import hlo, parallel
+from brainscale import parallel
 from brainscale.cwm import counterfactual
+from brainscale.plan import gpu as gpu_lib
+from brainscale.plan import hlo
 from brainscale.train import step as step_lib
 from brainscale.train.task import get_task
 

@@ -19,7 +19,7 @@ DIR in TensorBoard or Perfetto) and prints where the device time went, by
 kind of HLO op (matmuls, attention kernels, other fusions, collectives,
 copies) and the ten largest ops, read from the trace against the compiled HLO.
 
-On a GPU it sets the XLA flags of cluster jobs (brainscale/gpu.py:XLA_FLAGS)
+On a GPU it sets the XLA flags of cluster jobs (brainscale/plan/gpu.py:XLA_FLAGS)
 (`--nogpu_flags` to measure without them), XLA_PYTHON_CLIENT_MEM_FRACTION
 and CUDA_DEVICE_MAX_CONNECTIONS.
 The last line is `RESULT {json}`, for scripts.
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from brainscale import config as config_lib
-from brainscale import gpu, hlo, plan
+from brainscale.plan import gpu, hlo, plan
 from brainscale.train import report as train_report
 from brainscale.train import step as step_lib
 
@@ -52,7 +52,7 @@ flags.DEFINE_float('peak_tflops', 0, 'peak per device; 0: config.train.peak_tflo
                    'accelerator, the measured matmul ceiling on CPU')
 flags.DEFINE_string('profile', '', 'write a jax.profiler trace here and summarise it')
 flags.DEFINE_integer('profile_steps', 3, 'steps traced with --profile')
-flags.DEFINE_bool('gpu_flags', True, "add brainscale.gpu.XLA_FLAGS to XLA_FLAGS")
+flags.DEFINE_bool('gpu_flags', True, "add brainscale.plan.gpu.XLA_FLAGS to XLA_FLAGS")
 FLAGS = flags.FLAGS
 _OVERRIDES: list[str] = []
 GiB = 2 ** 30
@@ -156,7 +156,7 @@ def profile(compiled, state, batch, directory: str, steps: int) -> dict:
 # --------------------------------------------------------------------- main
 def predicted(config, compiled, mesh) -> dict:
   """plan mode's estimate of this very executable: its kernels at their roofline and its
-  collectives at the cluster's link bandwidths (brainscale/hlo.py), on a GPU it knows."""
+  collectives at the cluster's link bandwidths (brainscale/plan/hlo.py), on a GPU it knows."""
   device = jax.devices()[0]
   spec = next((g for g in gpu.GPUS.values() if g.description == device.device_kind), None)
   if device.platform != 'gpu' or spec is None:

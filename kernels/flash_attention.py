@@ -252,7 +252,7 @@ def _params(st: _Static, head_dim: int):
 def _cost(st: _Static, q, k, matmuls: int, exps: int) -> dict:
   """What a kernel does over the visible pairs (half of them when causal): its cost
   estimate, and the same as the metadata its compiled custom call carries, where
-  brainscale.hlo reads its FLOPs."""
+  brainscale.plan.hlo reads its FLOPs."""
   b, t, n, h = q.shape
   pairs = b * n * t * k.shape[1] * (0.5 if st.causal else 1.0)
   cost = dict(flops=int(2 * h * matmuls * pairs), transcendentals=int(exps * pairs),

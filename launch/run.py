@@ -62,7 +62,7 @@ def plan(config):
   JAX starts)."""
   import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
 
-  from brainscale import plan as plan_lib  # noqa: PLC0415
+  from brainscale.plan import plan as plan_lib  # noqa: PLC0415
   try:
     plan_lib.check(config)
     config_lib.validate(config, **cluster_size(config))

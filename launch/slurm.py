@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from brainscale import config as config_lib
-from brainscale.gpu import XLA_FLAGS
+from brainscale.plan.gpu import XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -9,9 +9,10 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale import gpu, parallel
+from brainscale import parallel
 from brainscale.cwm import sequence
 from brainscale.cwm.task import Task
+from brainscale.plan import gpu
 from brainscale.train import describe
 from brainscale.train import step as step_lib
 from test_train import run_cli

@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale import gpu, parallel
+from brainscale import parallel
 from brainscale.enigma import evaluation, masking, tokens
 from brainscale.enigma import task as task_lib
 from brainscale.enigma.model import Enigma
+from brainscale.plan import gpu
 from brainscale.train import describe
 from brainscale.train import step as step_lib
 

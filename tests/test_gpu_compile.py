@@ -11,7 +11,8 @@ import jax
 import pytest
 
 from brainscale import config as config_lib
-from brainscale import gpu, parallel, plan
+from brainscale import parallel
+from brainscale.plan import gpu, plan
 from brainscale.train import step as step_lib
 from experiments import base
 from test_train import run_cli

@@ -1,10 +1,10 @@
-"""brainscale.hlo on HLO text as XLA's GPU compiler writes it: kernels, loops, collectives."""
+"""brainscale.plan.hlo on HLO text as XLA's GPU compiler writes it: kernels, loops, collectives."""
 
 import json
 
 import pytest
 
-from brainscale import gpu, hlo
+from brainscale.plan import gpu, hlo
 
 H100 = gpu.GPUS['H100-SXM-80GB']
 

@@ -12,7 +12,8 @@ import pytest
 
 from benchmarks import mfu
 from brainscale import config as config_lib
-from brainscale import parallel, plan
+from brainscale import parallel
+from brainscale.plan import plan
 from brainscale.train import step as step_lib
 
 # One layer per stack (XLA's cost analysis counts a loop body once), no remat, dense

@@ -6,7 +6,7 @@ Where to (`plan.target`, default `auto`):
 
 - `gpu` (auto, when the CUDA plugin is installed: requirements-cuda.txt): for the
   cluster's GPUs themselves -- `cluster.nodes` x `cluster.gpus_per_node` devices of
-  a GPU topology (brainscale/gpu.py), no GPU needed -- by XLA's real GPU compiler
+  a GPU topology (brainscale/plan/gpu.py), no GPU needed -- by XLA's real GPU compiler
   with the cluster jobs' XLA flags. cuDNN attention stays cuDNN, Pallas kernels go
   through Triton and ptxas, collectives are NCCL's. It prints
   - `compiled_for`: what XLA compiled for (`192 x NVIDIA H100 80GB HBM3`);
@@ -14,7 +14,7 @@ Where to (`plan.target`, default `auto`):
     outputs - donated aliases + temporaries), against `plan.hbm_fraction` of HBM:
     the CUDA context, NCCL's buffers and allocator fragmentation take the rest;
   - the kernels of one step per device by kind, with their FLOPs, HBM bytes and
-    roofline time (brainscale/hlo.py), and the collectives' bytes each GPU sends
+    roofline time (brainscale/plan/hlo.py), and the collectives' bytes each GPU sends
     per step by kind and mesh axis, within a node (NVLink) or across (InfiniBand);
   - `predicted_step_s` and `predicted_mfu`, an *estimate*: kernels at their roofline
     (FLOPs at the matmul peak or bytes at HBM bandwidth, whichever is longer -- a
@@ -43,9 +43,10 @@ import time
 import jax
 from jax.extend import core as jax_core
 
-from brainscale import gpu as gpu_lib
-from brainscale import hlo, parallel
+from brainscale import parallel
 from brainscale.config import ConfigError, cluster_devices
+from brainscale.plan import gpu as gpu_lib
+from brainscale.plan import hlo
 from brainscale.train import step as step_lib
 from brainscale.train.task import costs
 
