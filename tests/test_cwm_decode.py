@@ -10,7 +10,7 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import nn, parallel
-from brainscale.cwm import counterfactual
+from brainscale.cwm import counterfactual, decoding
 from brainscale.train import step as step_lib
 
 SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
@@ -90,7 +90,7 @@ def _probe_sets(p: int, seed: int, revealed: int = 5, queries: int = 7):
 
 @functools.partial(nnx.jit, static_argnames=('sequential', 'cached', 'temperature', 'top_k'))
 def _decode(model, codes, context, queries, **kwargs):
-  return counterfactual.decode_patches(model, codes, context, queries, **kwargs)
+  return decoding.decode_patches(model, codes, context, queries, **kwargs)
 
 
 @pytest.mark.parametrize('sequential', [False, True])
@@ -121,7 +121,7 @@ def test_cached_decoding_under_a_2x2x2_mesh(world):
   c, model, frames = world
   codes = model.tokenize(frames)
   context, queries = _probe_sets(model.layout.patches, 2)
-  want = [counterfactual.decode_patches(model, codes, context, queries, sequential=s)[1]
+  want = [decoding.decode_patches(model, codes, context, queries, sequential=s)[1]
           for s in (False, True)]
   c8 = c.copy_and_resolve_references()
   c8.mesh.ici.update(dict(data=2, fsdp=2, tensor=2))
@@ -133,7 +133,7 @@ def test_cached_decoding_under_a_2x2x2_mesh(world):
     cache = nnx.jit(lambda m: m.init_cache(2, 8))(model8)
     assert cache.k_LxBxSxKxH.sharding.spec[1:4] == ('data', None, 'tensor')
     for sequential, logp in zip((False, True), want):
-      run = nnx.jit(lambda *a, s=sequential: counterfactual.decode_patches(*a, sequential=s)[1])
+      run = nnx.jit(lambda *a, s=sequential: decoding.decode_patches(*a, sequential=s)[1])
       np.testing.assert_allclose(run(model8, codes, context, queries), logp, rtol=1e-5,
                                  atol=1e-5)
 

@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale.cwm import counterfactual, sequence
+from brainscale.cwm import counterfactual, decoding, sequence
 from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 
@@ -115,17 +115,17 @@ def test_parallel_decoding_equals_one_query_at_a_time(probe_inputs):
   context = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (2, p)),
                              p + jnp.broadcast_to(jnp.arange(0, p, 2), (2, p // 2))], 1)
   queries = p + jnp.broadcast_to(jnp.array([1, 7, 13]), (2, 3))
-  tok, logp = counterfactual.decode_patches(model, codes, context, queries)
+  tok, logp = decoding.decode_patches(model, codes, context, queries)
   for k in range(3):
-    tok_k, logp_k = counterfactual.decode_patches(model, codes, context, queries[:, k:k + 1])
+    tok_k, logp_k = decoding.decode_patches(model, codes, context, queries[:, k:k + 1])
     np.testing.assert_array_equal(tok[:, k], tok_k[:, 0])
     np.testing.assert_allclose(logp[:, k], logp_k[:, 0], atol=2e-4)
   # Sequential: the first query sees only the context (same as parallel); later ones differ.
-  tok_s, logp_s = counterfactual.decode_patches(model, codes, context, queries, sequential=True)
+  tok_s, logp_s = decoding.decode_patches(model, codes, context, queries, sequential=True)
   np.testing.assert_allclose(logp_s[:, 0], logp[:, 0], atol=2e-4)
   assert not np.allclose(logp_s[:, 2], logp[:, 2], atol=1e-4)
   # Teacher forcing: conditioning on given tokens reproduces a chosen run exactly.
-  _, logp_t = counterfactual.decode_patches(model, codes, context, queries, teacher_BxQx4=tok)
+  _, logp_t = decoding.decode_patches(model, codes, context, queries, teacher_BxQx4=tok)
   np.testing.assert_allclose(logp_t, logp, atol=2e-4)
   assert np.allclose(np.exp(logp).sum(-1), 1.0, atol=1e-4)
 
@@ -184,7 +184,7 @@ def test_frame1_log_probs_are_the_teacher_forced_predictions_in_order(probe_inpu
   for slot in (0, 7, p - 1):   # the frame-1 patch at this slot, after frame 0 and slots before it
     patch = np.asarray(order[:, p + slot] - p)
     rows = np.arange(2)
-    _, one = counterfactual.decode_patches(
+    _, one = decoding.decode_patches(
         model, codes, order[:, :p + slot], order[:, p + slot:p + slot + 1],
         teacher_BxQx4=jnp.asarray(true[rows, patch][:, None]))
     np.testing.assert_allclose(logp[rows, patch], np.asarray(one)[:, 0], atol=2e-4)
