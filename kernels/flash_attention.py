@@ -8,7 +8,7 @@ scores block by block (one kernel for dQ over key blocks, one for dK/dV over
 query blocks, so no atomics).
 
 Masks come as per-token vectors, never as a [T, S] array: a position per query
-and per key (token index, or a time in seconds for Enigma's time windows), and a
+and per key (token index, or a time in samples for Enigma's time windows), and a
 segment id per query and per key (key padding is a key segment no query has).
 Before the kernels run, a [B, T/bq, S/bk] table classifies each block pair from
 the min/max of positions and segments inside the two blocks: SKIP (no query

@@ -143,7 +143,7 @@ def test_predict_frame_keeps_revealed_patches_and_returns_images(probe_inputs):
     assert image.shape == (2, layout.height, layout.width, 3)
     assert image.min() >= 0 and image.max() <= 1
     content = np.asarray(sequence.patchify(out['codes'][:, None], sequence.Layout(
-        layout.height, layout.width, layout.codes, frames=1)))
+        layout.height, layout.width, layout.codebook, frames=1)))
     truth = np.asarray(sequence.patchify(codes, layout))[:, layout.patches:]
     np.testing.assert_array_equal(content[:, np.asarray(revealed[0])],
                                   truth[:, np.asarray(revealed[0])])
@@ -161,7 +161,7 @@ def test_move_patch_and_perturb(probe_inputs):
                                   jnp.asarray([[0, 1, 2]] * 2, jnp.int32), decode='argmax')
   codes0 = np.asarray(sequence.patchify(model.tokenize(frames), layout))[:, 9]
   got = np.asarray(sequence.patchify(out['codes'][:, None], sequence.Layout(
-      layout.height, layout.width, layout.codes, frames=1)))
+      layout.height, layout.width, layout.codebook, frames=1)))
   np.testing.assert_array_equal(got[0, 27], codes0[0])
   np.testing.assert_array_equal(got[1, 30], codes0[1])
   pert = np.asarray(counterfactual.perturb(frames[:, 0], jnp.array([[[5.0, 9.0]]] * 2)))
@@ -179,7 +179,7 @@ def test_frame1_log_probs_are_the_teacher_forced_predictions_in_order(probe_inpu
   codes = model.tokenize(frames)
   order = sequence.random_order(jax.random.key(3), 2, layout)
   logp = np.asarray(counterfactual.frame1_log_probs(model, codes, order))
-  assert logp.shape == (2, p, 4, layout.codes)
+  assert logp.shape == (2, p, 4, layout.codebook)
   true = np.asarray(sequence.patchify(codes, layout))[:, p:]
   for slot in (0, 7, p - 1):   # the frame-1 patch at this slot, after frame 0 and slots before it
     patch = np.asarray(order[:, p + slot] - p)

@@ -14,6 +14,11 @@ Everything takes uint8 frames [B, 2, H, W, 3] (or codes) and returns arrays
 ready to plot: images in [0, 1], flows in pixels (dx, dy), maps on the code
 grid. Patch ids are row-major within a frame. Call under jax.jit for speed;
 the functions are pure given the model.
+
+Shape suffixes: B clips, H x W pixels, h x w codes, P patches of a frame, N patches in
+sequence order, Q queried (hidden) patches, R revealed patches, L (or T) tokens, K points,
+V variants of a clip, Z flattened B x K or B x V, k latent channels of a code
+(Tokenizer.latent_channels), C codes of the codebook, 4 codes of a patch, D model dim.
 """
 
 import jax
@@ -23,13 +28,14 @@ import numpy as np
 from brainscale.cwm import sequence
 from brainscale.cwm.decoding import decode_patches
 from brainscale.cwm.model import WorldModel
+from brainscale.cwm.sequence import CODES_PER_PATCH, TOKENS_PER_PATCH
 
 
-def _to_grid(per_patch_BxPx4xK: jax.Array, layout: sequence.Layout) -> jax.Array:
-  """Per-patch values of the 2x2 codes -> the code grid [B, h, w, K] of one frame."""
-  b, _, _, k = per_patch_BxPx4xK.shape
+def _to_grid(per_patch_BxPx4xk: jax.Array, layout: sequence.Layout) -> jax.Array:
+  """Per-patch values of the 2x2 codes -> the code grid [B, h, w, k] of one frame."""
+  b, _, _, k = per_patch_BxPx4xk.shape
   gh, gw = layout.grid
-  x = per_patch_BxPx4xK.reshape(b, gh, gw, 2, 2, k).transpose(0, 1, 3, 2, 4, 5)
+  x = per_patch_BxPx4xk.reshape(b, gh, gw, 2, 2, k).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, 2 * gh, 2 * gw, k)
 
 
@@ -62,18 +68,18 @@ def predict_codes(model: WorldModel, codes_Bx2xhxw: jax.Array, revealed_BxR: jax
     raise ValueError(f"decode={decode!r}; expected 'mean', 'argmax' or 'sample'")
   sampling = (dict(temperature=temperature, top_k=top_k, top_p=top_p) if decode == 'sample'
               else {})
-  chosen_BxQx4, logp_BxQx4xV = decode_patches(
+  chosen_BxQx4, logp_BxQx4xC = decode_patches(
       model, codes_Bx2xhxw, context_BxC, p + hidden_BxQ, sequential=sequential, key=key,
       cached=cached, **sampling)
   rows = jnp.arange(b)[:, None]
   content_BxPx4 = sequence.patchify(codes_Bx2xhxw, layout)[:, p:]
   content_BxPx4 = content_BxPx4.at[rows, hidden_BxQ].set(chosen_BxQx4)
-  latent_BxPx4xK = tok.codes_to_latent(content_BxPx4)
+  latent_BxPx4xk = tok.codes_to_latent(content_BxPx4)
   if decode == 'mean':
-    expected_BxQx4xK = tok.expected_latent(jnp.exp(logp_BxQx4xV))
-    latent_BxPx4xK = latent_BxPx4xK.at[rows, hidden_BxQ].set(
-        expected_BxQx4xK.astype(latent_BxPx4xK.dtype))
-  image_BxHxWx3 = tok.decode(_to_grid(latent_BxPx4xK, layout))
+    expected_BxQx4xk = tok.expected_latent(jnp.exp(logp_BxQx4xC))
+    latent_BxPx4xk = latent_BxPx4xk.at[rows, hidden_BxQ].set(
+        expected_BxQx4xk.astype(latent_BxPx4xk.dtype))
+  image_BxHxWx3 = tok.decode(_to_grid(latent_BxPx4xk, layout))
   hidden_BxP = jnp.ones((b, p), bool).at[rows, revealed_BxR].set(False)
   gh, gw = layout.grid
   hidden_BxHxW = jnp.repeat(jnp.repeat(hidden_BxP.reshape(b, gh, gw), layout.patch, 1),
@@ -136,10 +142,12 @@ def _frame1_read(model: WorldModel, x_BxTxD: jax.Array, order_BxN: jax.Array,
   """Frame-1 log-probs [B, P, 4, codes] from the features of tokens start, start + 1, ..."""
   b, p = order_BxN.shape[0], model.layout.patches
   # a frame-1 content token at 5k + j (j = 1..4) is predicted at position 5k + j - 1
-  read_Px4 = 5 * (p + jnp.arange(p))[:, None] + jnp.arange(4)[None] - start
+  read_Px4 = (TOKENS_PER_PATCH * (p + jnp.arange(p))[:, None]
+              + jnp.arange(CODES_PER_PATCH)[None] - start)
   x_BxPx4xD = x_BxTxD[:, read_Px4]
-  logp_BxPx4xC = jax.nn.log_softmax(model.content_logits(x_BxPx4xD.reshape(b, 4 * p, -1)), -1)
-  logp_BxPx4xC = logp_BxPx4xC.reshape(b, p, 4, -1)
+  logp_BxPx4xC = jax.nn.log_softmax(
+      model.content_logits(x_BxPx4xD.reshape(b, CODES_PER_PATCH * p, -1)), -1)
+  logp_BxPx4xC = logp_BxPx4xC.reshape(b, p, CODES_PER_PATCH, -1)
   patch_BxP = order_BxN[:, p:] - p                       # frame-1 patch at each slot
   rows = jnp.arange(b)[:, None]
   return jnp.zeros_like(logp_BxPx4xC).at[rows, patch_BxP].set(logp_BxPx4xC)
@@ -171,9 +179,10 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
     raise ValueError(f'kl_flow orders={orders}; expected at least 1')
   key = jax.random.key(0) if key is None else key
   clean_Bx2xhxw = model.tokenize(frames_Bx2xHxWx3)
-  grid_max = jnp.array([layout.width // layout.code - 1, layout.height // layout.code - 1])
-  cell_BxKx2 = jnp.clip((points_BxKx2 // layout.code).astype(jnp.int32), 0, grid_max)  # cx, cy
-  pert0_BxKxHxWx3 = perturb(frames_Bx2xHxWx3[:, 0], layout.code * cell_BxKx2, size=layout.code)
+  grid_max = jnp.array([layout.width // layout.code_px - 1, layout.height // layout.code_px - 1])
+  cell_BxKx2 = jnp.clip((points_BxKx2 // layout.code_px).astype(jnp.int32), 0, grid_max)  # cx, cy
+  pert0_BxKxHxWx3 = perturb(frames_Bx2xHxWx3[:, 0], layout.code_px * cell_BxKx2,
+                            size=layout.code_px)
   pert0_BxKxhxw = model.tokenize(pert0_BxKxHxWx3.reshape((b * k, 1) + pert0_BxKxHxWx3.shape[2:]))
   # Variant 0 is the clean clip, variant 1 + i the clip with point i perturbed.
   variants_BxVx2xhxw = jnp.concatenate([clean_Bx2xhxw[:, None], jnp.repeat(
@@ -188,13 +197,13 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
     clean_lp, pert_lp = lp_BxVxPx4xC[:, :1], lp_BxVxPx4xC[:, 1:]
     return kl_BxKxPx4 + jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1) / orders, None
 
-  kl_BxKxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b, k, p, 4), jnp.float32),
+  kl_BxKxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b, k, p, CODES_PER_PATCH), jnp.float32),
                                jnp.arange(orders))
-  kl_Nxhxw = _to_grid(kl_BxKxPx4.reshape(b * k, p, 4, 1), layout)[..., 0]
-  from_Nx2 = layout.code * cell_BxKx2.reshape(b * k, 2) + (layout.code - 1) / 2
-  flow_Nx2 = flow_from_kl(kl_Nxhxw, from_Nx2, code=layout.code, floor=floor)
-  return {'flow': flow_Nx2.reshape(b, k, 2), 'kl': kl_Nxhxw.reshape((b, k) + kl_Nxhxw.shape[1:]),
-          'cell_centre': from_Nx2.reshape(b, k, 2)}
+  kl_Zxhxw = _to_grid(kl_BxKxPx4.reshape(b * k, p, CODES_PER_PATCH, 1), layout)[..., 0]
+  from_Zx2 = layout.code_px * cell_BxKx2.reshape(b * k, 2) + (layout.code_px - 1) / 2
+  flow_Zx2 = flow_from_kl(kl_Zxhxw, from_Zx2, code=layout.code_px, floor=floor)
+  return {'flow': flow_Zx2.reshape(b, k, 2), 'kl': kl_Zxhxw.reshape((b, k) + kl_Zxhxw.shape[1:]),
+          'cell_centre': from_Zx2.reshape(b, k, 2)}
 
 
 def _reached_patches(cell_BxKx2: jax.Array, radius: int, layout: sequence.Layout):
@@ -225,25 +234,26 @@ def _variant_log_probs(model: WorldModel, codes_BxVx2xhxw: jax.Array, order_BxN:
   `prefix` patches (the same in every variant) are fed once into a KV cache."""
   b, v = codes_BxVx2xhxw.shape[:2]
   layout, p = model.layout, model.layout.patches
-  codes_Nx2xhxw = codes_BxVx2xhxw.reshape((b * v,) + codes_BxVx2xhxw.shape[2:])
-  order_NxN = jnp.repeat(order_BxN, v, axis=0)
+  codes_Zx2xhxw = codes_BxVx2xhxw.reshape((b * v,) + codes_BxVx2xhxw.shape[2:])
+  order_ZxN = jnp.repeat(order_BxN, v, axis=0)
   if not prefix:
-    return frame1_log_probs(model, codes_Nx2xhxw, order_NxN).reshape((b, v) + (p, 4, -1))
-  seq = sequence.build(codes_Nx2xhxw, order_NxN, layout)
-  start = 5 * prefix
+    return frame1_log_probs(model, codes_Zx2xhxw, order_ZxN).reshape(
+        (b, v, p, CODES_PER_PATCH, -1))
+  seq = sequence.build(codes_Zx2xhxw, order_ZxN, layout)
+  start = TOKENS_PER_PATCH * prefix
   shared = sequence.build(codes_BxVx2xhxw[:, 0], order_BxN[:, :prefix], layout)
   cache = model.init_cache(b, layout.length)
   _, cache = model.decode(shared.tokens_BxL, shared.pos_BxLx3, cache)
-  x_NxTxD, _ = model.decode(seq.tokens_BxL[:, start:], seq.pos_BxLx3[:, start:], cache.repeat(v))
-  logp_NxPx4xC = _frame1_read(model, x_NxTxD, order_NxN, start)
-  return logp_NxPx4xC.reshape((b, v) + logp_NxPx4xC.shape[1:])
+  x_ZxTxD, _ = model.decode(seq.tokens_BxL[:, start:], seq.pos_BxLx3[:, start:], cache.repeat(v))
+  logp_ZxPx4xC = _frame1_read(model, x_ZxTxD, order_ZxN, start)
+  return logp_ZxPx4xC.reshape((b, v) + logp_ZxPx4xC.shape[1:])
 
 
-def flow_from_kl(kl_Nxhxw: jax.Array, from_Nx2: jax.Array, *, code: int = 4,
+def flow_from_kl(kl_Zxhxw: jax.Array, from_Zx2: jax.Array, *, code: int = 4,
                  floor: float = 0.5) -> jax.Array:
-  """Flow [N, 2] (pixels) from KL maps on the code grid: the centre of the map's mass
+  """Flow [Z, 2] (pixels) from KL maps on the code grid: the centre of the map's mass
   above its `floor` quantile (0.5: the median, the level most codes sit at whatever the
-  perturbation), minus the perturbed cell's centre `from_Nx2` (x, y). A flat map, with
+  perturbation), minus the perturbed cell's centre `from_Zx2` (x, y). A flat map, with
   no mass above its floor, reads as no motion.
 
   The whole mass, not only the peak: a small model spreads the influence of the
@@ -252,16 +262,16 @@ def flow_from_kl(kl_Nxhxw: jax.Array, from_Nx2: jax.Array, *, code: int = 4,
   """
   if not 0 <= floor < 1:
     raise ValueError(f'flow_from_kl floor={floor}; expected a quantile in [0, 1)')
-  n, h, w = kl_Nxhxw.shape
-  level_N = jnp.quantile(kl_Nxhxw.reshape(n, h * w), floor, axis=1)
-  mass_Nxhxw = jnp.maximum(kl_Nxhxw - level_N[:, None, None], 0)
-  total_N = mass_Nxhxw.sum((1, 2))
+  z, h, w = kl_Zxhxw.shape
+  level_Z = jnp.quantile(kl_Zxhxw.reshape(z, h * w), floor, axis=1)
+  mass_Zxhxw = jnp.maximum(kl_Zxhxw - level_Z[:, None, None], 0)
+  total_Z = mass_Zxhxw.sum((1, 2))
   centre_h = code * jnp.arange(h) + (code - 1) / 2
   centre_w = code * jnp.arange(w) + (code - 1) / 2
-  to_Nx2 = jnp.stack([jnp.einsum('nhw,w->n', mass_Nxhxw, centre_w),
-                      jnp.einsum('nhw,h->n', mass_Nxhxw, centre_h)], -1)
-  to_Nx2 = to_Nx2 / jnp.maximum(total_N, 1e-30)[:, None]
-  return jnp.where(total_N[:, None] > 0, to_Nx2 - from_Nx2, 0.0)
+  to_Zx2 = jnp.stack([jnp.einsum('zhw,w->z', mass_Zxhxw, centre_w),
+                      jnp.einsum('zhw,h->z', mass_Zxhxw, centre_h)], -1)
+  to_Zx2 = to_Zx2 / jnp.maximum(total_Z, 1e-30)[:, None]
+  return jnp.where(total_Z[:, None] > 0, to_Zx2 - from_Zx2, 0.0)
 
 
 def masked_psnr(pred_BxHxWx3: jax.Array, target_BxHxWx3: jax.Array,

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from brainscale import nn
 from brainscale.cwm import sequence
 from brainscale.cwm.model import WorldModel
+from brainscale.cwm.sequence import CODES_PER_PATCH, TOKENS_PER_PATCH
 
 
 def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax.Array,
@@ -37,7 +38,7 @@ def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax
     if teacher_BxQx4 is not None:
       r = logits_BxRxV.shape[1]
       return jax.lax.dynamic_slice_in_dim(teacher_BxQx4[..., j], k, r, 1)
-    return nn.choose(logits_BxRxV, jax.random.fold_in(key, k * 4 + j), **sampling)
+    return nn.choose(logits_BxRxV, jax.random.fold_in(key, k * CODES_PER_PATCH + j), **sampling)
 
   decode = {(False, False): _parallel_recompute, (False, True): _parallel_cached,
             (True, False): _sequential_recompute, (True, True): _sequential_cached}
@@ -47,13 +48,13 @@ def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax
 def _parallel_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
   seq, first_BxQ = _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ)
   b, c, q = first_BxQ.shape[0], context_BxC.shape[1], first_BxQ.shape[1]
-  segments_BxL = jnp.concatenate([jnp.zeros((b, 5 * c), jnp.int32),
-                                  jnp.repeat(jnp.arange(1, q + 1, dtype=jnp.int32), 5)[None]
-                                  .repeat(b, 0)], 1)
+  segments_BxL = jnp.concatenate([jnp.zeros((b, TOKENS_PER_PATCH * c), jnp.int32),
+                                  jnp.repeat(jnp.arange(1, q + 1, dtype=jnp.int32),
+                                             TOKENS_PER_PATCH)[None].repeat(b, 0)], 1)
   mask = nn.Mask(causal=True, q_segments_BxT=segments_BxL, kv_segments_BxS=segments_BxL,
                  shared_segment=0)
   tokens_BxL, chosen, logps = seq.tokens_BxL, [], []
-  for j in range(4):
+  for j in range(CODES_PER_PATCH):
     tokens_BxL, c_BxQ, lp_BxQxV = _recompute_step(model, seq, tokens_BxL, first_BxQ + j, mask,
                                                   lambda logits: choose(logits, 0, j))
     chosen.append(c_BxQ)
@@ -68,7 +69,7 @@ def _sequential_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose
 
   def one_patch(k, carry):
     tokens_BxL, chosen_BxQx4, logp_BxQx4xV = carry
-    for j in range(4):
+    for j in range(CODES_PER_PATCH):
       read_Bx1 = jax.lax.dynamic_slice_in_dim(first_BxQ, k, 1, 1) + j
       tokens_BxL, c_Bx1, lp_Bx1xV = _recompute_step(model, seq, tokens_BxL, read_Bx1, mask,
                                                     lambda logits: choose(logits, k, j))
@@ -76,8 +77,8 @@ def _sequential_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose
       logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(lp_Bx1xV[:, 0])
     return tokens_BxL, chosen_BxQx4, logp_BxQx4xV
 
-  init = (seq.tokens_BxL, jnp.zeros((b, q, 4), jnp.int32),
-          jnp.zeros((b, q, 4, model.layout.codes), jnp.float32))
+  init = (seq.tokens_BxL, jnp.zeros((b, q, CODES_PER_PATCH), jnp.int32),
+          jnp.zeros((b, q, CODES_PER_PATCH, model.layout.codebook), jnp.float32))
   _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
   return chosen_BxQx4, logp_BxQx4xV
 
@@ -88,7 +89,7 @@ def _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ):
   q = queries_BxQ.shape[1]
   seq = sequence.build(codes_BxFxhxw, jnp.concatenate([context_BxC, queries_BxQ], 1),
                        model.layout)
-  return seq, jnp.broadcast_to(5 * c + 5 * jnp.arange(q), (b, q))
+  return seq, jnp.broadcast_to(TOKENS_PER_PATCH * (c + jnp.arange(q)), (b, q))
 
 
 def _recompute_step(model, seq, tokens_BxL, read_BxR, mask, choose):
@@ -107,16 +108,16 @@ def _parallel_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
   q = queries_BxQ.shape[1]
   ctx = sequence.build(codes_BxFxhxw, context_BxC, model.layout)
   ask = sequence.build(codes_BxFxhxw, queries_BxQ, model.layout)
-  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, 5)
-  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, 5, 3)
-  cache = model.init_cache(b, 5 * c + 4 * q)
+  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, TOKENS_PER_PATCH)
+  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, TOKENS_PER_PATCH, 3)
+  cache = model.init_cache(b, TOKENS_PER_PATCH * c + CODES_PER_PATCH * q)
   if c:
     _, cache = model.decode(ctx.tokens_BxL, ctx.pos_BxLx3, cache)
   segments_BxQ = jnp.broadcast_to(jnp.arange(1, q + 1, dtype=jnp.int32), (b, q))
-  kv_segments_BxS = jnp.concatenate([jnp.zeros((b, 5 * c), jnp.int32),
-                                     jnp.tile(segments_BxQ, (1, 4))], 1)
+  kv_segments_BxS = jnp.concatenate([jnp.zeros((b, TOKENS_PER_PATCH * c), jnp.int32),
+                                     jnp.tile(segments_BxQ, (1, CODES_PER_PATCH))], 1)
   feed_BxQ, chosen, logps = tokens_BxQx5[..., 0], [], []
-  for j in range(4):
+  for j in range(CODES_PER_PATCH):
     mask = nn.slot_mask(cache, q, b, q_segments_BxT=segments_BxQ,
                         kv_segments_BxS=kv_segments_BxS, shared_segment=0)
     x_BxQxD, cache = model.decode(feed_BxQ, pos_BxQx5x3[:, :, j], cache, mask)
@@ -136,9 +137,9 @@ def _sequential_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
     raise ValueError('sequential cached decoding needs at least one context patch')
   ctx = sequence.build(codes_BxFxhxw, context_BxC, model.layout)
   ask = sequence.build(codes_BxFxhxw, queries_BxQ, model.layout)
-  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, 5)
-  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, 5, 3)
-  cache = model.init_cache(b, 5 * c + 5 * q - 1)
+  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, TOKENS_PER_PATCH)
+  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, TOKENS_PER_PATCH, 3)
+  cache = model.init_cache(b, TOKENS_PER_PATCH * (c + q) - 1)
   _, cache = model.decode(ctx.tokens_BxL[:, :-1], ctx.pos_BxLx3[:, :-1], cache)
 
   def one_patch(k, carry):
@@ -147,7 +148,7 @@ def _sequential_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
     tokens_BxQx5_k, pos_Bx5x3 = here(tokens_BxQx5), here(pos_BxQx5x3)
     feed_BxT = jnp.concatenate([last_Bx1, tokens_BxQx5_k[:, :1]], 1)
     pos_BxTx3 = jnp.concatenate([last_pos_Bx1x3, pos_Bx5x3[:, :1]], 1)
-    for j in range(4):
+    for j in range(CODES_PER_PATCH):
       x_BxTxD, cache = model.decode(feed_BxT, pos_BxTx3, cache)
       logits_Bx1xV = model.content_logits(x_BxTxD[:, -1:])
       feed_BxT = choose(logits_Bx1xV, k, j)
@@ -156,7 +157,8 @@ def _sequential_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
       logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(jax.nn.log_softmax(logits_Bx1xV, -1)[:, 0])
     return cache, feed_BxT, pos_BxTx3, chosen_BxQx4, logp_BxQx4xV
 
-  init = (cache, ctx.tokens_BxL[:, -1:], ctx.pos_BxLx3[:, -1:], jnp.zeros((b, q, 4), jnp.int32),
-          jnp.zeros((b, q, 4, model.layout.codes), jnp.float32))
+  init = (cache, ctx.tokens_BxL[:, -1:], ctx.pos_BxLx3[:, -1:],
+          jnp.zeros((b, q, CODES_PER_PATCH), jnp.int32),
+          jnp.zeros((b, q, CODES_PER_PATCH, model.layout.codebook), jnp.float32))
   _, _, _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
   return chosen_BxQx4, logp_BxQx4xV

@@ -41,15 +41,16 @@ class WorldModel(nnx.Module):
                rngs: nnx.Rngs):
     if c.vocab < layout.vocab:
       raise ValueError(f'model.vocab={c.vocab} is smaller than the {layout.vocab} tokens this '
-                       f'layout needs ({layout.codes} codes + {layout.vocab - layout.codes} '
+                       f'layout needs ({layout.codebook} codes + {layout.vocab - layout.codebook} '
                        'pointers)')
     self.tokenizer = tokenizer.Tokenizer(tokenizer_spec, rngs=rngs)
-    if self.tokenizer.vocab != layout.codes:
-      raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects {layout.codes}')
+    if self.tokenizer.vocab != layout.codebook:
+      raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects '
+                       f'{layout.codebook}')
     self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)
     # Codes are not arbitrary symbols: a content token also enters through its
     # quantized latent (LFQ bits), so similar patches start with similar embeddings.
-    k = self.tokenizer.latent
+    k = self.tokenizer.latent_channels
     self.w_latent_kxD = (nn.param(rngs, (k, c.dim), (None, EMBED), fan_in=k)
                          if c.latent_embed else None)
     self.blocks = nn.Stack(
@@ -99,7 +100,7 @@ class WorldModel(nnx.Module):
   def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
     x_BxTxD = self.embed(tokens_BxT)
     if self.w_latent_kxD is not None:
-      content_BxT = tokens_BxT < self.layout.codes
+      content_BxT = tokens_BxT < self.layout.codebook
       latent_BxTxk = self.tokenizer.codes_to_latent(jnp.where(content_BxT, tokens_BxT, 0))
       x_BxTxD = x_BxTxD + jnp.where(content_BxT[..., None], jnp.einsum(
           'btk,kd->btd', latent_BxTxk.astype(x_BxTxD.dtype), self.w_latent_kxD[...]), 0)
@@ -117,5 +118,5 @@ class WorldModel(nnx.Module):
 
   def content_logits(self, x_BxQxD: jax.Array) -> jax.Array:
     """Logits over the content codes only (pointers and padding excluded), fp32."""
-    w_DxC = self.output_weights()[:, :self.layout.codes]
+    w_DxC = self.output_weights()[:, :self.layout.codebook]
     return jnp.einsum('bqd,dc->bqc', x_BxQxD, w_DxC, preferred_element_type=jnp.float32)

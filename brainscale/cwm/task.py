@@ -103,8 +103,8 @@ class Task(_VideoTask):
   def __init__(self, config):
     super().__init__(config)
     c = config
-    self.layout = sequence.Layout(c.data.size, c.data.size, codes=2 ** c.tokenizer.model.bits,
-                                  patch=c.sequence.patch, code=c.tokenizer.model.patch)
+    self.layout = sequence.Layout(c.data.size, c.data.size, codebook=2 ** c.tokenizer.model.bits,
+                                  patch=c.sequence.patch, code_px=c.tokenizer.model.patch)
 
   def model(self, rngs):
     c = self.config
@@ -180,7 +180,7 @@ class Task(_VideoTask):
                                 c.probe.flow_points, c.probe.min_motion, layout, rng)
     flow = _kl_flow(model, frames, jnp.asarray(points_BxKx2), c.probe.flow_orders)
     gt_BxKx2 = counterfactual.cell_flow(batch['flow'], np.asarray(flow['cell_centre']),
-                                        layout.code)
+                                        layout.code_px)
     epe = np.linalg.norm(np.asarray(flow['flow']) - gt_BxKx2, axis=-1)
     return {**{k: float(np.mean(v)) for k, v in jax.device_get(out).items()},
             'flow_epe': float(epe.mean()),
@@ -193,7 +193,7 @@ class Task(_VideoTask):
     t = layout.length
     matmuls = _weights(model.blocks) + _weights(model.head)
     attention = 6 * m.layers * t * t * m.heads * m.head_dim  # causal: half of 12 L T^2 d
-    tokenizer = 2 * _weights(model.tokenizer) * layout.frames * (c.data.size // layout.code) ** 2
+    tokenizer = 2 * _weights(model.tokenizer) * layout.frames * (c.data.size // layout.code_px) ** 2
     return 6 * matmuls * t + attention + tokenizer
 
   def activation_bytes(self, examples_per_device: int) -> int:
@@ -230,7 +230,7 @@ def _flow_points(flow_BxHxWx2, visible_BxHxW, k: int, min_motion: float, layout,
   Cells whose ground truth is occluded (when `visible` is known) are not used.
   """
   b, h, w, _ = flow_BxHxWx2.shape
-  s = layout.code
+  s = layout.code_px
   cell_flow = flow_BxHxWx2.reshape(b, h // s, s, w // s, s, 2).mean((2, 4))
   moving = np.linalg.norm(cell_flow, axis=-1) >= min_motion
   if visible_BxHxW is not None:

@@ -3,6 +3,10 @@
 Every token carries a time in samples (its centre) for the rotary embedding
 and a validity flag: a token whose samples are all hidden or missing is not
 attended to. Hidden samples enter as zeros plus a 0/1 'seen' channel.
+
+Shape suffixes: W samples of a window, M neurons, S token times of a trace or tubelet
+times of a video, K samples a neuron token spans, G grid cells, P pixels of a tubelet,
+H x X frame pixels (height, width), C behaviour channels, E neuron embedding, D model dim.
 """
 
 import jax
@@ -60,13 +64,13 @@ class VideoTokens(nnx.Module):
     self.w_where_GxD = nn.param(rngs, (self.grid[0] * self.grid[1], dim), (None, EMBED),
                                 fan_in=1)
 
-  def __call__(self, frames_BxWxHxV, seen_BxW):
+  def __call__(self, frames_BxWxHxX, seen_BxW):
     """Tokens [B, S*G, D], valid [B, S*G], times [S*G]; G patches per tubelet time."""
     pt, ph, pw = self.patch
-    b, w = frames_BxWxHxV.shape[:2]
+    b, w = frames_BxWxHxX.shape[:2]
     s = w // pt
     gh, gw = self.grid
-    x = (frames_BxWxHxV[:, :s * pt].astype(jnp.float32) / 255.0 - 0.5) * 4.0
+    x = (frames_BxWxHxX[:, :s * pt].astype(jnp.float32) / 255.0 - 0.5) * 4.0
     x = x.reshape(b, s, pt, gh, ph, gw, pw).transpose(0, 1, 3, 5, 2, 4, 6)
     x_BxSxGxP = x.reshape(b, s, gh * gw, pt * ph * pw).astype(self.w_patch_PxD.dtype)
     seen_BxS = seen_BxW[:, :s * pt].reshape(b, s, pt).any(-1)

@@ -31,7 +31,7 @@ class Mask:
 
   causal: key position <= query position. window: additionally
   query position - key position < window (positions default to token index;
-  pass times for a window in seconds). kv_valid: False marks key padding.
+  pass times for a window in time units, e.g. Enigma's samples). kv_valid: False marks key padding.
   Segments: a query sees only keys of its own segment id, and keys of
   `shared_segment` when set (a shared prefix that many independent
   continuations attend to, e.g. one context and many parallel queries).
