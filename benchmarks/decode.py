@@ -28,8 +28,8 @@ from benchmarks.timing import median_seconds
 from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.cwm import counterfactual
+from brainscale.plan import collectives, hlo
 from brainscale.plan import gpu as gpu_lib
-from brainscale.plan import hlo
 from brainscale.train import step as step_lib
 from brainscale.train.task import get_task
 
@@ -120,7 +120,7 @@ def gpu_step(config, batch: int) -> dict:
       compiler_options=gpu_lib.compiler_options())
   memory = compiled.memory_analysis()
   gpu = gpu_lib.spec(config.cluster.gpu)
-  analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+  analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
   weights = sum(a.size for a in jax.tree.leaves(params)) * dtype.itemsize / len(devices)
   cache_bytes = 2 * cache.k_LxBxSxKxH.size * dtype.itemsize / len(devices)
   return dict(experiment=config.experiment, devices=f'{len(devices)} x {devices[0].device_kind}',

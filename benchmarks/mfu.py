@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from brainscale import config as config_lib
-from brainscale.plan import gpu, hlo, plan
+from brainscale.plan import collectives, gpu, hlo, plan
 from brainscale.train import report as train_report
 from brainscale.train import step as step_lib
 
@@ -161,7 +161,7 @@ def predicted(config, compiled, mesh) -> dict:
   spec = next((g for g in gpu.GPUS.values() if g.description == device.device_kind), None)
   if device.platform != 'gpu' or spec is None:
     return {}
-  analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+  analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
   links = config.get('cluster', {})
   collective_s = analysis.collective_seconds(links.get('nvlink_gbps', 450.0) * 1e9,
                                              links.get('infiniband_gbps', 50.0) * 1e9)

@@ -45,8 +45,8 @@ from jax.extend import core as jax_core
 
 from brainscale import parallel
 from brainscale.config import ConfigError, cluster_devices
+from brainscale.plan import collectives, hlo
 from brainscale.plan import gpu as gpu_lib
-from brainscale.plan import hlo
 from brainscale.train import step as step_lib
 from brainscale.train.task import costs
 
@@ -186,7 +186,7 @@ def compile_step(config, where: str) -> Plan:
   memory = compiled.memory_analysis()
   attention = config.model.get('attention', 'xla')
   if where == 'gpu':
-    analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+    analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
     compiled_for = f'{len(devices)} x {devices[0].device_kind}'
     compiled_flops = analysis.flops() * len(devices)
   else:
