@@ -88,4 +88,3 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
                                        # (more points and clips, not orders, narrow flow_epe)
 
   c.train.groups.no_decay = dict(pattern=r'(norm|scale)', lr_scale=1.0, weight_decay=0.0)
-

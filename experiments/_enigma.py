@@ -89,4 +89,3 @@ def adapt(c, base_experiment: str, sessions: tuple[str, ...]):
   c.adapt.experiment = base_experiment
   c.data.sessions = sessions
   c.data.holdout = ()
-
