@@ -16,17 +16,19 @@ from brainscale.train.checkpoint import Checkpoints
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'c692af4'
 
 
-@pytest.mark.parametrize('name', ['cwm_tiny', 'enigma_tiny_adapt'])
-def test_a_checkpoint_written_by_c692af4_restores_params_and_optimizer_state(name):
+@pytest.mark.parametrize('name,same_init', [('cwm_tiny', True), ('enigma_tiny_adapt', False)])
+def test_a_checkpoint_written_by_c692af4_restores_params_and_optimizer_state(name, same_init):
   """The whole train state (parameter paths, the frozen prerequisite's optimizer group)
-  reads back into today's layout, and holds the params today's code initialises."""
+  reads back into today's layout; cwm_tiny's holds the params today's code initialises
+  (Enigma's init compiles for a minute on 2 cores, so it is restored only)."""
   run = json.loads((FIXTURES / name / 'run.json').read_text())
   config = config_lib.resolve(run['experiment'], run['overrides'])
   setup = step_lib.build(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
   checkpoints = Checkpoints(str(FIXTURES / name), keep=1, async_save=False)
   state = checkpoints.restore(0, setup.abstract_state)
   checkpoints.close()
-  init = step_lib.init_state(setup)
-  assert jax.tree.structure(state) == jax.tree.structure(init)
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params']),
-               jax.device_get(init['params']))
+  assert jax.tree.structure(state) == jax.tree.structure(setup.abstract_state)
+  assert int(state['step']) == 0
+  if same_init:
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state['params']),
+                 jax.device_get(step_lib.init_state(setup)['params']))
