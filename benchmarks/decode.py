@@ -13,7 +13,7 @@
 3. With JAX's CUDA plugin installed (requirements-cuda.txt), `--gpu_of` compiled
    for its GPUs by XLA's GPU compiler without a GPU: one sequential decode step
    (one token against a full cache) -- XLA's memory plan, and the roofline time
-   of its kernels (brainscale/hlo.py), against the bound of reading every weight
+   of its kernels (brainscale/plan/hlo.py), against the bound of reading every weight
    and the cache once at HBM bandwidth.
 """
 
@@ -26,10 +26,11 @@ from flax import nnx
 
 from benchmarks.timing import median_seconds
 from brainscale import config as config_lib
-from brainscale import gpu as gpu_lib
-from brainscale import hlo, parallel
+from brainscale import parallel
 from brainscale.cwm import counterfactual
-from brainscale.train import loop
+from brainscale.plan import collectives, hlo
+from brainscale.plan import gpu as gpu_lib
+from brainscale.train import step as step_lib
 from brainscale.train.task import get_task
 
 FLAGS = flags.FLAGS
@@ -45,8 +46,8 @@ GiB = 2 ** 30
 
 def timed(config, batch: int, repeats: int) -> list[dict]:
   """Whole-frame prediction, sequential and parallel, cached and recomputed."""
-  setup = loop.build(config)
-  model = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
+  setup = step_lib.build(config)
+  model = nnx.merge(setup.graphdef, step_lib.init_state(setup)['params'])
   layout = model.layout
   frames = jax.random.randint(jax.random.key(0), (batch, 2, layout.height, layout.width, 3), 0,
                               256).astype(jnp.uint8)
@@ -94,7 +95,7 @@ def gpu_step(config, batch: int) -> dict:
   experiment's GPUs (no GPU needed): memory plan and roofline time."""
   devices = gpu_lib.topology(config.cluster)
   mesh = parallel.make_mesh(config.mesh, devices, nodes=config.cluster.nodes)
-  setup = loop.build(config, mesh)
+  setup = step_lib.build(config, mesh)
   dtype = jnp.dtype(config.model.compute_dtype)
   params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding),
                         setup.abstract_state['params'])
@@ -119,7 +120,7 @@ def gpu_step(config, batch: int) -> dict:
       compiler_options=gpu_lib.compiler_options())
   memory = compiled.memory_analysis()
   gpu = gpu_lib.spec(config.cluster.gpu)
-  analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+  analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
   weights = sum(a.size for a in jax.tree.leaves(params)) * dtype.itemsize / len(devices)
   cache_bytes = 2 * cache.k_LxBxSxKxH.size * dtype.itemsize / len(devices)
   return dict(experiment=config.experiment, devices=f'{len(devices)} x {devices[0].device_kind}',

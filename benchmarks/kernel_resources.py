@@ -28,13 +28,13 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import shapes
-from brainscale import gpu
+from brainscale.plan import gpu
 from experiments import base
 from kernels import flash_attention
 
 flags.DEFINE_list('shapes', ['cwm_10k', 'cwm_1b_10k', 'enigma_local', 'enigma_global',
                              'enigma_read', 'enigma_decode'], 'shapes of benchmarks/shapes.py')
-flags.DEFINE_string('gpu', 'H100-SXM-80GB', 'a GPU of brainscale/gpu.py:GPUS')
+flags.DEFINE_string('gpu', 'H100-SXM-80GB', 'a GPU of brainscale/plan/gpu.py:GPUS')
 FLAGS = flags.FLAGS
 
 REGISTERS_PER_SM = 65536

@@ -21,6 +21,7 @@ from absl import app, flags, logging
 
 from brainscale import config as config_lib
 from brainscale.train import loop, report
+from brainscale.train import step as step_lib
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment to measure')
 flags.DEFINE_integer('steps', 200, 'timed steps per measurement')
@@ -37,11 +38,11 @@ DEFAULTS = ['--config.model.dim=256', '--config.model.layers=4', '--config.model
 
 
 def bare_steps_per_s(config) -> float:
-  setup = loop.build(config)
-  state = loop.init_state(setup)
+  setup = step_lib.build(config)
+  state = step_lib.init_state(setup)
   local = next(setup.task.train_data(jax.process_index(), jax.process_count()))
-  batch = loop.global_batch(setup, local)
-  step = loop.make_train_step(setup, local)
+  batch = step_lib.global_batch(setup, local)
+  step = step_lib.make_train_step(setup, local)
   for _ in range(3):
     state, metrics = step(state, batch)
   jax.block_until_ready((state, metrics))

@@ -2,7 +2,7 @@
 #     [--config.KEY=VALUE ...]
 """Model FLOPs utilisation of an experiment's train step on this machine's devices.
 
-The step is the one launch/run.py trains with (loop.make_train_step), compiled
+The step is the one launch/run.py trains with (train/step.py:make_train_step), compiled
 ahead of time for a synthetic batch from the task (`Task.synthetic_batch`)
 that is put on the devices once, so nothing but the step is timed: `--steps`
 steps are dispatched back to back and waited for, `--repeats` times, and the
@@ -19,7 +19,7 @@ DIR in TensorBoard or Perfetto) and prints where the device time went, by
 kind of HLO op (matmuls, attention kernels, other fusions, collectives,
 copies) and the ten largest ops, read from the trace against the compiled HLO.
 
-On a GPU it sets the XLA flags of cluster jobs (brainscale/gpu.py:XLA_FLAGS)
+On a GPU it sets the XLA flags of cluster jobs (brainscale/plan/gpu.py:XLA_FLAGS)
 (`--nogpu_flags` to measure without them), XLA_PYTHON_CLIENT_MEM_FRACTION
 and CUDA_DEVICE_MAX_CONNECTIONS.
 The last line is `RESULT {json}`, for scripts.
@@ -39,9 +39,9 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from brainscale import config as config_lib
-from brainscale import gpu, hlo, plan
-from brainscale.train import loop
+from brainscale.plan import collectives, gpu, hlo, plan
 from brainscale.train import report as train_report
+from brainscale.train import step as step_lib
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
 flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
@@ -52,7 +52,7 @@ flags.DEFINE_float('peak_tflops', 0, 'peak per device; 0: config.train.peak_tflo
                    'accelerator, the measured matmul ceiling on CPU')
 flags.DEFINE_string('profile', '', 'write a jax.profiler trace here and summarise it')
 flags.DEFINE_integer('profile_steps', 3, 'steps traced with --profile')
-flags.DEFINE_bool('gpu_flags', True, "add brainscale.gpu.XLA_FLAGS to XLA_FLAGS")
+flags.DEFINE_bool('gpu_flags', True, "add brainscale.plan.gpu.XLA_FLAGS to XLA_FLAGS")
 FLAGS = flags.FLAGS
 _OVERRIDES: list[str] = []
 GiB = 2 ** 30
@@ -71,10 +71,10 @@ def compile_step(config):
   """(setup, state, batch on the devices, compiled step, traced step, compile seconds)."""
   if jax.process_count() != 1:
     raise SystemExit('brainscale: benchmarks/mfu.py measures one host; run it without srun')
-  setup = loop.build(config)
-  state = loop.init_state(setup)
-  batch = loop.global_batch(setup, setup.task.synthetic_batch(config.train.batch_size))
-  step = loop.make_train_step(setup, batch)
+  setup = step_lib.build(config)
+  state = step_lib.init_state(setup)
+  batch = step_lib.global_batch(setup, setup.task.synthetic_batch(config.train.batch_size))
+  step = step_lib.make_train_step(setup, batch)
   start = time.perf_counter()
   traced = step.trace(state, batch)
   compiled = traced.lower().compile()
@@ -156,12 +156,12 @@ def profile(compiled, state, batch, directory: str, steps: int) -> dict:
 # --------------------------------------------------------------------- main
 def predicted(config, compiled, mesh) -> dict:
   """plan mode's estimate of this very executable: its kernels at their roofline and its
-  collectives at the cluster's link bandwidths (brainscale/hlo.py), on a GPU it knows."""
+  collectives at the cluster's link bandwidths (brainscale/plan/hlo.py), on a GPU it knows."""
   device = jax.devices()[0]
   spec = next((g for g in gpu.GPUS.values() if g.description == device.device_kind), None)
   if device.platform != 'gpu' or spec is None:
     return {}
-  analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+  analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
   links = config.get('cluster', {})
   collective_s = analysis.collective_seconds(links.get('nvlink_gbps', 450.0) * 1e9,
                                              links.get('infiniband_gbps', 50.0) * 1e9)

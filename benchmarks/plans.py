@@ -17,7 +17,7 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')   # compiles for a GPU topology; n
 from absl import app, flags
 
 from brainscale import config as config_lib
-from brainscale import gpu, plan
+from brainscale.plan import gpu, plan
 
 flags.DEFINE_string('experiment', 'cwm_1b_1gpu', 'an experiment with a cluster section')
 flags.DEFINE_string('candidates', '', "';'-separated sets of comma-separated KEY=VALUE")

@@ -28,6 +28,12 @@ class ConfigError(ValueError):
   """A user-facing configuration error; its message is one line."""
 
 
+def default_workdir(experiment: str) -> str:
+  """Where a run of `experiment` lives without --workdir: runs/EXPERIMENT under the current
+  folder, as an absolute path (train, eval and --submit alike)."""
+  return os.path.abspath(os.path.join('runs', experiment))
+
+
 def experiment_names() -> list[str]:
   return sorted(p.stem for p in EXPERIMENTS.glob('*.py')
                 if p.stem != 'base' and not p.stem.startswith('_'))
@@ -145,17 +151,34 @@ def override(config: ml_collections.ConfigDict, overrides: list[str]):
 
 
 def resolve(name: str, overrides: list[str]) -> ml_collections.ConfigDict:
-  """Loads experiment NAME and applies the overrides, then the experiment's
-  `derive(config, overrides)` if it has one: settings that follow from others are set
-  there, once, rather than stored twice."""
-  module = _module(name)
-  config = module.get_config()
+  """Loads experiment NAME and applies the overrides; then each section that names a
+  prerequisite run takes that run's model (`prerequisite_models`)."""
+  config = _module(name).get_config()
   config.lock()
   config.experiment = name
   override(config, overrides)
-  if hasattr(module, 'derive'):
-    module.derive(config, overrides)
+  prerequisite_models(config, overrides)
   return config
+
+
+def prerequisite_models(config: ml_collections.ConfigDict, overrides: list[str]):
+  """A section with keys experiment, overrides and model (CWM's `tokenizer`) names a
+  prerequisite run: its `model` is that run's (`experiment` with `overrides`), its one
+  source, set here once. Without an experiment (no prerequisite run) it is set directly."""
+  for key, section in config.items():
+    if not (isinstance(section, ml_collections.ConfigDict)
+            and {'experiment', 'overrides', 'model'} <= set(section.keys())
+            and section.experiment):
+      continue
+    direct = [o for o in overrides if o.startswith(f'--config.{key}.model.')]
+    if direct:
+      raise ConfigError(
+          f'{direct[0].split("=")[0]}: the {key} comes from {key}.experiment='
+          f'{section.experiment}; set its model through --config.{key}.overrides="(\'--config.'
+          f'model.KEY=VALUE\',)", or set --config.{key}.experiment= for no prerequisite')
+    run = resolve(section.experiment, list(section.overrides))
+    with section.unlocked():
+      section.model = ml_collections.ConfigDict(run.model.to_dict())
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

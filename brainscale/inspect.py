@@ -24,7 +24,7 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import parallel
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 from brainscale.train.task import Task
 
@@ -144,7 +144,7 @@ def load(path, step: int | None = None) -> Run:
                             f'{", ".join(map(str, available))}')
   checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
   config = _local_mesh(saved_config(checkpoints.config(step)))
-  setup = loop.build(config, parallel.make_mesh(config.mesh, jax.local_devices()))
+  setup = step_lib.build(config, parallel.make_mesh(config.mesh, jax.local_devices()))
   state = checkpoints.restore(step, setup.abstract_state)
   checkpoints.close()
   params = state['params']

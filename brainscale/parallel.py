@@ -2,8 +2,10 @@
 
 The mesh has the named axes of AXES, each sized DCN (across nodes) x ICI
 (within a node) from `config.mesh`. Parameters and activations carry logical
-axis names ('embed', 'heads', 'batch', ...); `config.mesh.rules` maps them to
-mesh axes, so changing the parallelism is a config change, never a model change.
+axis names (the constants below: EMBED, HEADS, BATCH, ...); `config.mesh.rules` maps
+them to mesh axes, so changing the parallelism is a config change, never a model change.
+`resolve` is the one mapping: strict for parameters and batches (a mesh axis that does
+not divide is a ConfigError), lenient for activations and kernels (it is left out).
 """
 
 import contextlib
@@ -17,6 +19,29 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from brainscale.config import AXES, ConfigError, mesh_shape  # JAX-free, so they live in config
+
+# Logical axes (keys of config.mesh.rules); a typo is a NameError at import.
+# Parameters:
+EMBED = 'embed'          # the model dimension
+HEADS = 'heads'          # query heads
+KV_HEADS = 'kv_heads'    # key/value heads
+HEAD_DIM = 'head_dim'
+MLP = 'mlp'              # the MLP's hidden dimension
+VOCAB = 'vocab'
+LAYERS = 'layers'        # the leading axis of a scanned Stack
+NORM = 'norm'            # a norm's scale
+# Activations:
+BATCH = 'batch'          # examples (config.batch_axes reads its rule)
+LENGTH = 'length'        # the sequence, whole on each device unless split by `sequence`
+ACT_LENGTH = 'act_length'  # the sequence of the residual stream (sequence parallelism)
+ACT_EMBED = 'act_embed'
+ACT_HEADS = 'act_heads'
+ACT_MLP = 'act_mlp'
+ACT_VOCAB = 'act_vocab'
+# The two layouts of [B, T, D] activations: the input of attention and the MLP (whole
+# along the sequence) and the residual stream between them (split along it by act_length).
+WHOLE = (BATCH, LENGTH, ACT_EMBED)
+RESIDUAL = (BATCH, ACT_LENGTH, ACT_EMBED)
 
 
 def initialize_distributed(mesh_config) -> bool:
@@ -82,30 +107,55 @@ def rules_table(rules_config) -> dict[str, tuple[str, ...]]:
   return table
 
 
-def spec(logical: tuple, rules: dict, mesh: Mesh | None = None, shape=None,
-         name: str = '') -> PartitionSpec:
-  """Maps logical axis names to a PartitionSpec; a mesh axis is used at most once.
+def resolve(logical: tuple, rules: dict, mesh: Mesh | None = None, sizes=None, *,
+            strict: bool = True, name: str = '') -> PartitionSpec:
+  """The PartitionSpec of logical axes: the one mapping from logical to mesh axes.
 
-  With `mesh` and `shape`, mesh axes that do not divide a dimension raise.
+  Each entry of `logical` is None, a name, or a tuple of names (a flattened
+  dimension, e.g. (BATCH, ACT_LENGTH) for tokens of [B * T, D]); it takes the mesh
+  axes its rules list, in order, each mesh axis once per spec, axes of size 1 left
+  out. `sizes[i]` (an int, or a list when one name splits several arrays alike) is
+  what entry i must divide into: a mesh axis that does not divide raises a
+  ConfigError if `strict` (parameters: the config promised it), or is left out
+  (activations: 4 key/value heads over a tensor axis of 8 stay whole).
   """
   used, out = set(), []
-  for i, axis in enumerate(logical):
-    if axis is None:
+  for i, entry in enumerate(logical):
+    if entry is None:
       out.append(None)
       continue
-    if axis not in rules:
-      raise ConfigError(f'logical axis {axis!r}{" of " + name if name else ""} has no '
-                        f'entry in mesh.rules; known: {", ".join(sorted(rules))}')
-    mesh_axes = tuple(a for a in rules[axis] if a not in used
-                      and (mesh is None or mesh.shape[a] > 1))
-    if mesh is not None and shape is not None:
-      size = math.prod(mesh.shape[a] for a in mesh_axes)
-      if shape[i] % size:
-        raise ConfigError(f'{name or "array"} dim {i} ({axis}={shape[i]}) does not divide '
-                          f'over mesh axes {mesh_axes} of size {size}')
-    used.update(mesh_axes)
-    out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+    parts = entry if isinstance(entry, tuple) else (entry,)
+    for part in parts:
+      if part not in rules:
+        raise ConfigError(f'logical axis {part!r}{" of " + name if name else ""} has no '
+                          f'entry in mesh.rules; known: {", ".join(sorted(rules))}')
+    candidates = [a for part in parts for a in rules[part]]
+    candidates = [a for j, a in enumerate(candidates) if a not in candidates[:j] and a not in used
+                  and (mesh is None or mesh.shape[a] > 1)]
+    dims = () if sizes is None or mesh is None else (
+        sizes[i] if isinstance(sizes[i], (list, tuple)) else (sizes[i],))
+    if strict:
+      axes = candidates
+      ways = math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
+      for size in dims:
+        if size % ways:
+          raise ConfigError(f'{name or "array"} dim {i} ({entry}={size}) does not divide '
+                            f'over mesh axes {tuple(axes)} of size {ways}')
+    else:
+      axes, ways = [], 1
+      for a in candidates:
+        if all(size % (ways * mesh.shape[a]) == 0 for size in dims):
+          axes.append(a)
+          ways *= mesh.shape[a]
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (tuple(axes) or None))
   return PartitionSpec(*out)
+
+
+def spec(logical: tuple, rules: dict, mesh: Mesh | None = None, shape=None,
+         name: str = '') -> PartitionSpec:
+  """The PartitionSpec of a parameter (or batch entry) of `shape`: `resolve`, strict."""
+  return resolve(logical, rules, mesh, shape, strict=True, name=name)
 
 
 def shardings(axes_tree, shapes_tree, mesh: Mesh, rules: dict):
@@ -142,32 +192,16 @@ def platform() -> str:
 def constrain(x: jax.Array, logical: tuple) -> jax.Array:
   """Sharding constraint on an activation by logical axes; a no-op outside a mesh.
 
-  An entry may be a tuple of names for a flattened dimension (('batch', 'act_length')
-  for tokens of [B * T, D]). A mesh axis that does not divide its dimension is left
-  out (e.g. 4 key/value heads over a tensor axis of 8 stay whole).
+  `resolve`, lenient: an entry may be a tuple of names for a flattened dimension
+  ((BATCH, ACT_LENGTH) for tokens of [B * T, D]); a mesh axis that does not divide
+  its dimension is left out (e.g. 4 key/value heads over a tensor axis of 8 stay whole).
   """
   context = _CONTEXT.get()
   if context is None:
     return x
   mesh, rules = context
-  table, names = {}, []
-  for entry, size in zip(logical, x.shape):
-    if entry is None:
-      names.append(None)
-      continue
-    parts = entry if isinstance(entry, tuple) else (entry,)
-    for part in parts:
-      if part not in rules:
-        raise ConfigError(f'logical axis {part!r} has no entry in mesh.rules; known: '
-                          f'{", ".join(sorted(rules))}')
-    kept, ways = [], 1
-    for axis in (a for part in parts for a in rules[part]):
-      if axis not in kept and size % (ways * mesh.shape[axis]) == 0:
-        kept.append(axis)
-        ways *= mesh.shape[axis]
-    names.append('+'.join(parts))
-    table[names[-1]] = tuple(kept)
-  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(tuple(names), table, mesh)))
+  return jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, resolve(logical, rules, mesh, x.shape, strict=False)))
 
 
 def shard_local(fn, in_logical, out_logical, args):
@@ -175,8 +209,9 @@ def shard_local(fn, in_logical, out_logical, args):
 
   For code XLA cannot partition (a Pallas kernel). `in_logical` mirrors `args`
   with a logical-axis tuple per array. A mesh axis that does not divide every
-  dimension carrying a logical name is left out for that name, so that name is
-  split alike in every array (or not at all). Outside a mesh, returns `fn`.
+  dimension carrying a logical name is left out for that name (`resolve`, lenient,
+  with the sizes of all of them), so that name is split alike in every array (or not
+  at all). Outside a mesh, returns `fn`.
   """
   context = _CONTEXT.get()
   if context is None:
@@ -188,15 +223,8 @@ def shard_local(fn, in_logical, out_logical, args):
     for name, size in zip(logical, x.shape):
       if name is not None:
         dims.setdefault(name, []).append(size)
-  table = {}
-  for name, sizes in dims.items():
-    kept = []
-    for axis in rules.get(name, ()):
-      ways = math.prod(mesh.shape[a] for a in kept) * mesh.shape[axis]
-      if mesh.shape[axis] > 1 and all(size % ways == 0 for size in sizes):
-        kept.append(axis)
-    table[name] = tuple(kept)
-  to_spec = lambda logical: spec(logical, table, mesh)
+  to_spec = lambda logical: resolve(logical, rules, mesh, [dims.get(n, []) for n in logical],
+                                    strict=False)
   return jax.shard_map(fn, mesh=mesh, check_vma=False,
                        in_specs=jax.tree.map(to_spec, in_logical, is_leaf=is_axes),
                        out_specs=jax.tree.map(to_spec, out_logical, is_leaf=is_axes))

@@ -44,7 +44,7 @@ def video_data(c, *, size: int, gap_ms: float, train, held_out, scale=(1.0, 1.25
 
 def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: int,
                 loss_chunk: int):
-  """model.*, tokenizer.*, sequence.*, probe.* and the frozen-tokenizer group of a world model.
+  """model.*, tokenizer.*, sequence.*, probe.* and the optimizer groups of a world model.
 
   Full multi-head attention (head_dim = dim / heads), GELU MLP 4 x dim, untied
   head; `vocab` = 2^bits codes + 2 x patches pointers, padded.
@@ -64,10 +64,10 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.model.latent_head = True           # ... and content logits also score it
 
   c.tokenizer = ml_collections.ConfigDict()
-  c.tokenizer.experiment = tokenizer   # trained first (a prerequisite run), then frozen
+  c.tokenizer.experiment = tokenizer   # trained first (a prerequisite run), frozen by the trainer
   c.tokenizer.overrides = ()           # '--config.KEY=VALUE' for that run
   c.tokenizer.workdir = ''             # '' = WORKDIR/tokenizer
-  c.tokenizer.model = ml_collections.ConfigDict(tok.model.to_dict())  # set by derive()
+  c.tokenizer.model = ml_collections.ConfigDict(tok.model.to_dict())  # the run's (config.resolve)
   c.data = tok.data
   c.data.unlock()
 
@@ -92,24 +92,4 @@ def world_model(c, *, tokenizer: str, layers: int, dim: int, heads: int, vocab: 
   c.probe.tracking_protocol = 'gap'    # 'first' | 'gap' (Opt-CWM's constant gap of 5 frames)
   c.probe.occlusion_kl = 0.5           # a point is occluded where its KL mass (nats) is below
 
-  c.train.groups.tokenizer = dict(pattern=r'^tokenizer/', lr_scale=0.0, weight_decay=0.0)
   c.train.groups.no_decay = dict(pattern=r'(norm|scale)', lr_scale=1.0, weight_decay=0.0)
-
-
-def derive(c, overrides: list[str]):
-  """tokenizer.model: the model of the tokenizer run (tokenizer.experiment with
-  tokenizer.overrides), its one source. Without tokenizer.experiment (no prerequisite
-  run; an untrained tokenizer) it is set directly."""
-  t = c.tokenizer
-  if not t.experiment:
-    return
-  direct = [o for o in overrides if o.startswith('--config.tokenizer.model.')]
-  if direct:
-    raise config_lib.ConfigError(
-        f'{direct[0].split("=")[0]}: the tokenizer comes from tokenizer.experiment='
-        f'{t.experiment}; set its model through --config.tokenizer.overrides="(\'--config.'
-        f'model.KEY=VALUE\',)", or set --config.tokenizer.experiment= for no prerequisite')
-  tok = config_lib.resolve(t.experiment, list(t.overrides))
-  with t.unlocked():
-    t.model = ml_collections.ConfigDict(tok.model.to_dict())
-

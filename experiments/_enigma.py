@@ -92,5 +92,3 @@ def adapt(c, base_experiment: str, sessions: tuple[str, ...]):
   c.adapt.experiment = base_experiment
   c.data.sessions = sessions
   c.data.holdout = c.data.synthetic.holdout = ()
-  c.train.groups.core = dict(pattern=r'^core/', lr_scale=0.0, weight_decay=0.0)
-

@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter groups: name -> (regex on the parameter path, lr scale, weight decay).
   c.train.groups = ml_collections.ConfigDict()
 
-  c.plan = ml_collections.ConfigDict()   # --mode=plan (brainscale/plan.py)
+  c.plan = ml_collections.ConfigDict()   # --mode=plan (brainscale/plan/plan.py)
   c.plan.mfu = 0.45                  # step time is quoted at this model-FLOPs utilisation
   c.plan.usd_per_gpu_hour = 0.25
   c.plan.days = 30                   # the campaign costed
@@ -83,7 +83,7 @@ def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, tasks_per_no
             cpus_per_task: int = 0) -> ml_collections.ConfigDict:
   """The `cluster` section of a large experiment: what its SLURM job asks for.
 
-  gpu names a type of brainscale/gpu.py:GPUS (H100-SXM-80GB, H200-SXM-141GB).
+  gpu names a type of brainscale/plan/gpu.py:GPUS (H100-SXM-80GB, H200-SXM-141GB).
   nvlink_gbps / infiniband_gbps: GB/s per GPU per direction within a node and
   across nodes (a 400 Gb/s NIC per GPU is 50), for plan mode's speed estimate.
   gpus_per_node=0 is a CPU job. tasks_per_node=0 is one task per GPU (1 for a CPU job);

@@ -5,8 +5,6 @@ import ml_collections
 
 from experiments import _cwm, base
 
-derive = _cwm.derive   # tokenizer.model from the tokenizer run
-
 
 def get_config():
   c = base.get_config()

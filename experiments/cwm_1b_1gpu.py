@@ -10,8 +10,6 @@ import ml_collections
 
 from experiments import base, cwm_1b
 
-derive = cwm_1b.derive
-
 
 def get_config():
   c = cwm_1b.get_config()

@@ -7,8 +7,6 @@ learns to predict frame 1 from frame 0 over 360-token pointer sequences.
 
 from experiments import _cwm, base
 
-derive = _cwm.derive   # tokenizer.model from the tokenizer run
-
 
 def get_config():
   c = base.get_config()

@@ -8,7 +8,7 @@ scores block by block (one kernel for dQ over key blocks, one for dK/dV over
 query blocks, so no atomics).
 
 Masks come as per-token vectors, never as a [T, S] array: a position per query
-and per key (token index, or a time in seconds for Enigma's time windows), and a
+and per key (token index, or a time in samples for Enigma's time windows), and a
 segment id per query and per key (key padding is a key segment no query has).
 Before the kernels run, a [B, T/bq, S/bk] table classifies each block pair from
 the min/max of positions and segments inside the two blocks: SKIP (no query
@@ -252,7 +252,7 @@ def _params(st: _Static, head_dim: int):
 def _cost(st: _Static, q, k, matmuls: int, exps: int) -> dict:
   """What a kernel does over the visible pairs (half of them when causal): its cost
   estimate, and the same as the metadata its compiled custom call carries, where
-  brainscale.hlo reads its FLOPs."""
+  brainscale.plan.hlo reads its FLOPs."""
   b, t, n, h = q.shape
   pairs = b * n * t * k.shape[1] * (0.5 if st.causal else 1.0)
   cost = dict(flops=int(2 * h * matmuls * pairs), transcendentals=int(exps * pairs),

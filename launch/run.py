@@ -109,7 +109,7 @@ def plan(config):
   JAX starts)."""
   import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
 
-  from brainscale import plan as plan_lib  # noqa: PLC0415
+  from brainscale.plan import plan as plan_lib  # noqa: PLC0415
   try:
     plan_lib.check(config)
     config_lib.validate(config, **cluster_size(config))
@@ -167,7 +167,7 @@ def main(argv):
   if FLAGS.mode == 'plan':
     return plan(config)
   with errors.funnel(FLAGS.traceback):
-    run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
+    run(config, FLAGS.workdir or config_lib.default_workdir(FLAGS.experiment))
 
 
 def entry():

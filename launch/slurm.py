@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from brainscale import config as config_lib
-from brainscale.gpu import XLA_FLAGS
+from brainscale.plan.gpu import XLA_FLAGS
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -28,9 +28,9 @@ class SubmitError(RuntimeError):
   """sbatch refused the script; the message is one line."""
 
 
-def default_workdir(experiment: str, workdir: str = '') -> pathlib.Path:
-  """The absolute workdir: `workdir`, or runs/EXPERIMENT under the repository root."""
-  return pathlib.Path(workdir).resolve() if workdir else ROOT / 'runs' / experiment
+def absolute_workdir(experiment: str, workdir: str = '') -> pathlib.Path:
+  """The absolute workdir: `workdir`, or config.default_workdir (the trainer's default)."""
+  return pathlib.Path(workdir or config_lib.default_workdir(experiment)).resolve()
 
 
 def tasks_per_node(cluster) -> int:
@@ -124,7 +124,7 @@ def submit(config, *, workdir, overrides: list[str]) -> int | None:
   """Writes WORKDIR/slurm/RUN_ID.sbatch and submits it; the job id, or None when there
   is no sbatch here (the script is then printed)."""
   _check(config)
-  workdir = default_workdir(config.experiment, workdir)
+  workdir = absolute_workdir(config.experiment, workdir)
   run_id = f'{config.experiment}-{datetime.datetime.now():%Y%m%d-%H%M%S}'
   path = workdir / 'slurm' / f'{run_id}.sbatch'
   path.parent.mkdir(parents=True, exist_ok=True)

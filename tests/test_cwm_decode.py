@@ -10,8 +10,8 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import nn, parallel
-from brainscale.cwm import counterfactual
-from brainscale.train import loop
+from brainscale.cwm import counterfactual, decoding
+from brainscale.train import step as step_lib
 
 SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
          '--config.model.head_dim=16', '--config.model.mlp_hidden=256',
@@ -69,8 +69,8 @@ def world():
   """A randomly initialised small world model (fp32) and two random clips."""
   c = config_lib.resolve('cwm_tiny', SMALL)
   c.mesh.ici.update(dict(data=1, fsdp=1, tensor=1))
-  setup = loop.build(c, parallel.make_mesh(c.mesh, devices=jax.devices()[:1]))
-  model = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh, devices=jax.devices()[:1]))
+  model = nnx.merge(setup.graphdef, step_lib.init_state(setup)['params'])
   h, w = model.layout.height, model.layout.width
   frames = jax.random.randint(jax.random.key(1), (2, 2, h, w, 3), 0, 256).astype(jnp.uint8)
   return c, model, frames
@@ -90,7 +90,7 @@ def _probe_sets(p: int, seed: int, revealed: int = 5, queries: int = 7):
 
 @functools.partial(nnx.jit, static_argnames=('sequential', 'cached', 'temperature', 'top_k'))
 def _decode(model, codes, context, queries, **kwargs):
-  return counterfactual.decode_patches(model, codes, context, queries, **kwargs)
+  return decoding.decode_patches(model, codes, context, queries, **kwargs)
 
 
 @pytest.mark.parametrize('sequential', [False, True])
@@ -121,19 +121,19 @@ def test_cached_decoding_under_a_2x2x2_mesh(world):
   c, model, frames = world
   codes = model.tokenize(frames)
   context, queries = _probe_sets(model.layout.patches, 2)
-  want = [counterfactual.decode_patches(model, codes, context, queries, sequential=s)[1]
+  want = [decoding.decode_patches(model, codes, context, queries, sequential=s)[1]
           for s in (False, True)]
   c8 = c.copy_and_resolve_references()
   c8.mesh.ici.update(dict(data=2, fsdp=2, tensor=2))
-  setup = loop.build(c8, parallel.make_mesh(c8.mesh))
-  model8 = nnx.merge(setup.graphdef, loop.init_state(setup)['params'])
+  setup = step_lib.build(c8, parallel.make_mesh(c8.mesh))
+  model8 = nnx.merge(setup.graphdef, step_lib.init_state(setup)['params'])
   codes, context, queries = jax.device_put((codes, context, queries),
                                            parallel.replicated(setup.mesh))
   with parallel.axis_rules(setup.mesh, setup.rules):
     cache = nnx.jit(lambda m: m.init_cache(2, 8))(model8)
     assert cache.k_LxBxSxKxH.sharding.spec[1:4] == ('data', None, 'tensor')
     for sequential, logp in zip((False, True), want):
-      run = nnx.jit(lambda *a, s=sequential: counterfactual.decode_patches(*a, sequential=s)[1])
+      run = nnx.jit(lambda *a, s=sequential: decoding.decode_patches(*a, sequential=s)[1])
       np.testing.assert_allclose(run(model8, codes, context, queries), logp, rtol=1e-5,
                                  atol=1e-5)
 

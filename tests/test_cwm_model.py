@@ -9,10 +9,12 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale import gpu, parallel
+from brainscale import parallel
 from brainscale.cwm import sequence
 from brainscale.cwm.task import Task
-from brainscale.train import describe, loop
+from brainscale.plan import gpu
+from brainscale.train import describe
+from brainscale.train import step as step_lib
 from test_train import run_cli
 
 SMALL = ['--config.model.layers=2', '--config.model.dim=64', '--config.model.heads=4',
@@ -54,7 +56,7 @@ def test_cwm_80b_shape_matches_reference():
   m = c.model
   assert (m.layers, m.dim, m.heads, m.head_dim, m.mlp_hidden, m.vocab) == (
       96, 8192, 64, 128, 32768, 131072)
-  layout = sequence.Layout(c.data.size, c.data.size, codes=2 ** c.tokenizer.model.bits)
+  layout = sequence.Layout(c.data.size, c.data.size, codebook=2 ** c.tokenizer.model.bits)
   assert layout.length == 10_240 and layout.vocab <= m.vocab
 
 
@@ -64,13 +66,13 @@ def _batch(rng, b, size=48):
 
 
 def _train_steps(config, mesh, batch, steps=2):
-  setup = loop.build(config, mesh)
-  state = loop.init_state(setup)
+  setup = step_lib.build(config, mesh)
+  state = step_lib.init_state(setup)
   before = jax.device_get(state['params'])
-  step = loop.make_train_step(setup, batch)
+  step = step_lib.make_train_step(setup, batch)
   losses = []
   for _ in range(steps):
-    state, metrics = step(state, loop.global_batch(setup, batch))
+    state, metrics = step(state, step_lib.global_batch(setup, batch))
     losses.append(float(metrics['loss']))
   return setup, before, jax.device_get(state['params']), losses, metrics
 
@@ -113,10 +115,11 @@ def test_revealed_frame1_patches_carry_no_loss():
 def test_frames_of_another_size_are_a_clear_error():
   c = config_lib.resolve('cwm_tiny', SMALL)
   c.mesh.ici.update(dict(data=1, fsdp=-1, tensor=1))
-  setup = loop.build(c, parallel.make_mesh(c.mesh))
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh))
   batch = _batch(np.random.default_rng(3), 8, size=64)
   with pytest.raises(ValueError, match=r'frames of 64x64.*data.size=48'):
-    loop.make_train_step(setup, batch)(loop.init_state(setup), loop.global_batch(setup, batch))
+    step_lib.make_train_step(setup, batch)(step_lib.init_state(setup),
+                                           step_lib.global_batch(setup, batch))
 
 
 def test_tokenizer_is_frozen_and_the_rest_trains():
@@ -135,11 +138,11 @@ def test_model_logits_are_causal_and_depend_on_positions():
   model = task.model(nnx.Rngs(0))
   rng = np.random.default_rng(2)
   h, w = task.layout.height // 4, task.layout.width // 4
-  codes = rng.integers(0, task.layout.codes, (1, 2, h, w)).astype(np.int32)
+  codes = rng.integers(0, task.layout.codebook, (1, 2, h, w)).astype(np.int32)
   seq = sequence.build(jnp.asarray(codes), sequence.random_order(jax.random.key(0), 1,
                                                                  task.layout), task.layout)
   x = model.features(seq.tokens_BxL, seq.pos_BxLx3)
-  tokens2 = seq.tokens_BxL.at[0, 101].set((seq.tokens_BxL[0, 101] + 1) % task.layout.codes)
+  tokens2 = seq.tokens_BxL.at[0, 101].set((seq.tokens_BxL[0, 101] + 1) % task.layout.codebook)
   x2 = model.features(tokens2, seq.pos_BxLx3)
   np.testing.assert_allclose(x[:, :101], x2[:, :101], atol=1e-5)   # the past is untouched
   assert not np.allclose(x[:, 101:], x2[:, 101:])
@@ -152,9 +155,9 @@ def test_content_tokens_also_embed_their_latent_pointers_do_not():
   c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
   task = Task(c)
   model = task.model(nnx.Rngs(0))
-  assert model.w_latent_kxD.shape == (model.tokenizer.latent, c.model.dim)
+  assert model.w_latent_kxD.shape == (model.tokenizer.latent_channels, c.model.dim)
   pos = jnp.zeros((1, 2, 3))
-  pointer = jnp.array([[task.layout.codes, task.layout.codes + 1]])
+  pointer = jnp.array([[task.layout.codebook, task.layout.codebook + 1]])
   content = jnp.array([[5, 6]])
   before = [model.features(t, pos) for t in (pointer, content)]
   model.w_latent_kxD[...] = model.w_latent_kxD[...] + 1.0
@@ -169,7 +172,7 @@ def test_content_logits_also_score_the_latent_pointer_logits_do_not():
   c = config_lib.resolve('cwm_tiny', SMALL + ['--config.model.compute_dtype=float32'])
   task = Task(c)
   model = task.model(nnx.Rngs(0))
-  codes = task.layout.codes
+  codes = task.layout.codebook
   head_DxV = np.asarray(model.head.w_DxV[...])
   np.testing.assert_array_equal(model.output_weights(), head_DxV)   # zero-initialised
   w_Dxk = np.random.default_rng(5).normal(size=model.w_unlatent_Dxk.shape).astype(np.float32)

@@ -14,7 +14,7 @@ from matplotlib import image as mpimg
 from brainscale import config as config_lib
 from brainscale import inspect
 from brainscale.cwm import counterfactual, predict
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 from conftest import ROOT
 from test_data_quirks import ffmpeg_cli
@@ -29,9 +29,9 @@ SIZE, PATCH, GRID = 48, 8, 6      # cwm_tiny's frames, patches and patches per s
 def save_initialised(workdir, experiment: str, overrides: list[str]):
   """A checkpoint of step 0 of the experiment's freshly initialised state."""
   config = config_lib.resolve(experiment, overrides)
-  setup = loop.build(config)
+  setup = step_lib.build(config)
   checkpoints = Checkpoints(str(workdir), keep=1, async_save=False)
-  checkpoints.save(0, loop.init_state(setup), None, config)
+  checkpoints.save(0, step_lib.init_state(setup), None, config)
   checkpoints.close()
   return workdir
 

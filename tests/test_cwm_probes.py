@@ -14,8 +14,8 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale.cwm import counterfactual, sequence
-from brainscale.train import loop
+from brainscale.cwm import counterfactual, decoding, sequence
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -54,7 +54,7 @@ def trained(tmp_path_factory):
 
 def _model(workdir):
   c = _config()
-  setup = loop.build(c)
+  setup = step_lib.build(c)
   checkpoints = Checkpoints(str(workdir), keep=3, async_save=False)
   state = checkpoints.restore(checkpoints.latest(), setup.abstract_state)
   checkpoints.close()
@@ -70,13 +70,13 @@ def test_trains_tokenizer_first_then_world_model_with_it_frozen(trained):
   assert (workdir / 'checkpoints' / '12').is_dir()
   # The world model's tokenizer is the prerequisite's final tokenizer, unchanged by training.
   tok_config = config_lib.resolve('cwm_tokenizer_tiny', list(eval(overrides[-1].split('=', 1)[1])))
-  tok_setup = loop.build(tok_config)
+  tok_setup = step_lib.build(tok_config)
   ck = Checkpoints(str(workdir / 'tokenizer'), keep=3, async_save=False)
   tok_params = ck.restore(30, tok_setup.abstract_state)['params']
   ck.close()
   model, _ = _model(workdir)
   _, wm_tok = nnx.split(model.tokenizer, nnx.Param)
-  wm_tok = loop.param_tree(wm_tok, lambda v: v[...])
+  wm_tok = step_lib.param_tree(wm_tok, lambda v: v[...])
   jax.tree.map(np.testing.assert_array_equal, wm_tok, jax.device_get(tok_params))
   # eval prints every probe metric
   out = run_cli('--experiment=cwm_tiny', f'--workdir={workdir}', '--mode=eval', *overrides,
@@ -116,17 +116,17 @@ def test_parallel_decoding_equals_one_query_at_a_time(probe_inputs):
   context = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (2, p)),
                              p + jnp.broadcast_to(jnp.arange(0, p, 2), (2, p // 2))], 1)
   queries = p + jnp.broadcast_to(jnp.array([1, 7, 13]), (2, 3))
-  tok, logp = counterfactual.decode_patches(model, codes, context, queries)
+  tok, logp = decoding.decode_patches(model, codes, context, queries)
   for k in range(3):
-    tok_k, logp_k = counterfactual.decode_patches(model, codes, context, queries[:, k:k + 1])
+    tok_k, logp_k = decoding.decode_patches(model, codes, context, queries[:, k:k + 1])
     np.testing.assert_array_equal(tok[:, k], tok_k[:, 0])
     np.testing.assert_allclose(logp[:, k], logp_k[:, 0], atol=2e-4)
   # Sequential: the first query sees only the context (same as parallel); later ones differ.
-  tok_s, logp_s = counterfactual.decode_patches(model, codes, context, queries, sequential=True)
+  tok_s, logp_s = decoding.decode_patches(model, codes, context, queries, sequential=True)
   np.testing.assert_allclose(logp_s[:, 0], logp[:, 0], atol=2e-4)
   assert not np.allclose(logp_s[:, 2], logp[:, 2], atol=1e-4)
   # Teacher forcing: conditioning on given tokens reproduces a chosen run exactly.
-  _, logp_t = counterfactual.decode_patches(model, codes, context, queries, teacher_BxQx4=tok)
+  _, logp_t = decoding.decode_patches(model, codes, context, queries, teacher_BxQx4=tok)
   np.testing.assert_allclose(logp_t, logp, atol=2e-4)
   assert np.allclose(np.exp(logp).sum(-1), 1.0, atol=1e-4)
 
@@ -144,7 +144,7 @@ def test_predict_frame_keeps_revealed_patches_and_returns_images(probe_inputs):
     assert image.shape == (2, layout.height, layout.width, 3)
     assert image.min() >= 0 and image.max() <= 1
     content = np.asarray(sequence.patchify(out['codes'][:, None], sequence.Layout(
-        layout.height, layout.width, layout.codes, frames=1)))
+        layout.height, layout.width, layout.codebook, frames=1)))
     truth = np.asarray(sequence.patchify(codes, layout))[:, layout.patches:]
     np.testing.assert_array_equal(content[:, np.asarray(revealed[0])],
                                   truth[:, np.asarray(revealed[0])])
@@ -162,7 +162,7 @@ def test_move_patch_and_perturb(probe_inputs):
                                   jnp.asarray([[0, 1, 2]] * 2, jnp.int32), decode='argmax')
   codes0 = np.asarray(sequence.patchify(model.tokenize(frames), layout))[:, 9]
   got = np.asarray(sequence.patchify(out['codes'][:, None], sequence.Layout(
-      layout.height, layout.width, layout.codes, frames=1)))
+      layout.height, layout.width, layout.codebook, frames=1)))
   np.testing.assert_array_equal(got[0, 27], codes0[0])
   np.testing.assert_array_equal(got[1, 30], codes0[1])
   pert = np.asarray(counterfactual.perturb(frames[:, 0], jnp.array([[[5.0, 9.0]]] * 2)))
@@ -180,12 +180,12 @@ def test_frame1_log_probs_are_the_teacher_forced_predictions_in_order(probe_inpu
   codes = model.tokenize(frames)
   order = sequence.random_order(jax.random.key(3), 2, layout)
   logp = np.asarray(counterfactual.frame1_log_probs(model, codes, order))
-  assert logp.shape == (2, p, 4, layout.codes)
+  assert logp.shape == (2, p, 4, layout.codebook)
   true = np.asarray(sequence.patchify(codes, layout))[:, p:]
   for slot in (0, 7, p - 1):   # the frame-1 patch at this slot, after frame 0 and slots before it
     patch = np.asarray(order[:, p + slot] - p)
     rows = np.arange(2)
-    _, one = counterfactual.decode_patches(
+    _, one = decoding.decode_patches(
         model, codes, order[:, :p + slot], order[:, p + slot:p + slot + 1],
         teacher_BxQx4=jnp.asarray(true[rows, patch][:, None]))
     np.testing.assert_allclose(logp[rows, patch], np.asarray(one)[:, 0], atol=2e-4)

@@ -8,19 +8,19 @@ import pytest
 from brainscale.cwm import sequence
 from brainscale.cwm.sequence import Layout
 
-LAYOUT = Layout(height=32, width=48, codes=1024)   # 4 x 6 patches, 8 x 12 codes per frame
+LAYOUT = Layout(height=32, width=48, codebook=1024)   # 4 x 6 patches, 8 x 12 codes per frame
 
 
 def _codes(rng, b, layout=LAYOUT):
-  h, w = layout.height // layout.code, layout.width // layout.code
-  return rng.integers(0, layout.codes, (b, layout.frames, h, w)).astype(np.int32)
+  h, w = layout.height // layout.code_px, layout.width // layout.code_px
+  return rng.integers(0, layout.codebook, (b, layout.frames, h, w)).astype(np.int32)
 
 
 def test_layout_sizes():
   assert LAYOUT.grid == (4, 6) and LAYOUT.patches == 24
   assert LAYOUT.length == 2 * 24 * 5
   assert LAYOUT.vocab == 1024 + 48
-  big = Layout(height=256, width=256, codes=2 ** 16)
+  big = Layout(height=256, width=256, codebook=2 ** 16)
   assert big.length == 10_240 and big.vocab == 65_536 + 2048
 
 
@@ -28,7 +28,7 @@ def test_layout_sizes():
     (30, 32, 8, 4, '30x32'), (32, 32, 8, 3, 'multiple'), (32, 32, 16, 4, '2x2')])
 def test_layout_rejects_bad_geometry(h, w, patch, code, match):
   with pytest.raises(ValueError, match=match):
-    Layout(height=h, width=w, codes=16, patch=patch, code=code)
+    Layout(height=h, width=w, codebook=16, patch=patch, code_px=code)
 
 
 def test_patchify_takes_each_patch_2x2_codes_row_major():
@@ -80,8 +80,8 @@ def test_token_structure_pointer_then_four_codes():
   order = sequence.random_order(jax.random.key(2), 1, LAYOUT)
   seq = sequence.build(jnp.asarray(codes), order, LAYOUT)
   tok = np.asarray(seq.tokens_BxL).reshape(1, -1, 5)
-  np.testing.assert_array_equal(tok[..., 0], LAYOUT.codes + np.asarray(order))
-  assert (tok[..., 1:] < LAYOUT.codes).all()
+  np.testing.assert_array_equal(tok[..., 0], LAYOUT.codebook + np.asarray(order))
+  assert (tok[..., 1:] < LAYOUT.codebook).all()
   np.testing.assert_array_equal(np.asarray(seq.content_BxL).reshape(1, -1, 5),
                                 np.broadcast_to([False, True, True, True, True], tok.shape))
   np.testing.assert_array_equal(np.asarray(seq.frame_BxL).reshape(1, -1, 5)[..., 0],

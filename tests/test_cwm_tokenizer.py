@@ -157,7 +157,7 @@ def test_bad_config_raises(seed, overrides, message):
 @pytest.mark.parametrize('quantizer', ['lfq', 'fsq'])
 def test_codes_to_latent_of_quantize_is_zq(seed, rng, quantizer):
   model = make(seed, quantizer=quantizer, bits=16)
-  z = jnp.asarray(2.0 * rng.standard_normal((3, 4, 5, model.latent)), jnp.float32)
+  z = jnp.asarray(2.0 * rng.standard_normal((3, 4, 5, model.latent_channels)), jnp.float32)
   zq, codes = call(model, quantize, z)
   close(call(model, codes_to_latent, codes), zq, EXACT)
   close(zq, ref_latent(codes, quantizer, 16), EXACT)
@@ -193,7 +193,7 @@ def test_fsq_nearest_level_and_mixed_radix_round_trip(seed, rng):
 def test_codebook_rows_are_distinct_latents(seed, quantizer, bits):
   model = make(seed, quantizer=quantizer, bits=bits)
   book = np.asarray(call(model, codebook))
-  assert book.shape == (2 ** bits, model.latent) and book.dtype == np.float32
+  assert book.shape == (2 ** bits, model.latent_channels) and book.dtype == np.float32
   assert len(np.unique(book, axis=0)) == 2 ** bits
   close(book, ref_latent(np.arange(2 ** bits), quantizer, bits), EXACT)
 
@@ -201,7 +201,7 @@ def test_codebook_rows_are_distinct_latents(seed, quantizer, bits):
 @pytest.mark.parametrize('quantizer', ['lfq', 'fsq'])
 def test_straight_through_gradient(seed, rng, quantizer):
   model = make(seed, quantizer=quantizer, bits=8)
-  z = jnp.asarray(rng.standard_normal((2, 3, 3, model.latent)), jnp.float32)
+  z = jnp.asarray(rng.standard_normal((2, 3, 3, model.latent_channels)), jnp.float32)
   w = jnp.asarray(rng.standard_normal(z.shape), jnp.float32)
   grad = jax.jit(jax.grad(lambda z_: jnp.sum(w * model.quantize(z_)[0])))(z)
   d_bounded = 1.0 if quantizer == 'lfq' else 1.0 - np.tanh(np.asarray(z)) ** 2

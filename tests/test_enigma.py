@@ -9,11 +9,13 @@ import pytest
 from flax import nnx
 
 from brainscale import config as config_lib
-from brainscale import gpu, parallel
+from brainscale import parallel
 from brainscale.enigma import evaluation, masking, tokens
 from brainscale.enigma import task as task_lib
 from brainscale.enigma.model import Enigma
-from brainscale.train import describe, loop
+from brainscale.plan import gpu
+from brainscale.train import describe
+from brainscale.train import step as step_lib
 
 W, C, H, WD = 60, 5, 36, 64
 SMALL = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_hidden=128',
@@ -253,12 +255,12 @@ def _two_steps(batch, sizes, devices, extra=()):
   """(setup, losses, params after) of two training steps on a mesh of `sizes`."""
   c = config_lib.resolve('enigma_tiny', SMALL + list(extra))
   c.mesh.ici.update(sizes)
-  setup = loop.build(c, parallel.make_mesh(c.mesh, devices=devices))
-  state = loop.init_state(setup)
-  step = loop.make_train_step(setup, batch)
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh, devices=devices))
+  state = step_lib.init_state(setup)
+  step = step_lib.make_train_step(setup, batch)
   losses = []
   for _ in range(2):
-    state, metrics = step(state, loop.global_batch(setup, batch))
+    state, metrics = step(state, step_lib.global_batch(setup, batch))
     losses.append(float(metrics['loss']))
   return setup, losses, jax.device_get(state['params'])
 

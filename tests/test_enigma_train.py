@@ -16,6 +16,7 @@ from brainscale.data.importers import nwb, sensorium
 from brainscale.data.synthetic import v1
 from brainscale.enigma import insilico
 from brainscale.train import loop
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 from neural_helpers import write_simulated_nwb
 from test_train import run_cli, start_cli
@@ -56,7 +57,7 @@ def tiny_run(tmp_path_factory):
 
 
 def _params(workdir, config):
-  setup = loop.build(config)
+  setup = step_lib.build(config)
   ckpt = Checkpoints(workdir, keep=3, async_save=False)
   params = ckpt.restore(ckpt.latest(), setup.abstract_state)['params']
   ckpt.close()

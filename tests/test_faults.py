@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from brainscale.train import loop, report
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import CheckpointError, Checkpoints
 from test_train import _kill_when, _losses, run_cli, smoke
 
@@ -153,7 +154,7 @@ def test_a_full_disk_stops_the_run_and_keeps_the_checkpoints_before(tmp_path):
     assert not glob.glob(f'{workdir}/checkpoints/*tmp*')   # its own temporary folder went
     checkpoints = Checkpoints(workdir, keep=3, async_save=False)
     assert checkpoints.steps() == [10, 20]
-    setup = loop.build(config(60))
+    setup = step_lib.build(config(60))
     for step in (10, 20):
       state = checkpoints.restore(step, setup.abstract_state)
       assert int(state['step']) == step
@@ -251,7 +252,7 @@ def test_traceback_flag_shows_the_traceback(tmp_path):
 def test_restore_newest_agrees_with_orbax_when_nothing_is_broken(runs):
   _, to30 = runs
   checkpoints = Checkpoints(to30, keep=3, async_save=False)
-  step, state = checkpoints.restore_newest(loop.build(config(30)).abstract_state)
+  step, state = checkpoints.restore_newest(step_lib.build(config(30)).abstract_state)
   assert step == 30 == int(jax.device_get(state['step']))
   checkpoints.close()
 

@@ -20,8 +20,9 @@ import pytest
 from flax import nnx
 from jax.extend import core as jax_core
 
-from brainscale import nn, parallel, plan
+from brainscale import nn, parallel
 from brainscale.nn.attention import Mask, attend_xla
+from brainscale.plan import plan
 from brainscale.train import loop, report
 from conftest import ROOT
 from experiments import base

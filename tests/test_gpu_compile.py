@@ -11,8 +11,9 @@ import jax
 import pytest
 
 from brainscale import config as config_lib
-from brainscale import gpu, parallel, plan
-from brainscale.train import loop
+from brainscale import parallel
+from brainscale.plan import gpu, plan
+from brainscale.train import step as step_lib
 from experiments import base
 from test_train import run_cli
 
@@ -41,12 +42,12 @@ def trace_step(config):
   """The train step traced for the cluster's GPUs: (setup, traced)."""
   devices = gpu.topology(config.cluster)
   mesh = parallel.make_mesh(config.mesh, devices, nodes=config.cluster.nodes)
-  setup = loop.build(config, mesh)
+  setup = step_lib.build(config, mesh)
   batch = setup.task.batch_shapes(config.train.batch_size)
-  shardings = loop.batch_shardings(setup, batch)
+  shardings = step_lib.batch_shardings(setup, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
            for k, v in batch.items()}
-  return setup, loop.make_train_step(setup, batch).trace(setup.abstract_state, batch)
+  return setup, step_lib.make_train_step(setup, batch).trace(setup.abstract_state, batch)
 
 
 def _value(name: str, text: str) -> float:

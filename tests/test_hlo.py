@@ -1,10 +1,10 @@
-"""brainscale.hlo on HLO text as XLA's GPU compiler writes it: kernels, loops, collectives."""
+"""brainscale.plan.hlo on HLO text as XLA's GPU compiler writes it: kernels, loops, collectives."""
 
 import json
 
 import pytest
 
-from brainscale import gpu, hlo
+from brainscale.plan import collectives, gpu, hlo
 
 H100 = gpu.GPUS['H100-SXM-80GB']
 
@@ -118,7 +118,7 @@ ENTRY %main.90 (x.91: bf16[16,64], w.92: bf16[12,64,32], q.93: bf16[2,512,4,64],
 '''
 
 # The module's devices: a (node 2) x (gpu 8) mesh, axes named as brainscale's, one node per row.
-LAYOUT = hlo.Layout(('fsdp', 'tensor'), (2, 8), tuple(p // 8 for p in range(16)))
+LAYOUT = collectives.Layout(('fsdp', 'tensor'), (2, 8), tuple(p // 8 for p in range(16)))
 
 
 def test_loops_multiply_their_bodies_by_the_trip_count_known_or_read_off_the_condition():
@@ -201,7 +201,7 @@ def test_collectives_name_their_mesh_axes_and_links_in_every_group_format():
     ("replica_groups={}", list(range(8))),
 ])
 def test_replica_group_formats(text, group):
-  assert hlo.first_group(text + ', dimensions={0}', 8) == group
+  assert collectives.first_group(text + ', dimensions={0}', 8) == group
 
 
 def test_op_kinds_and_a_module_without_entry():

@@ -12,8 +12,9 @@ import pytest
 
 from benchmarks import mfu
 from brainscale import config as config_lib
-from brainscale import parallel, plan
-from brainscale.train import loop
+from brainscale import parallel
+from brainscale.plan import plan
+from brainscale.train import step as step_lib
 
 # One layer per stack (XLA's cost analysis counts a loop body once), no remat, dense
 # attention, one loss chunk: what XLA compiles is then every FLOP of the step, once.
@@ -40,13 +41,13 @@ def _causal_other_half(config, task) -> float:
 def _setup(name):
   """The family's unrolled config on one device (cost analysis is per device)."""
   config = config_lib.resolve(name, UNROLLED + FAMILIES[name])
-  return config, loop.build(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
+  return config, step_lib.build(config, parallel.make_mesh(config.mesh, jax.devices()[:1]))
 
 
 def _compiled_step(name, batch_size):
   config, setup = _setup(name)
   batch = setup.task.synthetic_batch(batch_size, seed=1)
-  step = loop.make_train_step(setup, batch)
+  step = step_lib.make_train_step(setup, batch)
   traced = step.trace(setup.abstract_state, jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch))
   return config, setup, batch, traced, traced.lower().compile()
@@ -77,8 +78,8 @@ def test_synthetic_batches_have_the_declared_shapes_and_train(name):
       k: (s.shape, np.dtype(s.dtype)) for k, s in shapes.items()}
   again = setup.task.synthetic_batch(3, seed=2)
   assert all(np.array_equal(batch[k], again[k]) for k in batch)
-  step = loop.make_train_step(setup, batch)
-  state, metrics = step(loop.init_state(setup), loop.global_batch(setup, batch))
+  step = step_lib.make_train_step(setup, batch)
+  state, metrics = step(step_lib.init_state(setup), step_lib.global_batch(setup, batch))
   assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
   assert int(state['step']) == 1
 
@@ -94,7 +95,7 @@ def test_mfu_benchmark_figures_agree_with_each_other(tmp_path):
   assert done.returncode == 0, done.stderr[-3000:]
   r = json.loads(done.stdout.splitlines()[-1].removeprefix('RESULT '))
   config = config_lib.resolve('smoke', [f'--config.train.batch_size={b}'])
-  task = loop.get_task(config)
+  task = step_lib.get_task(config)
   assert r['model_flops_per_step'] == pytest.approx(task.flops_per_example() * b)
   assert r['tokens_per_s'] == pytest.approx(b * task.tokens_per_example() / r['step_s'])
   assert r['mfu'] == pytest.approx(r['model_flops_per_step'] / r['step_s'] / r['peak_tflops']

@@ -242,7 +242,7 @@ def test_an_exception_mid_write_leaves_the_store_as_it_was(tmp_path, rng, monkey
   catalog = (tmp_path / 'catalog.json').read_bytes()
   calls = []
 
-  def failing_write(path, array, chunks, real=neural._write_array):
+  def failing_write(path, array, chunks, real=neural.write._write_array):
     calls.append(path.name)
     if len(calls) == 3:
       raise OSError('disk full')
@@ -256,7 +256,7 @@ def test_an_exception_mid_write_leaves_the_store_as_it_was(tmp_path, rng, monkey
                                ('s1', ('_write_catalog', failing_catalog)),
                                ('s0', ('_write_catalog', failing_catalog))]:
     with monkeypatch.context() as patch:
-      patch.setattr(neural, target, fake)
+      patch.setattr(neural.write, target, fake)
       with pytest.raises(OSError, match='disk full'):
         neural.write_session(tmp_path, name, **replacement, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ['catalog.json', 's0']

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.config import ConfigError
-from brainscale.train import loop
+from brainscale.train import step as step_lib
 
 # fp32 train steps of the same model on different meshes differ only in reduction order.
 PARAMS = dict(rtol=1e-5, atol=1e-5)     # parameters (|p| ~ 0.25) and scalar metrics
@@ -324,14 +324,14 @@ def smoke_config(seed: int, overrides=()):
 def trajectory(seed: int, overrides: tuple = (), steps: int = 3, devices: int = 8):
   """Runs `steps` train steps of the smoke task; returns host copies of everything."""
   c = smoke_config(seed, overrides)
-  setup = loop.build(c, mesh=parallel.make_mesh(c.mesh, devices=jax.devices()[:devices]))
-  state = loop.init_state(setup)
+  setup = step_lib.build(c, mesh=parallel.make_mesh(c.mesh, devices=jax.devices()[:devices]))
+  state = step_lib.init_state(setup)
   data = setup.task.train_data(0, 1)
   batches = [next(data) for _ in range(steps)]
-  train_step = loop.make_train_step(setup, batches[0])
+  train_step = step_lib.make_train_step(setup, batches[0])
   initial, states, metrics = jax.device_get(state['params']), [], []
   for batch in batches:
-    state, m = train_step(state, loop.global_batch(setup, batch))
+    state, m = train_step(state, step_lib.global_batch(setup, batch))
     states.append(jax.device_get(state))
     metrics.append(jax.device_get(m))
   return dict(setup=setup, batches=batches, initial=initial, states=states, metrics=metrics,
@@ -374,7 +374,7 @@ def test_sharded_train_step_equals_single_device(mesh_overrides, batch_rows_per_
   assert min(jax.tree.leaves(moved)) > 1e-4
 
   # The 8-device run really is distributed: the batch is split, parameters as the rules say.
-  inputs_BxT = loop.global_batch(many['setup'], many['batches'][0])['inputs']
+  inputs_BxT = step_lib.global_batch(many['setup'], many['batches'][0])['inputs']
   assert len(inputs_BxT.addressable_shards) == 8
   assert inputs_BxT.sharding.shard_shape(inputs_BxT.shape) == (batch_rows_per_shard, 17)
   params = many['final']['params']

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from brainscale import config as config_lib
-from brainscale import gpu, plan
+from brainscale.plan import gpu, plan
 from test_train import run_cli
 
 

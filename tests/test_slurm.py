@@ -52,6 +52,32 @@ def bash_syntax_ok(path: pathlib.Path):
 # --- the script, without SLURM -----------------------------------------------------------
 
 
+@pytest.mark.slow
+def test_train_and_submit_default_to_runs_in_the_current_folder(tmp_path):
+  """From another folder, train and --submit both use runs/NAME there (config.default_workdir)."""
+  elsewhere, bin_dir = tmp_path / 'elsewhere', tmp_path / 'bin'
+  elsewhere.mkdir()
+  bin_dir.mkdir()
+  tiny = ['--config.train.steps=1', '--config.model.layers=1', '--config.train.batch_size=8',
+          '--config.train.eval_batches=1']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  trained = subprocess.run([sys.executable, str(ROOT / 'launch' / 'run.py'), '--experiment=smoke',
+                            *tiny], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           timeout=600)
+  assert trained.returncode == 0, trained.stderr[-3000:]
+  assert (elsewhere / 'runs' / 'smoke' / 'metrics.jsonl').is_file()
+
+  submitted = subprocess.run([sys.executable, str(ROOT / 'launch' / 'run.py'), '--submit',
+                              '--experiment=cwm_80b'], cwd=elsewhere,
+                             env=dict(os.environ, PATH=str(bin_dir)), capture_output=True,
+                             text=True, timeout=120)
+  assert submitted.returncode == 0, submitted.stderr[-3000:]
+  *script, last = submitted.stdout.splitlines()
+  assert last == f'sbatch not found; wrote {elsewhere / "runs" / "cwm_80b" / "slurm"}/' + \
+      pathlib.Path(last).name
+  assert f'--workdir={elsewhere / "runs" / "cwm_80b"}' in srun_line('\n'.join(script))
+
+
 def test_submit_without_sbatch_prints_and_writes_the_cwm_80b_script(tmp_path):
   workdir, bin_dir = tmp_path / 'w', tmp_path / 'bin'
   bin_dir.mkdir()

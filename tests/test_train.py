@@ -19,6 +19,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.train import describe, loop, optim, report
+from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
 from conftest import ROOT
 
@@ -277,8 +278,8 @@ def test_smoke_learns_to_reverse(tmp_path):
 
 def test_describe_params_match_the_initialised_model():
   c = smoke()
-  setup = loop.build(c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
-  state = loop.init_state(setup)
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+  state = step_lib.init_state(setup)
   n = sum(x.size for x in jax.tree.leaves(state['params']))
   text = describe.describe(c, num_devices=1)
   assert int(re.search(r'^params: (\d+)', text, re.M).group(1)) == n
@@ -289,8 +290,8 @@ def test_describe_params_match_the_initialised_model():
 def test_restore_onto_other_meshes_and_device_counts(tmp_path):
   c8 = smoke()
   c8.mesh.ici.data, c8.mesh.ici.fsdp, c8.mesh.ici.tensor = 2, 2, 2
-  setup8 = loop.build(c8, parallel.make_mesh(c8.mesh, jax.devices()))
-  state = loop.init_state(setup8)
+  setup8 = step_lib.build(c8, parallel.make_mesh(c8.mesh, jax.devices()))
+  state = step_lib.init_state(setup8)
   sharded = [x for x in jax.tree.leaves(state['params']) if len(x.sharding.device_set) == 8
              and x.addressable_shards[0].data.shape != x.shape]
   assert sharded, 'nothing was sharded on the 8-device mesh'
@@ -302,7 +303,7 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
     c = smoke()
     for axis, size in ici.items():
       c.mesh.ici[axis] = size
-    setup = loop.build(c, parallel.make_mesh(c.mesh, jax.devices()[:devices]))
+    setup = step_lib.build(c, parallel.make_mesh(c.mesh, jax.devices()[:devices]))
     restored = Checkpoints(tmp_path, keep=2).restore(1, setup.abstract_state)
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(saved)):
       np.testing.assert_array_equal(np.asarray(got), want)
@@ -313,12 +314,12 @@ def test_restore_onto_other_meshes_and_device_counts(tmp_path):
 
 def test_resume_into_a_different_model_fails_clearly(tmp_path):
   c = smoke()
-  setup = loop.build(c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
+  setup = step_lib.build(c, parallel.make_mesh(c.mesh, jax.devices()[:1]))
   ckpt = Checkpoints(tmp_path, keep=2)
-  ckpt.save(3, loop.init_state(setup), None, c)
+  ckpt.save(3, step_lib.init_state(setup), None, c)
   ckpt.close()
   other = smoke(model__layers=3)
-  setup = loop.build(other, parallel.make_mesh(other.mesh, jax.devices()[:1]))
+  setup = step_lib.build(other, parallel.make_mesh(other.mesh, jax.devices()[:1]))
   with pytest.raises(config_lib.ConfigError,
                      match=r'params/blocks/layers/\S+ has shape \(2,.* there, \(3,.* here'):
     Checkpoints(tmp_path, keep=2).restore(3, setup.abstract_state)

@@ -14,170 +14,28 @@ Everything takes uint8 frames [B, 2, H, W, 3] (or codes) and returns arrays
 ready to plot: images in [0, 1], flows in pixels (dx, dy), maps on the code
 grid. Patch ids are row-major within a frame. Call under jax.jit for speed;
 the functions are pure given the model.
+
+Shape suffixes: B clips, H x W pixels, h x w codes, P patches of a frame, N patches in
+sequence order, Q queried (hidden) patches, R revealed patches, L (or T) tokens, K points,
+V variants of a clip, Z flattened B x K or B x V, k latent channels of a code
+(Tokenizer.latent_channels), C codes of the codebook, 4 codes of a patch, D model dim.
 """
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from brainscale import nn
 from brainscale.cwm import sequence
+from brainscale.cwm.decoding import decode_patches
 from brainscale.cwm.model import WorldModel
+from brainscale.cwm.sequence import CODES_PER_PATCH, TOKENS_PER_PATCH
 
 
-def decode_patches(model: WorldModel, codes_BxFxhxw: jax.Array, context_BxC: jax.Array,
-                   queries_BxQ: jax.Array, *, sequential: bool = False, temperature: float = 0.0,
-                   top_k: int = 0, top_p: float = 1.0, teacher_BxQx4: jax.Array | None = None,
-                   key: jax.Array | None = None, cached: bool = True):
-  """Predicts the content codes of the `queries` patches after the `context` patches.
-
-  Returns (tokens [B, Q, 4] chosen for conditioning, log-probs [B, Q, 4, codes]).
-  Parallel: query k sees the context and its own earlier tokens (one shared
-  prefix). Sequential: query k also sees queries 0..k-1 with their chosen tokens.
-  Tokens are chosen by nn.choose (argmax at temperature 0, else sampled with
-  top-k / top-p from `key`). `teacher` forces the conditioning tokens, so two runs
-  on different inputs give comparable distributions. `cached` feeds the context
-  once into a KV cache and then only the new tokens (4 Q token-passes in all);
-  `cached=False` recomputes the whole sequence for every step (the reference).
-  """
-  key = jax.random.key(0) if key is None else key
-  sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-
-  def choose(logits_BxRxV, k, j):
-    """The codes fed next: the teacher's, or chosen from the logits of step (patch k, code j)."""
-    if teacher_BxQx4 is not None:
-      r = logits_BxRxV.shape[1]
-      return jax.lax.dynamic_slice_in_dim(teacher_BxQx4[..., j], k, r, 1)
-    return nn.choose(logits_BxRxV, jax.random.fold_in(key, k * 4 + j), **sampling)
-
-  decode = {(False, False): _parallel_recompute, (False, True): _parallel_cached,
-            (True, False): _sequential_recompute, (True, True): _sequential_cached}
-  return decode[sequential, cached](model, codes_BxFxhxw, context_BxC, queries_BxQ, choose)
-
-
-def _parallel_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
-  seq, first_BxQ = _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ)
-  b, c, q = first_BxQ.shape[0], context_BxC.shape[1], first_BxQ.shape[1]
-  segments_BxL = jnp.concatenate([jnp.zeros((b, 5 * c), jnp.int32),
-                                  jnp.repeat(jnp.arange(1, q + 1, dtype=jnp.int32), 5)[None]
-                                  .repeat(b, 0)], 1)
-  mask = nn.Mask(causal=True, q_segments_BxT=segments_BxL, kv_segments_BxS=segments_BxL,
-                 shared_segment=0)
-  tokens_BxL, chosen, logps = seq.tokens_BxL, [], []
-  for j in range(4):
-    tokens_BxL, c_BxQ, lp_BxQxV = _recompute_step(model, seq, tokens_BxL, first_BxQ + j, mask,
-                                                  lambda logits: choose(logits, 0, j))
-    chosen.append(c_BxQ)
-    logps.append(lp_BxQxV)
-  return jnp.stack(chosen, 2), jnp.stack(logps, 2)
-
-
-def _sequential_recompute(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
-  seq, first_BxQ = _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ)
-  b, q = first_BxQ.shape
-  mask = nn.Mask(causal=True)
-
-  def one_patch(k, carry):
-    tokens_BxL, chosen_BxQx4, logp_BxQx4xV = carry
-    for j in range(4):
-      read_Bx1 = jax.lax.dynamic_slice_in_dim(first_BxQ, k, 1, 1) + j
-      tokens_BxL, c_Bx1, lp_Bx1xV = _recompute_step(model, seq, tokens_BxL, read_Bx1, mask,
-                                                    lambda logits: choose(logits, k, j))
-      chosen_BxQx4 = chosen_BxQx4.at[:, k, j].set(c_Bx1[:, 0])
-      logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(lp_Bx1xV[:, 0])
-    return tokens_BxL, chosen_BxQx4, logp_BxQx4xV
-
-  init = (seq.tokens_BxL, jnp.zeros((b, q, 4), jnp.int32),
-          jnp.zeros((b, q, 4, model.layout.codes), jnp.float32))
-  _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
-  return chosen_BxQx4, logp_BxQx4xV
-
-
-def _sequence(model, codes_BxFxhxw, context_BxC, queries_BxQ):
-  """The context-then-queries sequence, and where each query's pointer sits [B, Q]."""
-  b, c = context_BxC.shape
-  q = queries_BxQ.shape[1]
-  seq = sequence.build(codes_BxFxhxw, jnp.concatenate([context_BxC, queries_BxQ], 1),
-                       model.layout)
-  return seq, jnp.broadcast_to(5 * c + 5 * jnp.arange(q), (b, q))
-
-
-def _recompute_step(model, seq, tokens_BxL, read_BxR, mask, choose):
-  """One whole pass: logits at `read` positions, the chosen code written after each."""
-  x_BxLxD = model.features(tokens_BxL, seq.pos_BxLx3, mask)
-  logits_BxRxV = model.content_logits(jnp.take_along_axis(x_BxLxD, read_BxR[..., None], 1))
-  chosen_BxR = choose(logits_BxRxV)
-  tokens_BxL = tokens_BxL.at[jnp.arange(tokens_BxL.shape[0])[:, None], read_BxR + 1].set(
-      chosen_BxR)
-  return tokens_BxL, chosen_BxR, jax.nn.log_softmax(logits_BxRxV, -1)
-
-
-def _parallel_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
-  """Prefill the context; then 4 steps of Q tokens, query k's tokens in segment k + 1."""
-  b, c = context_BxC.shape
-  q = queries_BxQ.shape[1]
-  ctx = sequence.build(codes_BxFxhxw, context_BxC, model.layout)
-  ask = sequence.build(codes_BxFxhxw, queries_BxQ, model.layout)
-  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, 5)
-  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, 5, 3)
-  cache = model.init_cache(b, 5 * c + 4 * q)
-  if c:
-    _, cache = model.decode(ctx.tokens_BxL, ctx.pos_BxLx3, cache)
-  segments_BxQ = jnp.broadcast_to(jnp.arange(1, q + 1, dtype=jnp.int32), (b, q))
-  kv_segments_BxS = jnp.concatenate([jnp.zeros((b, 5 * c), jnp.int32),
-                                     jnp.tile(segments_BxQ, (1, 4))], 1)
-  feed_BxQ, chosen, logps = tokens_BxQx5[..., 0], [], []
-  for j in range(4):
-    mask = nn.slot_mask(cache, q, b, q_segments_BxT=segments_BxQ,
-                        kv_segments_BxS=kv_segments_BxS, shared_segment=0)
-    x_BxQxD, cache = model.decode(feed_BxQ, pos_BxQx5x3[:, :, j], cache, mask)
-    logits_BxQxV = model.content_logits(x_BxQxD)
-    feed_BxQ = choose(logits_BxQxV, 0, j)
-    chosen.append(feed_BxQ)
-    logps.append(jax.nn.log_softmax(logits_BxQxV, -1))
-  return jnp.stack(chosen, 2), jnp.stack(logps, 2)
-
-
-def _sequential_cached(model, codes_BxFxhxw, context_BxC, queries_BxQ, choose):
-  """Prefill all but the context's last token; then per patch: [last token, pointer],
-  then its first three codes, one token each (4 steps per patch)."""
-  b, c = context_BxC.shape
-  q = queries_BxQ.shape[1]
-  if c < 1:
-    raise ValueError('sequential cached decoding needs at least one context patch')
-  ctx = sequence.build(codes_BxFxhxw, context_BxC, model.layout)
-  ask = sequence.build(codes_BxFxhxw, queries_BxQ, model.layout)
-  tokens_BxQx5 = ask.tokens_BxL.reshape(b, q, 5)
-  pos_BxQx5x3 = ask.pos_BxLx3.reshape(b, q, 5, 3)
-  cache = model.init_cache(b, 5 * c + 5 * q - 1)
-  _, cache = model.decode(ctx.tokens_BxL[:, :-1], ctx.pos_BxLx3[:, :-1], cache)
-
-  def one_patch(k, carry):
-    cache, last_Bx1, last_pos_Bx1x3, chosen_BxQx4, logp_BxQx4xV = carry
-    here = lambda x: jax.lax.dynamic_index_in_dim(x, k, 1, keepdims=False)
-    tokens_BxQx5_k, pos_Bx5x3 = here(tokens_BxQx5), here(pos_BxQx5x3)
-    feed_BxT = jnp.concatenate([last_Bx1, tokens_BxQx5_k[:, :1]], 1)
-    pos_BxTx3 = jnp.concatenate([last_pos_Bx1x3, pos_Bx5x3[:, :1]], 1)
-    for j in range(4):
-      x_BxTxD, cache = model.decode(feed_BxT, pos_BxTx3, cache)
-      logits_Bx1xV = model.content_logits(x_BxTxD[:, -1:])
-      feed_BxT = choose(logits_Bx1xV, k, j)
-      pos_BxTx3 = pos_Bx5x3[:, j + 1:j + 2]
-      chosen_BxQx4 = chosen_BxQx4.at[:, k, j].set(feed_BxT[:, 0])
-      logp_BxQx4xV = logp_BxQx4xV.at[:, k, j].set(jax.nn.log_softmax(logits_Bx1xV, -1)[:, 0])
-    return cache, feed_BxT, pos_BxTx3, chosen_BxQx4, logp_BxQx4xV
-
-  init = (cache, ctx.tokens_BxL[:, -1:], ctx.pos_BxLx3[:, -1:], jnp.zeros((b, q, 4), jnp.int32),
-          jnp.zeros((b, q, 4, model.layout.codes), jnp.float32))
-  _, _, _, chosen_BxQx4, logp_BxQx4xV = jax.lax.fori_loop(0, q, one_patch, init)
-  return chosen_BxQx4, logp_BxQx4xV
-
-
-def _to_grid(per_patch_BxPx4xK: jax.Array, layout: sequence.Layout) -> jax.Array:
-  """Per-patch values of the 2x2 codes -> the code grid [B, h, w, K] of one frame."""
-  b, _, _, k = per_patch_BxPx4xK.shape
+def _to_grid(per_patch_BxPx4xk: jax.Array, layout: sequence.Layout) -> jax.Array:
+  """Per-patch values of the 2x2 codes -> the code grid [B, h, w, k] of one frame."""
+  b, _, _, k = per_patch_BxPx4xk.shape
   gh, gw = layout.grid
-  x = per_patch_BxPx4xK.reshape(b, gh, gw, 2, 2, k).transpose(0, 1, 3, 2, 4, 5)
+  x = per_patch_BxPx4xk.reshape(b, gh, gw, 2, 2, k).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, 2 * gh, 2 * gw, k)
 
 
@@ -210,18 +68,18 @@ def predict_codes(model: WorldModel, codes_Bx2xhxw: jax.Array, revealed_BxR: jax
     raise ValueError(f"decode={decode!r}; expected 'mean', 'argmax' or 'sample'")
   sampling = (dict(temperature=temperature, top_k=top_k, top_p=top_p) if decode == 'sample'
               else {})
-  chosen_BxQx4, logp_BxQx4xV = decode_patches(
+  chosen_BxQx4, logp_BxQx4xC = decode_patches(
       model, codes_Bx2xhxw, context_BxC, p + hidden_BxQ, sequential=sequential, key=key,
       cached=cached, **sampling)
   rows = jnp.arange(b)[:, None]
   content_BxPx4 = sequence.patchify(codes_Bx2xhxw, layout)[:, p:]
   content_BxPx4 = content_BxPx4.at[rows, hidden_BxQ].set(chosen_BxQx4)
-  latent_BxPx4xK = tok.codes_to_latent(content_BxPx4)
+  latent_BxPx4xk = tok.codes_to_latent(content_BxPx4)
   if decode == 'mean':
-    expected_BxQx4xK = tok.expected_latent(jnp.exp(logp_BxQx4xV))
-    latent_BxPx4xK = latent_BxPx4xK.at[rows, hidden_BxQ].set(
-        expected_BxQx4xK.astype(latent_BxPx4xK.dtype))
-  image_BxHxWx3 = tok.decode(_to_grid(latent_BxPx4xK, layout))
+    expected_BxQx4xk = tok.expected_latent(jnp.exp(logp_BxQx4xC))
+    latent_BxPx4xk = latent_BxPx4xk.at[rows, hidden_BxQ].set(
+        expected_BxQx4xk.astype(latent_BxPx4xk.dtype))
+  image_BxHxWx3 = tok.decode(_to_grid(latent_BxPx4xk, layout))
   hidden_BxP = jnp.ones((b, p), bool).at[rows, revealed_BxR].set(False)
   gh, gw = layout.grid
   hidden_BxHxW = jnp.repeat(jnp.repeat(hidden_BxP.reshape(b, gh, gw), layout.patch, 1),
@@ -284,10 +142,12 @@ def _frame1_read(model: WorldModel, x_BxTxD: jax.Array, order_BxN: jax.Array,
   """Frame-1 log-probs [B, P, 4, codes] from the features of tokens start, start + 1, ..."""
   b, p = order_BxN.shape[0], model.layout.patches
   # a frame-1 content token at 5k + j (j = 1..4) is predicted at position 5k + j - 1
-  read_Px4 = 5 * (p + jnp.arange(p))[:, None] + jnp.arange(4)[None] - start
+  read_Px4 = (TOKENS_PER_PATCH * (p + jnp.arange(p))[:, None]
+              + jnp.arange(CODES_PER_PATCH)[None] - start)
   x_BxPx4xD = x_BxTxD[:, read_Px4]
-  logp_BxPx4xC = jax.nn.log_softmax(model.content_logits(x_BxPx4xD.reshape(b, 4 * p, -1)), -1)
-  logp_BxPx4xC = logp_BxPx4xC.reshape(b, p, 4, -1)
+  logp_BxPx4xC = jax.nn.log_softmax(
+      model.content_logits(x_BxPx4xD.reshape(b, CODES_PER_PATCH * p, -1)), -1)
+  logp_BxPx4xC = logp_BxPx4xC.reshape(b, p, CODES_PER_PATCH, -1)
   patch_BxP = order_BxN[:, p:] - p                       # frame-1 patch at each slot
   rows = jnp.arange(b)[:, None]
   return jnp.zeros_like(logp_BxPx4xC).at[rows, patch_BxP].set(logp_BxPx4xC)
@@ -319,9 +179,10 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
     raise ValueError(f'kl_flow orders={orders}; expected at least 1')
   key = jax.random.key(0) if key is None else key
   clean_Bx2xhxw = model.tokenize(frames_Bx2xHxWx3)
-  grid_max = jnp.array([layout.width // layout.code - 1, layout.height // layout.code - 1])
-  cell_BxKx2 = jnp.clip((points_BxKx2 // layout.code).astype(jnp.int32), 0, grid_max)  # cx, cy
-  pert0_BxKxHxWx3 = perturb(frames_Bx2xHxWx3[:, 0], layout.code * cell_BxKx2, size=layout.code)
+  grid_max = jnp.array([layout.width // layout.code_px - 1, layout.height // layout.code_px - 1])
+  cell_BxKx2 = jnp.clip((points_BxKx2 // layout.code_px).astype(jnp.int32), 0, grid_max)  # cx, cy
+  pert0_BxKxHxWx3 = perturb(frames_Bx2xHxWx3[:, 0], layout.code_px * cell_BxKx2,
+                            size=layout.code_px)
   pert0_BxKxhxw = model.tokenize(pert0_BxKxHxWx3.reshape((b * k, 1) + pert0_BxKxHxWx3.shape[2:]))
   # Variant 0 is the clean clip, variant 1 + i the clip with point i perturbed.
   variants_BxVx2xhxw = jnp.concatenate([clean_Bx2xhxw[:, None], jnp.repeat(
@@ -336,13 +197,13 @@ def kl_flow(model: WorldModel, frames_Bx2xHxWx3: jax.Array, points_BxKx2: jax.Ar
     clean_lp, pert_lp = lp_BxVxPx4xC[:, :1], lp_BxVxPx4xC[:, 1:]
     return kl_BxKxPx4 + jnp.sum(jnp.exp(pert_lp) * (pert_lp - clean_lp), -1) / orders, None
 
-  kl_BxKxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b, k, p, 4), jnp.float32),
+  kl_BxKxPx4, _ = jax.lax.scan(one_order, jnp.zeros((b, k, p, CODES_PER_PATCH), jnp.float32),
                                jnp.arange(orders))
-  kl_Nxhxw = _to_grid(kl_BxKxPx4.reshape(b * k, p, 4, 1), layout)[..., 0]
-  from_Nx2 = layout.code * cell_BxKx2.reshape(b * k, 2) + (layout.code - 1) / 2
-  flow_Nx2 = flow_from_kl(kl_Nxhxw, from_Nx2, code=layout.code, floor=floor)
-  return {'flow': flow_Nx2.reshape(b, k, 2), 'kl': kl_Nxhxw.reshape((b, k) + kl_Nxhxw.shape[1:]),
-          'cell_centre': from_Nx2.reshape(b, k, 2)}
+  kl_Zxhxw = _to_grid(kl_BxKxPx4.reshape(b * k, p, CODES_PER_PATCH, 1), layout)[..., 0]
+  from_Zx2 = layout.code_px * cell_BxKx2.reshape(b * k, 2) + (layout.code_px - 1) / 2
+  flow_Zx2 = flow_from_kl(kl_Zxhxw, from_Zx2, code=layout.code_px, floor=floor)
+  return {'flow': flow_Zx2.reshape(b, k, 2), 'kl': kl_Zxhxw.reshape((b, k) + kl_Zxhxw.shape[1:]),
+          'cell_centre': from_Zx2.reshape(b, k, 2)}
 
 
 def _reached_patches(cell_BxKx2: jax.Array, radius: int, layout: sequence.Layout):
@@ -373,25 +234,26 @@ def _variant_log_probs(model: WorldModel, codes_BxVx2xhxw: jax.Array, order_BxN:
   `prefix` patches (the same in every variant) are fed once into a KV cache."""
   b, v = codes_BxVx2xhxw.shape[:2]
   layout, p = model.layout, model.layout.patches
-  codes_Nx2xhxw = codes_BxVx2xhxw.reshape((b * v,) + codes_BxVx2xhxw.shape[2:])
-  order_NxN = jnp.repeat(order_BxN, v, axis=0)
+  codes_Zx2xhxw = codes_BxVx2xhxw.reshape((b * v,) + codes_BxVx2xhxw.shape[2:])
+  order_ZxN = jnp.repeat(order_BxN, v, axis=0)
   if not prefix:
-    return frame1_log_probs(model, codes_Nx2xhxw, order_NxN).reshape((b, v) + (p, 4, -1))
-  seq = sequence.build(codes_Nx2xhxw, order_NxN, layout)
-  start = 5 * prefix
+    return frame1_log_probs(model, codes_Zx2xhxw, order_ZxN).reshape(
+        (b, v, p, CODES_PER_PATCH, -1))
+  seq = sequence.build(codes_Zx2xhxw, order_ZxN, layout)
+  start = TOKENS_PER_PATCH * prefix
   shared = sequence.build(codes_BxVx2xhxw[:, 0], order_BxN[:, :prefix], layout)
   cache = model.init_cache(b, layout.length)
   _, cache = model.decode(shared.tokens_BxL, shared.pos_BxLx3, cache)
-  x_NxTxD, _ = model.decode(seq.tokens_BxL[:, start:], seq.pos_BxLx3[:, start:], cache.repeat(v))
-  logp_NxPx4xC = _frame1_read(model, x_NxTxD, order_NxN, start)
-  return logp_NxPx4xC.reshape((b, v) + logp_NxPx4xC.shape[1:])
+  x_ZxTxD, _ = model.decode(seq.tokens_BxL[:, start:], seq.pos_BxLx3[:, start:], cache.repeat(v))
+  logp_ZxPx4xC = _frame1_read(model, x_ZxTxD, order_ZxN, start)
+  return logp_ZxPx4xC.reshape((b, v) + logp_ZxPx4xC.shape[1:])
 
 
-def flow_from_kl(kl_Nxhxw: jax.Array, from_Nx2: jax.Array, *, code: int = 4,
+def flow_from_kl(kl_Zxhxw: jax.Array, from_Zx2: jax.Array, *, code: int = 4,
                  floor: float = 0.5) -> jax.Array:
-  """Flow [N, 2] (pixels) from KL maps on the code grid: the centre of the map's mass
+  """Flow [Z, 2] (pixels) from KL maps on the code grid: the centre of the map's mass
   above its `floor` quantile (0.5: the median, the level most codes sit at whatever the
-  perturbation), minus the perturbed cell's centre `from_Nx2` (x, y). A flat map, with
+  perturbation), minus the perturbed cell's centre `from_Zx2` (x, y). A flat map, with
   no mass above its floor, reads as no motion.
 
   The whole mass, not only the peak: a small model spreads the influence of the
@@ -400,16 +262,16 @@ def flow_from_kl(kl_Nxhxw: jax.Array, from_Nx2: jax.Array, *, code: int = 4,
   """
   if not 0 <= floor < 1:
     raise ValueError(f'flow_from_kl floor={floor}; expected a quantile in [0, 1)')
-  n, h, w = kl_Nxhxw.shape
-  level_N = jnp.quantile(kl_Nxhxw.reshape(n, h * w), floor, axis=1)
-  mass_Nxhxw = jnp.maximum(kl_Nxhxw - level_N[:, None, None], 0)
-  total_N = mass_Nxhxw.sum((1, 2))
+  z, h, w = kl_Zxhxw.shape
+  level_Z = jnp.quantile(kl_Zxhxw.reshape(z, h * w), floor, axis=1)
+  mass_Zxhxw = jnp.maximum(kl_Zxhxw - level_Z[:, None, None], 0)
+  total_Z = mass_Zxhxw.sum((1, 2))
   centre_h = code * jnp.arange(h) + (code - 1) / 2
   centre_w = code * jnp.arange(w) + (code - 1) / 2
-  to_Nx2 = jnp.stack([jnp.einsum('nhw,w->n', mass_Nxhxw, centre_w),
-                      jnp.einsum('nhw,h->n', mass_Nxhxw, centre_h)], -1)
-  to_Nx2 = to_Nx2 / jnp.maximum(total_N, 1e-30)[:, None]
-  return jnp.where(total_N[:, None] > 0, to_Nx2 - from_Nx2, 0.0)
+  to_Zx2 = jnp.stack([jnp.einsum('zhw,w->z', mass_Zxhxw, centre_w),
+                      jnp.einsum('zhw,h->z', mass_Zxhxw, centre_h)], -1)
+  to_Zx2 = to_Zx2 / jnp.maximum(total_Z, 1e-30)[:, None]
+  return jnp.where(total_Z[:, None] > 0, to_Zx2 - from_Zx2, 0.0)
 
 
 def masked_psnr(pred_BxHxWx3: jax.Array, target_BxHxWx3: jax.Array,

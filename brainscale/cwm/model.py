@@ -15,6 +15,7 @@ from flax import nnx
 from brainscale import nn, parallel
 from brainscale.cwm import tokenizer
 from brainscale.cwm.sequence import Layout
+from brainscale.parallel import EMBED, VOCAB, WHOLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,16 +41,17 @@ class WorldModel(nnx.Module):
                rngs: nnx.Rngs):
     if c.vocab < layout.vocab:
       raise ValueError(f'model.vocab={c.vocab} is smaller than the {layout.vocab} tokens this '
-                       f'layout needs ({layout.codes} codes + {layout.vocab - layout.codes} '
+                       f'layout needs ({layout.codebook} codes + {layout.vocab - layout.codebook} '
                        'pointers)')
     self.tokenizer = tokenizer.Tokenizer(tokenizer_spec, rngs=rngs)
-    if self.tokenizer.vocab != layout.codes:
-      raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects {layout.codes}')
+    if self.tokenizer.vocab != layout.codebook:
+      raise ValueError(f'tokenizer has {self.tokenizer.vocab} codes, layout expects '
+                       f'{layout.codebook}')
     self.embed = nn.Embed(c.vocab, c.dim, rngs=rngs)
     # Codes are not arbitrary symbols: a content token also enters through its
     # quantized latent (LFQ bits), so similar patches start with similar embeddings.
-    k = self.tokenizer.latent
-    self.w_latent_kxD = (nn.param(rngs, (k, c.dim), (None, 'embed'), fan_in=k)
+    k = self.tokenizer.latent_channels
+    self.w_latent_kxD = (nn.param(rngs, (k, c.dim), (None, EMBED), fan_in=k)
                          if c.latent_embed else None)
     self.blocks = nn.Stack(
         lambda r: nn.Block(c.dim, c.heads, c.head_dim, c.mlp_hidden, mlp='gelu',
@@ -59,7 +61,7 @@ class WorldModel(nnx.Module):
     self.head = nn.Head(c.dim, c.vocab, rngs=rngs)
     # ... and leave through it: a content code's logit also scores its latent, so
     # the model can learn each bit of the next code rather than 2^bits symbols.
-    self.w_unlatent_Dxk = (nn.param(rngs, (c.dim, k), ('embed', None), init='zeros')
+    self.w_unlatent_Dxk = (nn.param(rngs, (c.dim, k), (EMBED, None), init='zeros')
                            if c.latent_head else None)
     self.head_dim = c.head_dim
     self.rope_base = c.rope_base
@@ -98,11 +100,11 @@ class WorldModel(nnx.Module):
   def _embed(self, tokens_BxT: jax.Array) -> jax.Array:
     x_BxTxD = self.embed(tokens_BxT)
     if self.w_latent_kxD is not None:
-      content_BxT = tokens_BxT < self.layout.codes
+      content_BxT = tokens_BxT < self.layout.codebook
       latent_BxTxk = self.tokenizer.codes_to_latent(jnp.where(content_BxT, tokens_BxT, 0))
       x_BxTxD = x_BxTxD + jnp.where(content_BxT[..., None], jnp.einsum(
           'btk,kd->btd', latent_BxTxk.astype(x_BxTxD.dtype), self.w_latent_kxD[...]), 0)
-    return parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
+    return parallel.constrain(x_BxTxD, WHOLE)
 
   def output_weights(self) -> jax.Array:
     """The output projection [D, vocab]: the head, plus the latent scoring of content codes."""
@@ -112,9 +114,9 @@ class WorldModel(nnx.Module):
     latent_kxC = self.tokenizer.codebook().T.astype(w_DxV.dtype)
     w_DxC = jnp.einsum('dk,kc->dc', self.w_unlatent_Dxk[...].astype(w_DxV.dtype), latent_kxC)
     w_DxV = w_DxV + jnp.pad(w_DxC, ((0, 0), (0, w_DxV.shape[1] - w_DxC.shape[1])))
-    return parallel.constrain(w_DxV, ('embed', 'vocab'))
+    return parallel.constrain(w_DxV, (EMBED, VOCAB))
 
   def content_logits(self, x_BxQxD: jax.Array) -> jax.Array:
     """Logits over the content codes only (pointers and padding excluded), fp32."""
-    w_DxC = self.output_weights()[:, :self.layout.codes]
+    w_DxC = self.output_weights()[:, :self.layout.codebook]
     return jnp.einsum('bqd,dc->bqc', x_BxQxD, w_DxC, preferred_element_type=jnp.float32)

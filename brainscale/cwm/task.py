@@ -25,6 +25,7 @@ from brainscale.cwm import tokenizer as tokenizer_lib
 from brainscale.cwm.model import WorldModel
 from brainscale.cwm.tokenizer import Tokenizer, psnr
 from brainscale.train import task
+from brainscale.train.prerequisites import Prerequisite
 
 
 def _weights(module: nnx.Module) -> int:
@@ -102,8 +103,8 @@ class Task(_VideoTask):
   def __init__(self, config):
     super().__init__(config)
     c = config
-    self.layout = sequence.Layout(c.data.size, c.data.size, codes=2 ** c.tokenizer.model.bits,
-                                  patch=c.sequence.patch, code=c.tokenizer.model.patch)
+    self.layout = sequence.Layout(c.data.size, c.data.size, codebook=2 ** c.tokenizer.model.bits,
+                                  patch=c.sequence.patch, code_px=c.tokenizer.model.patch)
 
   def model(self, rngs):
     c = self.config
@@ -114,12 +115,14 @@ class Task(_VideoTask):
   def tokens_per_example(self):
     return self.layout.length
 
-  def prerequisites(self, workdir):
+  def prerequisites(self):
+    """With tokenizer.experiment: that run, trained in WORKDIR/tokenizer, frozen."""
     t = self.config.tokenizer
     if not t.experiment:
       return {}
     tok_config = config_lib.resolve(t.experiment, list(t.overrides))
-    return {'tokenizer': (tok_config, t.workdir or os.path.join(workdir, 'tokenizer'))}
+    return {'tokenizer': Prerequisite(tok_config, os.path.abspath(t.workdir) if t.workdir
+                                      else 'tokenizer')}
 
   def loss(self, model, batch, rng, train):
     c, layout = self.config, self.layout
@@ -195,7 +198,7 @@ class Task(_VideoTask):
                                 c.probe.flow_points, c.probe.min_motion, layout, rng)
     flow = _kl_flow(model, frames, jnp.asarray(points_BxKx2), c.probe.flow_orders)
     gt_BxKx2 = counterfactual.cell_flow(batch['flow'], np.asarray(flow['cell_centre']),
-                                        layout.code)
+                                        layout.code_px)
     epe = np.linalg.norm(np.asarray(flow['flow']) - gt_BxKx2, axis=-1)
     return {**{k: float(np.mean(v)) for k, v in jax.device_get(out).items()},
             'flow_epe': float(epe.mean()),
@@ -208,7 +211,7 @@ class Task(_VideoTask):
     t = layout.length
     matmuls = _weights(model.blocks) + _weights(model.head)
     attention = 6 * m.layers * t * t * m.heads * m.head_dim  # causal: half of 12 L T^2 d
-    tokenizer = 2 * _weights(model.tokenizer) * layout.frames * (c.data.size // layout.code) ** 2
+    tokenizer = 2 * _weights(model.tokenizer) * layout.frames * (c.data.size // layout.code_px) ** 2
     return 6 * matmuls * t + attention + tokenizer
 
   def activation_bytes(self, examples_per_device: int) -> int:
@@ -245,7 +248,7 @@ def _flow_points(flow_BxHxWx2, visible_BxHxW, k: int, min_motion: float, layout,
   Cells whose ground truth is occluded (when `visible` is known) are not used.
   """
   b, h, w, _ = flow_BxHxWx2.shape
-  s = layout.code
+  s = layout.code_px
   cell_flow = flow_BxHxWx2.reshape(b, h // s, s, w // s, s, 2).mean((2, 4))
   moving = np.linalg.norm(cell_flow, axis=-1) >= min_motion
   if visible_BxHxW is not None:

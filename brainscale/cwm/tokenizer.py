@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from brainscale.config import ConfigError
 from brainscale.nn.core import RMSNorm, param
 
 LEVELS = {'lfq': 2, 'fsq': 4}   # levels per latent channel
@@ -98,8 +99,8 @@ class Tokenizer(nnx.Module):
     self.patch, self.quantizer, self.bits = c.patch, c.quantizer, c.bits
     self.commit_weight, self.entropy_weight = c.commit_weight, c.entropy_weight
     self.levels = LEVELS[c.quantizer]
-    self.latent = c.bits // int(math.log2(self.levels))   # k channels
-    q, d, k = c.patch * c.patch * 3, c.channels, self.latent
+    self.latent_channels = c.bits // int(math.log2(self.levels))   # k: channels of a latent
+    q, d, k = c.patch * c.patch * 3, c.channels, self.latent_channels
     self.w_patch_QxC = param(rngs, (q, d), (None, None))
     self.enc_blocks = nnx.List([ResBlock(d, c.kernel, rngs=rngs) for _ in range(c.depth)])
     self.enc_norm = RMSNorm(d, rngs=rngs)
@@ -175,11 +176,11 @@ class Tokenizer(nnx.Module):
 
   def digits_to_codes(self, digits_xk: jax.Array) -> jax.Array:
     """code = sum_i digit_i * levels**i (for LFQ: sum_i bit_i << i)."""
-    place_k = self.levels ** jnp.arange(self.latent, dtype=jnp.int32)
+    place_k = self.levels ** jnp.arange(self.latent_channels, dtype=jnp.int32)
     return jnp.sum(digits_xk * place_k, axis=-1).astype(jnp.int32)
 
   def codes_to_digits(self, codes_x: jax.Array) -> jax.Array:
-    shift_k = int(math.log2(self.levels)) * jnp.arange(self.latent, dtype=jnp.int32)
+    shift_k = int(math.log2(self.levels)) * jnp.arange(self.latent_channels, dtype=jnp.int32)
     return (codes_x.astype(jnp.int32)[..., None] >> shift_k) & (self.levels - 1)
 
   def codes_to_latent(self, codes_Bxhxw: jax.Array) -> jax.Array:
@@ -197,7 +198,7 @@ class Tokenizer(nnx.Module):
     reshape V into k axes of `levels` (most significant digit first) and take each
     channel's marginal. Linear in probs (need not be normalised); float32.
     """
-    lead, n = probs_xV.shape[:-1], self.latent
+    lead, n = probs_xV.shape[:-1], self.latent_channels
     p = probs_xV.astype(jnp.float32).reshape(lead + (self.levels,) * n)
     axes = tuple(range(len(lead), len(lead) + n))
     marginals = [jnp.sum(p, axis=tuple(a for a in axes if a != axes[n - 1 - i]))
@@ -247,7 +248,7 @@ class Tokenizer(nnx.Module):
     if self.quantizer != 'lfq':
       zero = jnp.zeros((), jnp.float32)
       return dict(entropy=zero, sample_entropy=zero, batch_entropy=zero)
-    z_Nxk = z_Bxhxwxk.astype(jnp.float32).reshape(-1, self.latent)
+    z_Nxk = z_Bxhxwxk.astype(jnp.float32).reshape(-1, self.latent_channels)
     p_Nxk = jax.nn.sigmoid(4.0 * ENTROPY_INV_TEMPERATURE * z_Nxk)
     sample = jnp.mean(bit_entropy(p_Nxk))
     batch = jnp.mean(bit_entropy(jnp.mean(p_Nxk, axis=0)))
@@ -267,22 +268,22 @@ class Tokenizer(nnx.Module):
 
 
 def check_config(c):
+  """A ConfigError (one line, the funnel's exit 2) for a tokenizer config that cannot build."""
   if c.quantizer not in LEVELS:
-    raise ValueError(f'brainscale: tokenizer quantizer={c.quantizer!r}; expected one of '
-                     f'{sorted(LEVELS)}')
+    raise ConfigError(f'tokenizer quantizer={c.quantizer!r}; expected one of {sorted(LEVELS)}')
   if not 1 <= c.bits <= 30:
-    raise ValueError(f'brainscale: tokenizer bits={c.bits}; expected 1..30 (codes are int32)')
+    raise ConfigError(f'tokenizer bits={c.bits}; expected 1..30 (codes are int32)')
   if c.quantizer == 'fsq' and c.bits % 2:
-    raise ValueError(f'brainscale: tokenizer bits={c.bits} with fsq (4 levels = 2 bits per '
-                     f'channel); expected an even number of bits')
+    raise ConfigError(f'tokenizer bits={c.bits} with fsq (4 levels = 2 bits per channel); '
+                      'expected an even number of bits')
   if c.kernel < 1 or c.kernel % 2 == 0:
-    raise ValueError(f'brainscale: tokenizer kernel={c.kernel}; expected an odd size '
-                     f'(1 = strictly local, 3 = neighbours too)')
+    raise ConfigError(f'tokenizer kernel={c.kernel}; expected an odd size '
+                      '(1 = strictly local, 3 = neighbours too)')
 
 
 def check_frames(shape: tuple, patch: int):
   if len(shape) != 4 or shape[-1] != 3:
-    raise ValueError(f'brainscale: tokenizer frames of shape {shape}; expected [B, H, W, 3]')
+    raise ValueError(f'tokenizer frames of shape {shape}; expected [B, H, W, 3]')
   if shape[1] % patch or shape[2] % patch:
-    raise ValueError(f'brainscale: tokenizer frames of shape {shape}: H={shape[1]} and '
-                     f'W={shape[2]} must be multiples of patch={patch}')
+    raise ValueError(f'tokenizer frames of shape {shape}: H={shape[1]} and W={shape[2]} must '
+                     f'be multiples of patch={patch}')

@@ -1,5 +1,5 @@
 """Enigma's data: the neural store a config names, its sessions, the window pipeline and the
-batch layout (brainscale/data/neural.py reads and writes stores).
+batch layout (brainscale/data/neural/ reads and writes stores).
 
 `config.data.root` names a store made by an importer; empty means the embedded default,
 a simulated V1 population generated once into $BRAINSCALE_DATA.

@@ -8,6 +8,17 @@ query also carries a Gaussian readout of the video encoder's grid at the neuron'
 receptive field, placed by its cortical position and identity. All shared
 weights live under `core`; per-neuron, per-session and per-animal embeddings
 sit beside it, so a new session is fitted with the core frozen.
+
+Shape suffixes (nn/__init__.py's key, and here):
+  M neurons of a window       J neuron tokens          V video tokens
+  C behaviour channels        L latents                X tower tokens (L + V + C)
+  G video grid cells          U video tubelets         K tubelets a bin reads
+  T bins of a window          S samples per bin        W samples of a window (T x S)
+  Q query rows (neurons or channels), Z = Q x T       E neuron embedding
+  F place frequencies         P place features (6 F)   R RF inputs (3 + P)
+Parameter attribute names are checkpoint paths and keep the letters they were saved
+with: in `session_SxD` S counts sessions, in `neuron_NxE` N all neurons of the
+store, and in `w_rf_Px2` P is R; nn.Mask's keywords keep nn's letters (kv_valid_BxS).
 """
 
 import dataclasses
@@ -19,7 +30,9 @@ from flax import nnx
 from brainscale import nn, parallel
 from brainscale.enigma import tokens
 from brainscale.enigma.masking import Masks
+from brainscale.parallel import EMBED, WHOLE
 
+NEURONS = 'neurons'   # logical axis of the per-neuron table (mesh.rules.neurons, _enigma.py)
 PLACE_FREQUENCIES = (0.25, 0.5, 1.0)  # cycles per std of a session's neuron positions
 
 
@@ -37,11 +50,11 @@ class _Group(nnx.Module):
   def __init__(self, make_block, size: int, rngs: nnx.Rngs):
     self.blocks = nnx.List([make_block(rngs) for _ in range(size)])
 
-  def __call__(self, x_BxTxD, *, local: nn.Mask, global_: nn.Mask, rope: nn.Rotary):
+  def __call__(self, x_BxXxD, *, local: nn.Mask, global_: nn.Mask, rope: nn.Rotary):
     for i, block in enumerate(self.blocks):
       mask = global_ if i == len(self.blocks) - 1 else local
-      x_BxTxD = block(x_BxTxD, mask=mask, rope_q=rope, rope_k=rope)
-    return x_BxTxD
+      x_BxXxD = block(x_BxXxD, mask=mask, rope_q=rope, rope_k=rope)
+    return x_BxXxD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,16 +106,16 @@ class Core(nnx.Module):
     self.behavior_tokens = tokens.BehaviorTokens(c.dim, channels, window, rngs=rngs)
     self.video = nn.Stack(block, c.video_layers, remat=c.remat, rngs=rngs)
     latents = (window // c.latent_stride) * c.latents_per_step
-    self.latents_LxD = nn.param(rngs, (latents, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.latents_LxD = nn.param(rngs, (latents, c.dim), (None, EMBED), fan_in=c.dim)
     self.read = block(rngs)
     self.tower = nn.Stack(lambda r: _Group(block, c.global_every, r),
                           c.layers // c.global_every, remat=c.remat, rngs=rngs)
     self.norm = nn.RMSNorm(c.dim, rngs=rngs)
-    self.w_query_ExD = nn.param(rngs, (c.neuron_dim, c.dim), (None, 'embed'))
+    self.w_query_ExD = nn.param(rngs, (c.neuron_dim, c.dim), (None, EMBED))
     # Where a neuron sits in cortex says where its receptive field is (retinotopy):
     # Fourier features of its position enter its query, one map shared by all neurons.
-    self.w_place_PxD = nn.param(rngs, (6 * len(PLACE_FREQUENCIES), c.dim), (None, 'embed'))
-    self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.w_place_PxD = nn.param(rngs, (6 * len(PLACE_FREQUENCIES), c.dim), (None, EMBED))
+    self.w_channel_CxD = nn.param(rngs, (channels, c.dim), (None, EMBED), fan_in=c.dim)
     # A Gaussian readout (Lurz et al. 2021): each neuron weighs the video encoder's grid
     # by a Gaussian at its receptive field, placed from its cortical position (retinotopy,
     # shared) and identity; the weighted features of the last `readout_seconds` join its
@@ -115,17 +128,17 @@ class Core(nnx.Module):
     pt = c.video_patch[0]
     self.readout_tubelets = -(-(c.decode_stride + round(c.readout_seconds * rate)) // pt)
     self.w_readout_KxDxD = nn.param(rngs, (self.readout_tubelets, c.dim, c.dim),
-                                    (None, 'embed', None), fan_in=self.readout_tubelets * c.dim)
+                                    (None, EMBED, None), fan_in=self.readout_tubelets * c.dim)
     self.decoder = nn.Stack(block, c.decoder_layers, remat=c.remat, rngs=rngs)
     self.decoder_norm = nn.RMSNorm(c.dim, rngs=rngs)
     # Readouts: a neuron's weights are a shared part plus one made from its embedding,
     # so each neuron reads its own features (as a per-neuron linear readout would).
-    self.w_rate_DxS = nn.param(rngs, (c.dim, c.decode_stride), ('embed', None))
+    self.w_rate_DxS = nn.param(rngs, (c.dim, c.decode_stride), (EMBED, None))
     self.w_rate_ExDxS = nn.param(rngs, (c.neuron_dim, c.dim, c.decode_stride),
-                                 (None, 'embed', None), fan_in=c.neuron_dim * c.dim)
+                                 (None, EMBED, None), fan_in=c.neuron_dim * c.dim)
     self.w_bias_ExS = nn.param(rngs, (c.neuron_dim, c.decode_stride), (None, None))
     self.w_behavior_CxDxS = nn.param(rngs, (channels, c.dim, c.decode_stride),
-                                     (None, 'embed', None), fan_in=c.dim)
+                                     (None, EMBED, None), fan_in=c.dim)
     self.bins = window // c.decode_stride
     self.local_window = c.local_window * rate  # seconds -> samples
     self.c = c
@@ -138,9 +151,9 @@ class Core(nnx.Module):
     encoder's output [B, V, D] with its validity [B, V] (for the readout)."""
     c = self.c
     b = batch['frames'].shape[0]
-    neuron_BxNxD, neuron_ok_BxN, neuron_t_N = self.neuron_tokens(
+    neuron_BxJxD, neuron_ok_BxJ, neuron_t_J = self.neuron_tokens(
         batch['responses'], masks.neuron_in_BxWxM, identity_BxMxE)
-    neuron_BxNxD = neuron_BxNxD + context_BxD[:, None]
+    neuron_BxJxD = neuron_BxJxD + context_BxD[:, None]
     video_BxVxD, video_ok_BxV, video_t_V = self.video_tokens(batch['frames'],
                                                              batch['frames_mask'])
     video_rope = self._rope(jnp.broadcast_to(video_t_V, video_ok_BxV.shape))
@@ -155,14 +168,14 @@ class Core(nnx.Module):
                             c.latents_per_step).astype(jnp.float32)
     x_BxLxD = jnp.broadcast_to(self.latents_LxD[...], (b,) + self.latents_LxD.shape)
     x_BxLxD = x_BxLxD + context_BxD[:, None].astype(x_BxLxD.dtype)
-    x_BxLxD = self.read(x_BxLxD, neuron_BxNxD.astype(x_BxLxD.dtype),
-                        mask=nn.Mask(kv_valid_BxS=neuron_ok_BxN),
+    x_BxLxD = self.read(x_BxLxD, neuron_BxJxD.astype(x_BxLxD.dtype),
+                        mask=nn.Mask(kv_valid_BxS=neuron_ok_BxJ),
                         rope_q=self._rope(jnp.broadcast_to(latent_t_L, (b, latents))),
-                        rope_k=self._rope(jnp.broadcast_to(neuron_t_N, neuron_ok_BxN.shape)))
+                        rope_k=self._rope(jnp.broadcast_to(neuron_t_J, neuron_ok_BxJ.shape)))
 
     x_BxXxD = jnp.concatenate([x_BxLxD, video_BxVxD.astype(x_BxLxD.dtype),
                                behav_BxCxD.astype(x_BxLxD.dtype)], 1)
-    x_BxXxD = parallel.constrain(x_BxXxD, ('batch', 'length', 'act_embed'))
+    x_BxXxD = parallel.constrain(x_BxXxD, WHOLE)
     ok_BxX = jnp.concatenate([jnp.ones((b, latents), bool), video_ok_BxV, behav_ok_BxC], 1)
     t_X = jnp.concatenate([latent_t_L, video_t_V, behav_t_C])
     t_BxX = jnp.broadcast_to(t_X, ok_BxX.shape)
@@ -172,48 +185,48 @@ class Core(nnx.Module):
                          rope=self._rope(t_BxX))
     return self.norm(x_BxXxD), ok_BxX, t_X, (video_BxVxD, video_ok_BxV)
 
-  def _gaussian(self, rf_in_BxMxP, identity_BxMxE):
+  def _gaussian(self, rf_in_BxMxR, identity_BxMxE):
     """Normalised weights [B, M, G] of a Gaussian over the video grid at each neuron's RF."""
     gh, gw = self.video_tokens.grid
     cell_Gx2 = jnp.stack(jnp.meshgrid((jnp.arange(gw) + 0.5) / gw, (jnp.arange(gh) + 0.5) / gh),
                          -1).reshape(-1, 2) * 2 - 1   # (x, y) in [-1, 1]
     rf_BxMx2 = jnp.tanh(
-        jnp.einsum('bmp,pc->bmc', rf_in_BxMxP.astype(jnp.float32), self.w_rf_Px2[...]) +
+        jnp.einsum('bmr,rc->bmc', rf_in_BxMxR.astype(jnp.float32), self.w_rf_Px2[...]) +
         jnp.einsum('bme,ec->bmc', identity_BxMxE.astype(jnp.float32), self.w_rf_Ex2[...]))
     width_2 = 2 * jnp.exp(self.log_rf_width[...]) / jnp.array([gw, gh], jnp.float32)
     d2_BxMxG = (((rf_BxMx2[:, :, None] - cell_Gx2) / width_2) ** 2).sum(-1)
     return jax.nn.softmax(-0.5 * d2_BxMxG, -1)
 
-  def readout(self, video_BxVxD, video_ok_BxV, rf_in_BxMxP, identity_BxMxE):
+  def readout(self, video_BxVxD, video_ok_BxV, rf_in_BxMxR, identity_BxMxE):
     """Each neuron's Gaussian-weighted video features over its last tubelets, per bin:
-    [B, M, bins, D]. Reads the video encoder's output, which keeps the stimulus' linear
+    [B, M, T, D]. Reads the video encoder's output, which keeps the stimulus' linear
     detail better than the tower's (benchmarks/RESULTS.md, "Enigma tiny on CPU")."""
     c = self.c
     b, pt = video_BxVxD.shape[0], c.video_patch[0]
     g = self.video_tokens.grid[0] * self.video_tokens.grid[1]
-    s = video_BxVxD.shape[1] // g   # tubelets per window
-    video_BxSxGxD = jnp.where(video_ok_BxV.reshape(b, s, g)[..., None],
-                              video_BxVxD.reshape(b, s, g, -1), 0)
-    mask_BxMxG = self._gaussian(rf_in_BxMxP, identity_BxMxE).astype(video_BxVxD.dtype)
-    read_BxMxSxD = jnp.einsum('bmg,bsgd->bmsd', mask_BxMxG, video_BxSxGxD)
+    u = video_BxVxD.shape[1] // g   # tubelets per window
+    video_BxUxGxD = jnp.where(video_ok_BxV.reshape(b, u, g)[..., None],
+                              video_BxVxD.reshape(b, u, g, -1), 0)
+    mask_BxMxG = self._gaussian(rf_in_BxMxR, identity_BxMxE).astype(video_BxVxD.dtype)
+    read_BxMxUxD = jnp.einsum('bmg,bugd->bmud', mask_BxMxG, video_BxUxGxD)
     # bin t ends in tubelet last[t]; it reads that one and the K - 1 before it
     last_T = (c.decode_stride * jnp.arange(self.bins) + c.decode_stride - 1) // pt
     tubelet_TxK = last_T[:, None] - jnp.arange(self.readout_tubelets)
     read_BxMxTxKxD = jnp.where((tubelet_TxK >= 0)[..., None],
-                               read_BxMxSxD[:, :, jnp.maximum(tubelet_TxK, 0)], 0)
+                               read_BxMxUxD[:, :, jnp.maximum(tubelet_TxK, 0)], 0)
     return jnp.einsum('bmtkd,kde->bmte', read_BxMxTxKxD, self.w_readout_KxDxD[...])
 
-  def decode(self, x_BxXxD, ok_BxX, t_X, queries_BxKxTxD):
-    """Features [B, K, bins, D] answering each query row (a neuron or a channel) at each bin."""
+  def decode(self, x_BxXxD, ok_BxX, t_X, queries_BxQxTxD):
+    """Features [B, Q, T, D] answering each query row (a neuron or a channel) at each bin."""
     c = self.c
-    b, k = queries_BxKxTxD.shape[:2]
+    b, q = queries_BxQxTxD.shape[:2]
     bins_T = c.decode_stride * jnp.arange(self.bins) + (c.decode_stride - 1) / 2
-    q_BxQxD = queries_BxKxTxD.reshape(b, k * self.bins, -1).astype(x_BxXxD.dtype)
-    q_t_BxQ = jnp.broadcast_to(jnp.tile(bins_T.astype(jnp.float32), k), q_BxQxD.shape[:2])
-    y_BxQxD = self.decoder(q_BxQxD, x_BxXxD, mask=nn.Mask(kv_valid_BxS=ok_BxX),
-                           rope_q=self._rope(q_t_BxQ),
+    q_BxZxD = queries_BxQxTxD.reshape(b, q * self.bins, -1).astype(x_BxXxD.dtype)
+    q_t_BxZ = jnp.broadcast_to(jnp.tile(bins_T.astype(jnp.float32), q), q_BxZxD.shape[:2])
+    y_BxZxD = self.decoder(q_BxZxD, x_BxXxD, mask=nn.Mask(kv_valid_BxS=ok_BxX),
+                           rope_q=self._rope(q_t_BxZ),
                            rope_k=self._rope(jnp.broadcast_to(t_X, ok_BxX.shape)))
-    return self.decoder_norm(y_BxQxD).reshape(b, k, self.bins, -1)
+    return self.decoder_norm(y_BxZxD).reshape(b, q, self.bins, -1)
 
   def __call__(self, batch: dict, masks: Masks, identity_BxMxE, context_BxD):
     """Rates [B, W, M] (softplus with slope `softplus_beta`) and behaviour [B, W, C]."""
@@ -225,8 +238,8 @@ class Core(nnx.Module):
     neuron_BxMxD = (jnp.einsum('bme,ed->bmd', identity_BxMxE, self.w_query_ExD[...]) +
                     jnp.einsum('bmp,pd->bmd', place_BxMxP, self.w_place_PxD[...]) +
                     context_BxD[:, None])
-    rf_in_BxMxP = jnp.concatenate([batch['positions'].astype(dtype), place_BxMxP], -1)
-    neuron_BxMxTxD = neuron_BxMxD[:, :, None] + self.readout(*video, rf_in_BxMxP,
+    rf_in_BxMxR = jnp.concatenate([batch['positions'].astype(dtype), place_BxMxP], -1)
+    neuron_BxMxTxD = neuron_BxMxD[:, :, None] + self.readout(*video, rf_in_BxMxR,
                                                              identity_BxMxE)
     channel_BxCxD = self.w_channel_CxD[...][None] + context_BxD[:, None]
     channel_BxCxTxD = jnp.broadcast_to(channel_BxCxD[:, :, None],
@@ -254,9 +267,9 @@ class Enigma(nnx.Module):
                rate: float, channels: int, frame_shape: tuple, rngs: nnx.Rngs):
     self.core = Core(c, window=window, rate=rate, channels=channels, frame_shape=frame_shape,
                      rngs=rngs)
-    self.neuron_NxE = nn.param(rngs, (neurons, c.neuron_dim), ('neurons', None), fan_in=1)
-    self.session_SxD = nn.param(rngs, (sessions, c.dim), (None, 'embed'), fan_in=c.dim)
-    self.animal_AxD = nn.param(rngs, (animals, c.dim), (None, 'embed'), fan_in=c.dim)
+    self.neuron_NxE = nn.param(rngs, (neurons, c.neuron_dim), (NEURONS, None), fan_in=1)
+    self.session_SxD = nn.param(rngs, (sessions, c.dim), (None, EMBED), fan_in=c.dim)
+    self.animal_AxD = nn.param(rngs, (animals, c.dim), (None, EMBED), fan_in=c.dim)
 
   def __call__(self, batch: dict, masks: Masks):
     identity_BxMxE = jnp.take(self.neuron_NxE[...], batch['neurons'], axis=0)

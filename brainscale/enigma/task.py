@@ -15,6 +15,7 @@ from brainscale.data import neural
 from brainscale.enigma import data, evaluation, masking
 from brainscale.enigma.model import Enigma, Spec
 from brainscale.train import task
+from brainscale.train.prerequisites import Prerequisite
 
 PAD_ROWS = 128  # embedding tables are padded so their rows shard over any mesh up to this
 
@@ -80,14 +81,15 @@ class Task(task.Task, task.Costs):
                   rate=c.data.rate, channels=len(neural.CHANNELS),
                   frame_shape=tuple(c.data.frame_shape), rngs=rngs)
 
-  def prerequisites(self, workdir):
-    """With adapt.experiment: its trained core, loaded and frozen (new-session adaptation)."""
+  def prerequisites(self):
+    """With adapt.experiment: its trained core, loaded and frozen (new-session adaptation);
+    that run trains beside this one unless adapt.workdir names its folder."""
     a = self.config.adapt
     if not a.experiment:
       return {}
     base = config_lib.resolve(a.experiment, list(a.overrides))
-    return {'core': (base, a.workdir or os.path.join(os.path.dirname(workdir), a.experiment),
-                     'core')}
+    run_dir = os.path.abspath(a.workdir) if a.workdir else os.path.join('..', a.experiment)
+    return {'core': Prerequisite(base, run_dir, subtree='core')}
 
   def loss(self, model, batch, rng, train):
     c = self.config

@@ -3,6 +3,10 @@
 Every token carries a time in samples (its centre) for the rotary embedding
 and a validity flag: a token whose samples are all hidden or missing is not
 attended to. Hidden samples enter as zeros plus a 0/1 'seen' channel.
+
+Shape suffixes: W samples of a window, M neurons, S token times of a trace or tubelet
+times of a video, K samples a neuron token spans, G grid cells, P pixels of a tubelet,
+H x X frame pixels (height, width), C behaviour channels, E neuron embedding, D model dim.
 """
 
 import jax
@@ -10,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from brainscale import nn
+from brainscale.parallel import EMBED
 
 
 def _spans(length: int, kernel: int, stride: int) -> jax.Array:
@@ -24,8 +29,8 @@ class NeuronTokens(nnx.Module):
   """Strided 1D conv over each neuron's trace + the neuron's identity embedding."""
 
   def __init__(self, dim: int, identity_dim: int, *, kernel: int, stride: int, rngs: nnx.Rngs):
-    self.w_conv_Kx2xD = nn.param(rngs, (kernel, 2, dim), (None, None, 'embed'), fan_in=2 * kernel)
-    self.w_identity_ExD = nn.param(rngs, (identity_dim, dim), (None, 'embed'))
+    self.w_conv_Kx2xD = nn.param(rngs, (kernel, 2, dim), (None, None, EMBED), fan_in=2 * kernel)
+    self.w_identity_ExD = nn.param(rngs, (identity_dim, dim), (None, EMBED))
     self.kernel, self.stride = kernel, stride
 
   def __call__(self, trace_BxWxM, seen_BxWxM, identity_BxMxE):
@@ -54,18 +59,18 @@ class VideoTokens(nnx.Module):
       raise ValueError(f'video patch {ph}x{pw} does not tile frames of {h}x{w}')
     self.grid = (h // ph, w // pw)
     self.patch = tuple(patch)
-    self.w_patch_PxD = nn.param(rngs, (pt * ph * pw, dim), (None, 'embed'))
+    self.w_patch_PxD = nn.param(rngs, (pt * ph * pw, dim), (None, EMBED))
     # as large as the content (std 1), so queries can select places from the start
-    self.w_where_GxD = nn.param(rngs, (self.grid[0] * self.grid[1], dim), (None, 'embed'),
+    self.w_where_GxD = nn.param(rngs, (self.grid[0] * self.grid[1], dim), (None, EMBED),
                                 fan_in=1)
 
-  def __call__(self, frames_BxWxHxV, seen_BxW):
+  def __call__(self, frames_BxWxHxX, seen_BxW):
     """Tokens [B, S*G, D], valid [B, S*G], times [S*G]; G patches per tubelet time."""
     pt, ph, pw = self.patch
-    b, w = frames_BxWxHxV.shape[:2]
+    b, w = frames_BxWxHxX.shape[:2]
     s = w // pt
     gh, gw = self.grid
-    x = (frames_BxWxHxV[:, :s * pt].astype(jnp.float32) / 255.0 - 0.5) * 4.0
+    x = (frames_BxWxHxX[:, :s * pt].astype(jnp.float32) / 255.0 - 0.5) * 4.0
     x = x.reshape(b, s, pt, gh, ph, gw, pw).transpose(0, 1, 3, 5, 2, 4, 6)
     x_BxSxGxP = x.reshape(b, s, gh * gw, pt * ph * pw).astype(self.w_patch_PxD.dtype)
     seen_BxS = seen_BxW[:, :s * pt].reshape(b, s, pt).any(-1)
@@ -82,9 +87,9 @@ class BehaviorTokens(nnx.Module):
   """One token per behaviour channel per window: the channel's whole trace, projected."""
 
   def __init__(self, dim: int, channels: int, window: int, *, rngs: nnx.Rngs):
-    self.w_trace_Cx2WxD = nn.param(rngs, (channels, 2 * window, dim), (None, None, 'embed'),
+    self.w_trace_Cx2WxD = nn.param(rngs, (channels, 2 * window, dim), (None, None, EMBED),
                                    fan_in=2 * window)
-    self.w_channel_CxD = nn.param(rngs, (channels, dim), (None, 'embed'), fan_in=dim)
+    self.w_channel_CxD = nn.param(rngs, (channels, dim), (None, EMBED), fan_in=dim)
 
   def __call__(self, behavior_BxWxC, seen_BxWxC):
     """Tokens [B, C, D], valid [B, C], times [C] (the window centre)."""

@@ -1,4 +1,15 @@
-"""Model-agnostic Flax NNX modules; nothing here knows CWM or Enigma."""
+"""Model-agnostic Flax NNX modules; nothing here knows CWM or Enigma.
+
+Shape suffixes (x_BxTxD: a [B, T, D] array), the key for nn/ and every family; a model
+module's docstring adds its own letters and says where one differs in that module:
+  B batch                 T query tokens           S key tokens
+  D model dim             N query heads            K key/value heads
+  H head dim              F MLP hidden             V vocabulary
+  L layers (a Stack's leading axis; a KVCache's too)
+  in losses.py N counts the tokens of a flattened batch and C a chunk of the vocabulary
+Parameter attribute names (w_q_DxNxH, table_VxD, ...) are checkpoint paths: renaming
+one breaks restoring the checkpoints that hold it, so they keep their letters.
+"""
 
 from brainscale.nn.attention import Attention, KVCache, Mask, attend, slot_mask
 from brainscale.nn.core import RMSNorm, axes_of, param

@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from brainscale import parallel
 from brainscale.nn.core import RMSNorm, param
 from brainscale.nn.embeddings import Rotary, apply_rope
+from brainscale.parallel import ACT_HEADS, BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LENGTH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,7 @@ class Mask:
 
   causal: key position <= query position. window: additionally
   query position - key position < window (positions default to token index;
-  pass times for a window in seconds). kv_valid: False marks key padding.
+  pass times for a window in time units, e.g. Enigma's samples). kv_valid: False marks key padding.
   Segments: a query sees only keys of its own segment id, and keys of
   `shared_segment` when set (a shared prefix that many independent
   continuations attend to, e.g. one context and many parallel queries).
@@ -109,7 +110,7 @@ class KVCache:
     return 2 * self.k_LxBxSxKxH.size * self.k_LxBxSxKxH.dtype.itemsize
 
 
-CACHE_AXES = (None, 'batch', None, 'act_heads', None)
+CACHE_AXES = (None, BATCH, None, ACT_HEADS, None)
 
 jax.tree_util.register_dataclass(
     KVCache, data_fields=['k_LxBxSxKxH', 'v_LxBxSxKxH', 'length', 'layer'], meta_fields=[])
@@ -210,8 +211,8 @@ def per_device(attend_fn):
     def local(q, k, v, arrays):
       return attend_fn(q, k, v, Mask(**flags, **arrays))
 
-    heads = ('batch', None, 'act_heads', None)
-    rows = {name: ('batch', None) for name in arrays}
+    heads = (BATCH, None, ACT_HEADS, None)
+    rows = {name: (BATCH, None) for name in arrays}
     sharded = parallel.shard_local(local, (heads, heads, heads, rows), heads,
                                    (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays))
     return sharded(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, arrays)
@@ -240,15 +241,15 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs):
     num_kv_heads = num_kv_heads or num_heads
     kv_dim = kv_dim or dim
-    self.w_q_DxNxH = param(rngs, (dim, num_heads, head_dim), ('embed', 'heads', 'head_dim'))
+    self.w_q_DxNxH = param(rngs, (dim, num_heads, head_dim), (EMBED, HEADS, HEAD_DIM))
     self.w_k_ExKxH = param(rngs, (kv_dim, num_kv_heads, head_dim),
-                           ('embed', 'kv_heads', 'head_dim'))
+                           (EMBED, KV_HEADS, HEAD_DIM))
     self.w_v_ExKxH = param(rngs, (kv_dim, num_kv_heads, head_dim),
-                           ('embed', 'kv_heads', 'head_dim'))
-    self.w_o_NxHxD = param(rngs, (num_heads, head_dim, dim), ('heads', 'head_dim', 'embed'),
+                           (EMBED, KV_HEADS, HEAD_DIM))
+    self.w_o_NxHxD = param(rngs, (num_heads, head_dim, dim), (HEADS, HEAD_DIM, EMBED),
                            fan_in=num_heads * head_dim)
-    self.q_norm = RMSNorm(head_dim, axis_name='head_dim', rngs=rngs) if qk_norm else None
-    self.k_norm = RMSNorm(head_dim, axis_name='head_dim', rngs=rngs) if qk_norm else None
+    self.q_norm = RMSNorm(head_dim, axis_name=HEAD_DIM, rngs=rngs) if qk_norm else None
+    self.k_norm = RMSNorm(head_dim, axis_name=HEAD_DIM, rngs=rngs) if qk_norm else None
     self.backend = backend
 
   def __call__(self, x_BxTxD: jax.Array, kv_BxSxE: jax.Array | None = None, *,
@@ -270,7 +271,7 @@ class Attention(nnx.Module):
       k_BxSxKxH = apply_rope(k_BxSxKxH, rope_k)
     # Heads split over the tensor axis, the whole sequence on each device (Megatron): the
     # residual stream is gathered along its length here, never the weights.
-    heads = ('batch', 'length', 'act_heads', None)
+    heads = (BATCH, LENGTH, ACT_HEADS, None)
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (parallel.constrain(a, heads)
                                        for a in (q_BxTxNxH, k_BxSxKxH, v_BxSxKxH))
     q_BxTxNxH, k_BxSxKxH, v_BxSxKxH = (checkpoint_name(a, 'qkv')

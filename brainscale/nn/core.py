@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from brainscale.parallel import NORM
+
 
 def param(rngs: nnx.Rngs, shape: tuple, axes: tuple, *, fan_in: int | None = None,
           init: str = 'normal', dtype=jnp.float32) -> nnx.Param:
@@ -37,7 +39,7 @@ def axes_of(variable: nnx.Variable) -> tuple:
 class RMSNorm(nnx.Module):
   """x / rms(x) * scale over the last axis, computed in float32."""
 
-  def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = 'norm',
+  def __init__(self, dim: int, *, eps: float = 1e-6, axis_name: str = NORM,
                rngs: nnx.Rngs):
     self.scale_D = param(rngs, (dim,), (axis_name,), init='ones')
     self.eps = eps

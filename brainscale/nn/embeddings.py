@@ -13,6 +13,7 @@ from flax import nnx
 
 from brainscale import parallel
 from brainscale.nn.core import param
+from brainscale.parallel import EMBED, VOCAB, WHOLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,22 +75,22 @@ class Embed(nnx.Module):
   """Token ids -> vectors."""
 
   def __init__(self, vocab: int, dim: int, *, rngs: nnx.Rngs):
-    self.table_VxD = param(rngs, (vocab, dim), ('vocab', 'embed'), fan_in=dim)
+    self.table_VxD = param(rngs, (vocab, dim), (VOCAB, EMBED), fan_in=dim)
 
   def __call__(self, ids_BxT: jax.Array) -> jax.Array:
     # Gather from a table whole along 'embed' and split only along 'vocab': each device
     # looks up the ids of its vocabulary shard and the shards are summed. A table split
     # along 'embed' (as FSDP stores it) makes XLA's partitioner replicate the output.
-    table_VxD = parallel.constrain(self.table_VxD[...], ('vocab', None))
+    table_VxD = parallel.constrain(self.table_VxD[...], (VOCAB, None))
     x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0)
-    return parallel.constrain(x_BxTxD, ('batch', 'length', 'act_embed'))
+    return parallel.constrain(x_BxTxD, WHOLE)
 
 
 class Head(nnx.Module):
   """Untied output projection; `w_DxV` feeds the chunked loss directly."""
 
   def __init__(self, dim: int, vocab: int, *, rngs: nnx.Rngs):
-    self.w_DxV = param(rngs, (dim, vocab), ('embed', 'vocab'))
+    self.w_DxV = param(rngs, (dim, vocab), (EMBED, VOCAB))
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     return jnp.einsum('btd,dv->btv', x_BxTxD, self.w_DxV[...])

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from brainscale import parallel
+from brainscale.parallel import ACT_EMBED, ACT_LENGTH, BATCH
 
 
 def masked_mean(values: jax.Array, mask: jax.Array | None, *, empty: float = 0.0) -> jax.Array:
@@ -30,7 +31,7 @@ def _chunk(w_DxV: jax.Array, c, size: int) -> jax.Array:
 
 # Tokens stay split as the batch and the residual stream's length are, so no device
 # computes another's logits.
-TOKENS = ('batch', 'act_length')
+TOKENS = (BATCH, ACT_LENGTH)
 
 
 def _chunk_logits(x_NxD, w_DxV, c, size):
@@ -103,7 +104,7 @@ def chunked_cross_entropy(x_BxTxD: jax.Array, w_DxV: jax.Array, targets_BxT: jax
   if v % chunk:
     raise ValueError(f'vocabulary {v} is not a multiple of the loss chunk {chunk}; '
                      f'pad the vocabulary or pick a divisor')
-  x_NxD = parallel.constrain(x_BxTxD.reshape(-1, d), (TOKENS, 'act_embed'))
+  x_NxD = parallel.constrain(x_BxTxD.reshape(-1, d), (TOKENS, ACT_EMBED))
   nll_N = _nll(x_NxD, w_DxV, targets_BxT.reshape(-1).astype(jnp.int32), chunk)
   return nll_N.reshape(lead)
 

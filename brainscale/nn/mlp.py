@@ -7,18 +7,19 @@ from jax.ad_checkpoint import checkpoint_name
 
 from brainscale import parallel
 from brainscale.nn.core import param
+from brainscale.parallel import ACT_MLP, BATCH, EMBED, LENGTH, MLP
 
 
 class GeluMLP(nnx.Module):
   """w_out(gelu(w_in x))."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.w_in_DxF = param(rngs, (dim, hidden), ('embed', 'mlp'))
-    self.w_out_FxD = param(rngs, (hidden, dim), ('mlp', 'embed'))
+    self.w_in_DxF = param(rngs, (dim, hidden), (EMBED, MLP))
+    self.w_out_FxD = param(rngs, (hidden, dim), (MLP, EMBED))
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     h_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, self.w_in_DxF[...])
-    h_BxTxF = parallel.constrain(jax.nn.gelu(h_BxTxF), ('batch', 'length', 'act_mlp'))
+    h_BxTxF = parallel.constrain(jax.nn.gelu(h_BxTxF), (BATCH, LENGTH, ACT_MLP))
     out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, self.w_out_FxD[...])
     return checkpoint_name(out_BxTxD, 'mlp_out')
 
@@ -27,15 +28,15 @@ class SwiGLU(nnx.Module):
   """w_out(silu(w_gate x) * w_up x)."""
 
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.w_gate_DxF = param(rngs, (dim, hidden), ('embed', 'mlp'))
-    self.w_up_DxF = param(rngs, (dim, hidden), ('embed', 'mlp'))
-    self.w_out_FxD = param(rngs, (hidden, dim), ('mlp', 'embed'))
+    self.w_gate_DxF = param(rngs, (dim, hidden), (EMBED, MLP))
+    self.w_up_DxF = param(rngs, (dim, hidden), (EMBED, MLP))
+    self.w_out_FxD = param(rngs, (hidden, dim), (MLP, EMBED))
 
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     gate_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, self.w_gate_DxF[...])
     up_BxTxF = jnp.einsum('btd,df->btf', x_BxTxD, self.w_up_DxF[...])
     h_BxTxF = parallel.constrain(jax.nn.silu(gate_BxTxF) * up_BxTxF,
-                                 ('batch', 'length', 'act_mlp'))
+                                 (BATCH, LENGTH, ACT_MLP))
     out_BxTxD = jnp.einsum('btf,fd->btd', h_BxTxF, self.w_out_FxD[...])
     return checkpoint_name(out_BxTxD, 'mlp_out')
 

@@ -14,6 +14,7 @@ from brainscale.nn.attention import Attention, KVCache, Mask
 from brainscale.nn.core import RMSNorm, axes_of
 from brainscale.nn.embeddings import Rotary
 from brainscale.nn.mlp import make_mlp
+from brainscale.parallel import LAYERS, RESIDUAL, WHOLE
 from kernels import flash_attention
 
 _policies = jax.checkpoint_policies
@@ -49,14 +50,13 @@ class Block(nnx.Module):
     # ('act_length' -> 'tensor': Megatron's sequence parallelism); the normed input of
     # attention and the MLP is whole along it ('length'), so their weights stay split over
     # heads and hidden units and are never gathered.
-    whole = ('batch', 'length', 'act_embed')
-    attended = self.attn(parallel.constrain(self.attn_norm(x_BxTxD), whole), kv_BxSxE,
+    attended = self.attn(parallel.constrain(self.attn_norm(x_BxTxD), WHOLE), kv_BxSxE,
                          mask=mask, rope_q=rope_q, rope_k=rope_k, cache=cache)
     if cache is not None:
       attended, cache = attended
-    x_BxTxD = parallel.constrain(x_BxTxD + attended, ('batch', 'act_length', 'act_embed'))
-    x_BxTxD = x_BxTxD + self.mlp(parallel.constrain(self.mlp_norm(x_BxTxD), whole))
-    x_BxTxD = parallel.constrain(x_BxTxD, ('batch', 'act_length', 'act_embed'))
+    x_BxTxD = parallel.constrain(x_BxTxD + attended, RESIDUAL)
+    x_BxTxD = x_BxTxD + self.mlp(parallel.constrain(self.mlp_norm(x_BxTxD), WHOLE))
+    x_BxTxD = parallel.constrain(x_BxTxD, RESIDUAL)
     return x_BxTxD if cache is None else (x_BxTxD, cache)
 
 
@@ -74,7 +74,7 @@ class Stack(nnx.Module):
 
     self.layers = create(rngs)
     for _, variable in nnx.to_flat_state(nnx.state(self.layers, nnx.Param)):
-      variable.set_metadata('axes', ('layers',) + axes_of(variable))
+      variable.set_metadata('axes', (LAYERS,) + axes_of(variable))
     self.num_layers = num_layers
     self.remat = remat
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from brainscale import nn, parallel
+from brainscale.parallel import WHOLE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +40,7 @@ class TinyLM(nnx.Module):
 
   def features(self, ids_BxT: jax.Array) -> jax.Array:
     """Final normalised hidden states [B, T, D]."""
-    x_BxTxD = parallel.constrain(self.embed(ids_BxT), ('batch', 'length', 'act_embed'))
+    x_BxTxD = parallel.constrain(self.embed(ids_BxT), WHOLE)
     t_BxT = jnp.broadcast_to(jnp.arange(ids_BxT.shape[1]), ids_BxT.shape)
     rope = nn.rope_1d(t_BxT, self.head_dim)
     x_BxTxD = self.blocks(x_BxTxD, mask=nn.Mask(causal=True), rope_q=rope, rope_k=rope)

@@ -7,8 +7,8 @@ so a crash mid-write leaves the previous checkpoint as the newest one.
 Restoring takes an abstract target with the *current* shardings, so a
 checkpoint restores onto any mesh or device count.
 
-Faults are stepped past, never fatal and never destructive: a checkpoint that
-fails to read (a truncated or overwritten file, a half-deleted step folder) is
+Reading steps past faults and destroys nothing: a checkpoint that fails to read
+(a truncated or overwritten file, a half-deleted step folder) is
 reported in one line and, once an older one has restored, moved to
 workdir/broken_checkpoints/ for a post-mortem. A save that fails (disk full, no
 permission) removes its own temporary folder, leaves the earlier checkpoints as

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.nn.core import axes_of
 from brainscale.train import optim
@@ -59,7 +60,7 @@ def describe(config, num_devices: int | None = None) -> str:
   num_nodes = 1
   if num_devices is None and 'cluster' in config:
     num_nodes = config.cluster.nodes
-    num_devices = num_nodes * config.cluster.gpus_per_node
+    num_devices = config_lib.cluster_devices(config.cluster)
   num_devices = num_devices or jax.device_count()
   dcn, ici = parallel.mesh_shape(config.mesh, num_devices, num_nodes)
   sizes = {a: dcn[a] * ici[a] for a in parallel.AXES}
@@ -78,7 +79,7 @@ def describe(config, num_devices: int | None = None) -> str:
   param_bytes = np.dtype(config.model.param_dtype).itemsize
   compute_bytes = np.dtype(config.model.compute_dtype).itemsize
   shard_elems = sum(r.count / r.shards for r in rows)
-  data_shards = sizes['data'] * sizes['fsdp']
+  data_shards = math.prod(config_lib.batch_axes(config, num_devices, num_nodes).values())
   examples = max(batch // data_shards // config.train.microbatches, 1)
   memory = {
       'params': shard_elems * param_bytes,
@@ -93,17 +94,19 @@ def describe(config, num_devices: int | None = None) -> str:
             'memory per device (analytic):']
   lines += [f'  {k:<36} {v / GiB:10.3f} GiB' for k, v in memory.items()]
   lines.append(f'  {"total":<36} {sum(memory.values()) / GiB:10.3f} GiB')
-  return '\n'.join(lines + group_lines(config, rows))
+  frozen = [name for name, pre in task.prerequisites().items() if pre.frozen]
+  return '\n'.join(lines + group_lines(config, rows, frozen))
 
 
-def group_lines(config, rows) -> list[str]:
-  """Which parameters each optimizer group holds (train.groups; 'default' the rest)."""
+def group_lines(config, rows, frozen=()) -> list[str]:
+  """Which parameters each optimizer group holds (optim.groups; 'default' the rest)."""
   t = config.train
-  labels = optim.group_of([r.path for r in rows], t.groups)
+  groups = optim.groups(config, frozen)
+  labels = optim.group_of([r.path for r in rows], groups)
   lines = ['optimizer groups (frozen first, then the first pattern that matches):']
-  for name in ['default', *t.groups]:
+  for name in ['default', *groups]:
     mine = [r for r, label in zip(rows, labels) if label == name]
-    g = t.groups[name] if name != 'default' else types.SimpleNamespace(
+    g = groups[name] if name != 'default' else types.SimpleNamespace(
         lr_scale=1.0, weight_decay=t.weight_decay, pattern='(the rest)')
     what = 'frozen' if g.lr_scale == 0 else f'lr x{g.lr_scale:g}, weight_decay {g.weight_decay:g}'
     example = f', e.g. {mine[0].path}' if mine else ''

@@ -6,11 +6,14 @@ weight decay; lr_scale 0 freezes the group (no update, no optimizer state).
 Frozen groups are matched first, so freezing a subtree also freezes the
 parameters of it that another group names (e.g. the norms of a frozen
 tokenizer); otherwise the first matching group wins. The rest use the defaults.
+A frozen prerequisite (train/prerequisites.py) adds its own frozen group, named after
+its top-level parameter, so no experiment writes a freeze regex for it.
 """
 
 import re
 
 import jax
+import ml_collections
 import optax
 
 from brainscale.config import ConfigError
@@ -51,10 +54,27 @@ def group_labels(params, groups) -> dict:
   return jax.tree_util.tree_unflatten(treedef, labels)
 
 
-def make(c) -> optax.GradientTransformation:
-  """The optimizer of config `c`."""
+def groups(c, frozen=()) -> dict:
+  """`c.train.groups` after a frozen group '^NAME/' for each top-level parameter in `frozen`.
+
+  The group is named NAME, as the optimizer state of a checkpoint names it.
+  """
+  out = {name: ml_collections.ConfigDict(dict(pattern=f'^{name}/', lr_scale=0.0,
+                                              weight_decay=0.0))
+         for name in frozen}
+  for name, g in c.train.groups.items():
+    if name in out and (g.pattern, g.lr_scale) != (out[name].pattern, 0.0):
+      raise ConfigError(f'train.groups.{name} is the group of the frozen prerequisite {name!r}; '
+                        'name the group otherwise')
+    out.setdefault(name, g)
+  return out
+
+
+def make(c, frozen=()) -> optax.GradientTransformation:
+  """The optimizer of config `c`, with the top-level parameters in `frozen` frozen."""
   t = c.train
   lr = schedule(c)
+  named = groups(c, frozen)
 
   def adamw(lr_scale: float, weight_decay: float):
     if lr_scale == 0:  # frozen: no update and no optimizer state
@@ -63,9 +83,9 @@ def make(c) -> optax.GradientTransformation:
                        weight_decay=weight_decay)
 
   transforms = {'default': adamw(1.0, t.weight_decay)}
-  for name, g in t.groups.items():
+  for name, g in named.items():
     transforms[name] = adamw(g.lr_scale, g.weight_decay)
-  tx = optax.multi_transform(transforms, lambda p: group_labels(p, t.groups))
+  tx = optax.multi_transform(transforms, lambda p: group_labels(p, named))
   if t.grad_clip > 0:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
   return tx

@@ -50,16 +50,15 @@ class Task(abc.ABC):
     del model
     return {}
 
-  def prerequisites(self, workdir: str) -> dict[str, tuple]:
-    """Runs this task starts from: {top-level param name: (config, workdir[, subtree])}.
+  def prerequisites(self) -> dict:
+    """Runs this task starts from: {top-level param name: prerequisites.Prerequisite}.
 
     Before training from scratch, the trainer trains (or resumes, or finds
-    finished) each run first (loop.runs_to_train) and copies its final params (or
-    their top-level `subtree`) into that name, e.g. a frozen tokenizer inside a
-    world model or a trained core under a new session's embeddings. Freeze it with
-    a group of lr_scale 0.
+    finished) each run first (prerequisites.runs_to_train) and copies its final
+    params (or their top-level `subtree`) into that name, e.g. a frozen tokenizer
+    inside a world model or a trained core under a new session's embeddings. A
+    frozen one gets a group of lr_scale 0 from the trainer (optim.groups).
     """
-    del workdir
     return {}
 
 

@@ -27,6 +27,7 @@ from pynwb.ophys import DfOverF, Fluorescence, RoiResponseSeries
 
 from brainscale.data import neural
 from brainscale.data import video as video_lib
+from brainscale.data.behavior import behavior_TxC, uint8_frames
 from brainscale.data.importers import InputError, failed, store_errors
 
 CHUNK = 4096   # neural samples resampled per read
@@ -259,14 +260,12 @@ def _aligned(source, width: int, times_T, path) -> np.ndarray:
 
 
 def _behavior_TxC(sources, times_T, rate: float, path) -> np.ndarray:
-  """[T, 5] in neural.CHANNELS order on the neural clock; pupil_size_change = d size / dt."""
+  """[T, 5] in CHANNELS order on the neural clock; pupil_size_change = d size / dt."""
   position_Tx2 = _aligned(sources['pupil_x/pupil_y'], 2, times_T, path)
-  size_T = _aligned(sources['pupil_size'], 1, times_T, path)[:, 0]
-  change_T = np.gradient(size_T) * rate if len(size_T) > 1 else np.full_like(size_T, np.nan)
-  channels = {'pupil_x': position_Tx2[:, 0], 'pupil_y': position_Tx2[:, 1], 'pupil_size': size_T,
-              'pupil_size_change': change_T,
-              'running_speed': _aligned(sources['running_speed'], 1, times_T, path)[:, 0]}
-  return np.stack([channels[c] for c in neural.CHANNELS], axis=1).astype(np.float32)
+  return behavior_TxC(
+      pupil_x_T=position_Tx2[:, 0], pupil_y_T=position_Tx2[:, 1],
+      pupil_size_T=_aligned(sources['pupil_size'], 1, times_T, path)[:, 0],
+      running_speed_T=_aligned(sources['running_speed'], 1, times_T, path)[:, 0], rate=rate)
 
 
 # ---------------------------------------------------------------- stimulus frames
@@ -303,8 +302,7 @@ def _gray_resized(frames, frame_shape, where: str) -> np.ndarray:
 
 def _uint8(frames_FxHxW: np.ndarray, unit_range: bool) -> np.ndarray:
   """0..255 uint8 (NaN 0); unit_range frames (float data in [0, 1]) are scaled by 255 first."""
-  frames_FxHxW = np.nan_to_num(frames_FxHxW * (255 if unit_range else 1))
-  return np.clip(np.rint(frames_FxHxW), 0, 255).astype(np.uint8)
+  return uint8_frames(frames_FxHxW, 255 if unit_range else 1)
 
 
 def _block(frame_shape) -> int:

@@ -17,6 +17,7 @@ import numpy as np
 import tqdm
 
 from brainscale.data import neural
+from brainscale.data.behavior import behavior_TxC, uint8_frames
 from brainscale.data.importers import InputError, failed, store_errors
 
 MODALITIES = ('videos', 'responses', 'behavior', 'pupil_center')
@@ -104,8 +105,7 @@ def _trimmed_length(video_HxWxF, responses_NxF) -> int:
 
 def _gray_uint8(video_HxWxF) -> np.ndarray:
   """[F, H, W] uint8: rounded, clipped to 0..255, NaN pixels 0."""
-  video = np.nan_to_num(np.asarray(video_HxWxF, np.float32))
-  return np.clip(np.rint(video), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+  return uint8_frames(video_HxWxF).transpose(2, 0, 1)
 
 
 def _tier(tiers: np.ndarray, trial: int, folder: pathlib.Path) -> str | None:
@@ -142,13 +142,10 @@ def _scan(folder, ids, neurons, tiers, progress) -> tuple[list[_Trial], dict[str
 
 
 def _behavior_Fx5(behavior_2xF, pupil_center_2xF, rate: float) -> np.ndarray:
-  """[F, 5] in neural.CHANNELS order; pupil_size_change is d(pupil size)/dt per second."""
-  size_F = np.asarray(behavior_2xF[0], np.float64)
-  change_F = np.gradient(size_F) * rate if len(size_F) > 1 else np.full_like(size_F, np.nan)
-  channels = {'pupil_x': pupil_center_2xF[0], 'pupil_y': pupil_center_2xF[1],
-              'pupil_size': size_F, 'pupil_size_change': change_F,
-              'running_speed': behavior_2xF[1]}
-  return np.stack([channels[c] for c in neural.CHANNELS], axis=1).astype(np.float32)
+  """[F, 5] in CHANNELS order; pupil_size_change is d(pupil size)/dt per second."""
+  return behavior_TxC(pupil_x_T=pupil_center_2xF[0], pupil_y_T=pupil_center_2xF[1],
+                      pupil_size_T=np.asarray(behavior_2xF[0], np.float64),
+                      running_speed_T=behavior_2xF[1], rate=rate)
 
 
 def _concatenate(folder, trials: list[_Trial], neurons: int, rate: float, progress) -> dict:

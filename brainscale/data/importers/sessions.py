@@ -22,6 +22,7 @@ import time
 from brainscale.data import neural
 from brainscale.data.importers import InputError, failed, nwb, sensorium
 from brainscale.data.importers import parts as parts_lib
+from brainscale.data.neural import write as neural_write
 
 SETTINGS = ('format', 'rate', 'frame_shape', 'missing_behavior')   # fixed per ROOT
 
@@ -134,12 +135,12 @@ def merge(root) -> dict:
       store, entry = found[path]
       name, part_catalog = entry['session'], json.loads((store / neural.CATALOG).read_text())
       if catalog is None:
-        catalog = neural._new_catalog(part_catalog['rate'], part_catalog['frame_shape'])
+        catalog = neural_write._new_catalog(part_catalog['rate'], part_catalog['frame_shape'])
       if name in [s['name'] for s in catalog['sessions']]:
         raise InputError(f'two inputs are session {name!r} ({path} and another); rename one')
       summary = next(s for s in part_catalog['sessions'] if s['name'] == name)
       meta = json.loads((store / name / 'meta.json').read_text())
-      catalog, neuron_index = neural._catalog_with(catalog, name, meta['animal'],
+      catalog, neuron_index = neural_write._catalog_with(catalog, name, meta['animal'],
                                                    meta['unit_ids'], summary['samples'],
                                                    summary['trials'])
       _place(root, store, name, {**meta, 'neuron_index': neuron_index.tolist()})
@@ -148,7 +149,7 @@ def merge(root) -> dict:
   if catalog is None:
     raise InputError(f'no session of {root}\'s parts imported: '
                      f'{parts_lib.reasons(report["skipped"])}')
-  neural._write_catalog(root, catalog)
+  neural_write._write_catalog(root, catalog)
   parts_lib.write_atomically(root / 'report.json', json.dumps(report, indent=1))
   return report
 

@@ -15,8 +15,9 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 
+from brainscale.data.behavior import CHANNELS
+
 F32 = np.float32
-CHANNELS = ('pupil_x', 'pupil_y', 'pupil_size', 'pupil_size_change', 'running_speed')
 SENSORIUM_TIERS = {'train': 'train', 'validation': 'live_test_main', 'repeats': 'oracle'}
 # seed-stream tags: every draw comes from default_rng([spec.seed, TAG, ...])
 _STIMULUS, _CALIBRATION, _NEURONS, _BEHAVIOR, _TRIALS, _NOISE, _MEMBERS = range(7)

@@ -6,7 +6,7 @@ Where to (`plan.target`, default `auto`):
 
 - `gpu` (auto, when the CUDA plugin is installed: requirements-cuda.txt): for the
   cluster's GPUs themselves -- `cluster.nodes` x `cluster.gpus_per_node` devices of
-  a GPU topology (brainscale/gpu.py), no GPU needed -- by XLA's real GPU compiler
+  a GPU topology (brainscale/plan/gpu.py), no GPU needed -- by XLA's real GPU compiler
   with the cluster jobs' XLA flags. cuDNN attention stays cuDNN, Pallas kernels go
   through Triton and ptxas, collectives are NCCL's. It prints
   - `compiled_for`: what XLA compiled for (`192 x NVIDIA H100 80GB HBM3`);
@@ -14,7 +14,7 @@ Where to (`plan.target`, default `auto`):
     outputs - donated aliases + temporaries), against `plan.hbm_fraction` of HBM:
     the CUDA context, NCCL's buffers and allocator fragmentation take the rest;
   - the kernels of one step per device by kind, with their FLOPs, HBM bytes and
-    roofline time (brainscale/hlo.py), and the collectives' bytes each GPU sends
+    roofline time (brainscale/plan/hlo.py), and the collectives' bytes each GPU sends
     per step by kind and mesh axis, within a node (NVLink) or across (InfiniBand);
   - `predicted_step_s` and `predicted_mfu`, an *estimate*: kernels at their roofline
     (FLOPs at the matmul peak or bytes at HBM bandwidth, whichever is longer -- a
@@ -45,10 +45,11 @@ import time
 import jax
 from jax.extend import core as jax_core
 
-from brainscale import gpu as gpu_lib
-from brainscale import hlo, parallel
+from brainscale import parallel
 from brainscale.config import ConfigError, cluster_devices
-from brainscale.train import loop
+from brainscale.plan import collectives, hlo
+from brainscale.plan import gpu as gpu_lib
+from brainscale.train import step as step_lib
 from brainscale.train.task import costs
 
 GiB = 2 ** 30
@@ -197,10 +198,10 @@ def compile_step(config, where: str) -> Plan:
   else:
     devices, planned, options = jax.devices(), _plan_config(config), None
   mesh = parallel.make_mesh(config.mesh, devices, nodes=nodes)
-  setup = loop.build(planned, mesh)
+  setup = step_lib.build(planned, mesh)
   batch = setup.task.batch_shapes(planned.train.batch_size)
-  step = loop.make_train_step(setup, batch)
-  shardings = loop.batch_shardings(setup, batch)
+  step = step_lib.make_train_step(setup, batch)
+  shardings = step_lib.batch_shardings(setup, batch)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
            for k, v in batch.items()}
   start = time.perf_counter()
@@ -210,7 +211,7 @@ def compile_step(config, where: str) -> Plan:
   memory = compiled.memory_analysis()
   attention = config.model.get('attention', 'xla')
   if where == 'gpu':
-    analysis = hlo.analyze(compiled.as_text(), hlo.Layout.of_mesh(mesh))
+    analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
     compiled_for = f'{len(devices)} x {devices[0].device_kind}'
     compiled_flops = analysis.flops() * len(devices)
   else:

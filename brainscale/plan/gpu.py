@@ -87,7 +87,7 @@ def spec(name: str) -> GPU:
   """The GPU a `cluster.gpu` value names."""
   if name not in GPUS:
     raise ConfigError(f'cluster.gpu={name!r} is not a GPU brainscale knows; known: '
-                      f'{", ".join(GPUS)} (brainscale/gpu.py:GPUS)')
+                      f'{", ".join(GPUS)} (brainscale/plan/gpu.py:GPUS)')
   return GPUS[name]
 
 

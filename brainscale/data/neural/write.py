@@ -1,38 +1,34 @@
-"""Neural recording sessions in a tensorstore zarr3 store, and the Grain window pipeline.
+"""Writing a neural store: a session validated, aligned to its neural clock, committed atomically.
 
-A store (ROOT/catalog.json + one folder of arrays per session) holds responses on a
-regular neural clock, stimulus frames and behaviour aligned to it, and trials with tiers.
-Example i of a pipeline is a pure function of (seed, i); arrays are read lazily, per window.
+Behaviour is interpolated and frames matched to the neural sample times here, once;
+the store's format (catalog.json, one folder of zarr3 arrays per session) is store.py's.
 """
 
 import collections
 import json
 import math
 import numbers
-import operator
 import os
 import pathlib
 import re
 import shutil
 import uuid
 
-import grain
 import numpy as np
 import tensorstore as ts
 
-from brainscale.data import batches
+from brainscale.data.behavior import CHANNELS
+from brainscale.data.neural.store import (
+  CATALOG,
+  STD_FLOOR,
+  TIERS,
+  TRIAL_KEYS,
+  VERSION,
+  read_catalog,
+)
 
-CHANNELS = ('pupil_x', 'pupil_y', 'pupil_size', 'pupil_size_change', 'running_speed')
-TIERS = ('train', 'validation', 'test', 'repeats')   # repeats: held-out repeated stimuli
-TRIAL_KEYS = ('start', 'stop', 'tier', 'stimulus')
-VERSION = 1
-CATALOG = 'catalog.json'
-STD_FLOOR = 1e-6
-MAKE_COMMAND = ('an importer (python -m brainscale.data.importers.sensorium or .nwb) or the '
-                'synthetic generator (brainscale.data.synthetic.v1.generate)')
 _NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9_.+-]*')
 _BLOCK_ROWS = 4096   # rows per block when scanning [T, N] arrays at write time
-
 
 # ---------------------------------------------------------------- alignment
 
@@ -91,7 +87,6 @@ def _increasing(name: str, values, *, minimum: int) -> np.ndarray:
                      f'{values_S[k + 1]} at index {k}')
   return values_S
 
-
 # ---------------------------------------------------------------- writing
 
 def write_session(root, name, *, animal: str, rate: float, responses_TxN, frames_FxHxW,
@@ -105,7 +100,7 @@ def write_session(root, name, *, animal: str, rate: float, responses_TxN, frames
   an exception at any point leaves the store as it was.
   """
   root = pathlib.Path(root)
-  catalog = _read_catalog(root) if (root / CATALOG).is_file() else None
+  catalog = read_catalog(root) if (root / CATALOG).is_file() else None
   responses_TxN = _responses(responses_TxN)
   num_samples, num_neurons = responses_TxN.shape
   frames_FxHxW = _frames(frames_FxHxW)
@@ -196,7 +191,7 @@ def check_fits(root, name: str, *, rate: float, frame_shape, overwrite: bool = F
   """Raises where write_session would refuse session `name` of this rate and frame shape;
   importers call it before their long read."""
   root = pathlib.Path(root)
-  catalog = _read_catalog(root) if (root / CATALOG).is_file() else None
+  catalog = read_catalog(root) if (root / CATALOG).is_file() else None
   _check_fit(root, name, catalog, rate=rate, frame_shape=frame_shape, overwrite=overwrite)
 
 
@@ -306,20 +301,11 @@ def _finite_moments(x_TxK: np.ndarray, rows_T: np.ndarray) -> tuple[np.ndarray, 
   std_K = np.maximum(np.sqrt(squares_K / np.maximum(count_K, 1)), STD_FLOOR)
   return mean_K, np.where(count_K > 0, std_K, 1.0)
 
-
 # ---------------------------------------------------------------- catalog
 
 def _new_catalog(rate: float, frame_shape) -> dict:
   return {'version': VERSION, 'rate': float(rate), 'frame_shape': list(frame_shape),
           'channels': list(CHANNELS), 'animals': [], 'sessions': [], 'neurons': []}
-
-
-def _read_catalog(root: pathlib.Path) -> dict:
-  catalog = json.loads((root / CATALOG).read_text())
-  if catalog.get('version') != VERSION:
-    raise ValueError(f'{root / CATALOG} has version {catalog.get("version")}; this code reads '
-                     f'version {VERSION}')
-  return catalog
 
 
 def _catalog_with(catalog: dict, name: str, animal: str, unit_ids: list[str], samples: int,
@@ -391,313 +377,3 @@ def _commit(root: pathlib.Path, name: str, arrays: dict, meta: dict, catalog: di
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(old, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- reading
-
-class Store:
-  """A neural store at root: the catalog, and its sessions opened on demand (cached)."""
-
-  def __init__(self, root):
-    self.root = pathlib.Path(root)
-    if not (self.root / CATALOG).is_file():
-      raise FileNotFoundError(f'{self.root / CATALOG} not found: {self.root} is not a neural '
-                              f'store; make one with {MAKE_COMMAND}')
-    self.catalog = _read_catalog(self.root)
-    self.rate = float(self.catalog['rate'])
-    self.frame_shape = tuple(self.catalog['frame_shape'])
-    self.channels = tuple(self.catalog['channels'])
-    self.animals = list(self.catalog['animals'])
-    self.session_names = [s['name'] for s in self.catalog['sessions']]
-    self.num_neurons = len(self.catalog['neurons'])
-    self._sessions = {}
-
-  def session_index(self, name_or_index) -> int:
-    """The catalog index of a session given by name or index."""
-    if isinstance(name_or_index, str):
-      if name_or_index not in self.session_names:
-        raise ValueError(f'session {name_or_index!r} is not in {self.root}; it has '
-                         f'{self.session_names}')
-      return self.session_names.index(name_or_index)
-    index = operator.index(name_or_index)
-    if not 0 <= index < len(self.session_names):
-      raise ValueError(f'session index {index} is out of range; {self.root} has '
-                       f'{len(self.session_names)} sessions')
-    return index
-
-  def session(self, name_or_index) -> 'Session':
-    index = self.session_index(name_or_index)
-    if index not in self._sessions:
-      self._sessions[index] = Session(self, index)
-    return self._sessions[index]
-
-  def __repr__(self) -> str:
-    return (f'Store({str(self.root)!r}, sessions={len(self.session_names)}, '
-            f'neurons={self.num_neurons})')
-
-
-class Session:
-  """One recording session: metadata in memory, arrays opened lazily and read by slice."""
-
-  def __init__(self, store: Store, index: int):
-    self.index = index
-    self.name = store.session_names[index]
-    self.path = store.root / self.name
-    meta = json.loads((self.path / 'meta.json').read_text())
-    self.animal = meta['animal']
-    self.animal_index = store.animals.index(self.animal)
-    self.rate = float(meta['rate'])
-    self.start_time = float(meta['start_time'])
-    self.num_samples = int(store.catalog['sessions'][index]['samples'])
-    self.unit_ids = list(meta['unit_ids'])
-    self.num_neurons = len(self.unit_ids)
-    self.neuron_index = np.array(meta['neuron_index'], np.int32)
-    self.positions = np.array(meta['positions'], np.float64).reshape(self.num_neurons, 3)
-    self.positions_scaled = _standardised(self.positions)
-    self.areas = list(meta['areas'])
-    self.trials = {k: np.array(meta['trials'][k], np.int64) for k in ('start', 'stop', 'stimulus')}
-    self.trials['tier'] = np.array(meta['trials']['tier'], str)
-    for key in ('response_mean', 'response_std', 'behavior_mean', 'behavior_std'):
-      setattr(self, key, np.array(meta[key], np.float32))
-    self._arrays = {}
-
-  def __getstate__(self) -> dict:
-    return {**self.__dict__, '_arrays': {}}   # tensorstore handles are reopened after pickling
-
-  def array(self, name: str) -> ts.TensorStore:
-    """The session's zarr3 array `name`, opened on first use in this process."""
-    if name not in self._arrays:
-      spec = {'driver': 'zarr3', 'kvstore': {'driver': 'file', 'path': str(self.path / name)}}
-      self._arrays[name] = ts.open(spec, open=True, read=True).result()
-    return self._arrays[name]
-
-  def read(self, start: int, stop: int, neurons=None) -> dict:
-    """Samples [start, stop) of the session (neurons: local indices, default all).
-
-    {'responses' [W, n] float32, 'frames' [W, H, Wd] uint8 (zeros where no frame),
-    'frame_valid' [W] bool, 'behavior' [W, C] float32, 'timestamps' [W] float64}; NaN kept.
-    """
-    start, stop = operator.index(start), operator.index(stop)
-    if not 0 <= start <= stop <= self.num_samples:
-      raise ValueError(f'samples [{start}, {stop}) are not inside session {self.name!r} '
-                       f'of {self.num_samples} samples')
-    reads = {k: self.array(k)[start:stop].read()
-             for k in ('responses', 'behavior', 'timestamps', 'frame_index')}
-    data = {k: future.result() for k, future in reads.items()}
-    frame_index_W = data.pop('frame_index')
-    if neurons is not None:
-      data['responses'] = data['responses'][:, np.asarray(neurons)]
-    data['frames'], data['frame_valid'] = self._frames(frame_index_W)
-    return data
-
-  def _frames(self, frame_index_W: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The frame of each sample (one read of the frame range they span), and which exist."""
-    frames = self.array('frames')
-    valid_W = frame_index_W >= 0
-    frames_WxHxWd = np.zeros((len(frame_index_W), *frames.shape[1:]), np.uint8)
-    if valid_W.any():
-      lo, hi = int(frame_index_W[valid_W].min()), int(frame_index_W[valid_W].max())
-      block_FxHxWd = frames[lo:hi + 1].read().result()
-      frames_WxHxWd[valid_W] = block_FxHxWd[frame_index_W[valid_W] - lo]
-    return frames_WxHxWd, valid_W
-
-  def trial_at(self, sample: int) -> int:
-    """The first trial whose [start, stop) holds this sample, -1 if none does."""
-    inside_K = (self.trials['start'] <= sample) & (sample < self.trials['stop'])
-    return int(np.argmax(inside_K)) if inside_K.any() else -1
-
-  def trials_of(self, tiers) -> np.ndarray:
-    """Ids of the trials whose tier is in tiers (a tier name or a sequence of them)."""
-    return np.flatnonzero(np.isin(self.trials['tier'], _tiers(tiers)))
-
-  def __repr__(self) -> str:
-    return (f'Session({self.name!r}, animal={self.animal!r}, samples={self.num_samples}, '
-            f'neurons={self.num_neurons}, trials={len(self.trials["start"])})')
-
-
-def _standardised(positions_Nx3: np.ndarray) -> np.ndarray:
-  """Positions in stds of the session's own spread per axis (mean 0); missing -> 0."""
-  finite_Nx3 = np.isfinite(positions_Nx3)
-  count_3 = np.maximum(finite_Nx3.sum(0), 1)
-  x_Nx3 = np.where(finite_Nx3, positions_Nx3, 0)
-  mean_3 = x_Nx3.sum(0) / count_3
-  std_3 = np.sqrt((np.where(finite_Nx3, x_Nx3 - mean_3, 0) ** 2).sum(0) / count_3)
-  scaled_Nx3 = (x_Nx3 - mean_3) / np.maximum(std_3, 1e-6)
-  return np.where(finite_Nx3 & (std_3 > 1e-6), scaled_Nx3, 0).astype(np.float32)
-
-
-def _tiers(tiers) -> list[str]:
-  tiers = [tiers] if isinstance(tiers, str) else [str(t) for t in tiers]
-  bad = [t for t in tiers if t not in TIERS]
-  if bad or not tiers:
-    raise ValueError(f'tiers {tiers} must be a non-empty selection of {TIERS}')
-  return tiers
-
-
-# ---------------------------------------------------------------- windows
-
-class WindowIndex:
-  """Every window [start, start + window) inside a trial, addressed by one integer.
-
-  Holds per-trial arrays only (session, trial, first start, cumulative window count):
-  memory O(trials). index[i] -> (session_index, trial, start).
-  """
-
-  def __init__(self, window: int, stride: int, session_K, trial_K, start_K, count_K):
-    self.window, self.stride = window, stride
-    self.session_K = np.asarray(session_K, np.int32)
-    self.trial_K = np.asarray(trial_K, np.int32)
-    self.start_K = np.asarray(start_K, np.int64)
-    self.end_K = np.cumsum(np.asarray(count_K, np.int64))
-
-  def __len__(self) -> int:
-    return int(self.end_K[-1]) if len(self.end_K) else 0
-
-  def __getitem__(self, i) -> tuple[int, int, int]:
-    i = operator.index(i)
-    i = i + len(self) if i < 0 else i
-    if not 0 <= i < len(self):
-      raise IndexError(f'window {i} is out of range; there are {len(self)}')
-    k = int(np.searchsorted(self.end_K, i, 'right'))
-    first = int(self.end_K[k - 1]) if k else 0
-    return (int(self.session_K[k]), int(self.trial_K[k]),
-            int(self.start_K[k]) + (i - first) * self.stride)
-
-  def __repr__(self) -> str:
-    return (f'WindowIndex(windows={len(self)}, trials={len(self.end_K)}, '
-            f'window={self.window}, stride={self.stride})')
-
-
-def windows(store, *, tiers, window: int, stride: int, sessions=None) -> WindowIndex:
-  """All windows of `window` samples, `stride` apart from each trial's start, that lie inside
-  a trial of the given tiers, in the given sessions (names; None: all) of the store."""
-  store = store if isinstance(store, Store) else Store(store)
-  if window < 1 or stride < 1:
-    raise ValueError(f'window={window}, stride={stride}; expected both >= 1 samples')
-  tiers = _tiers(tiers)
-  names = store.session_names if sessions is None else list(sessions)
-  unknown = [s for s in names if s not in store.session_names]
-  if unknown:
-    raise ValueError(f'sessions {unknown} are not in {store.root}; it has {store.session_names}')
-  parts = []
-  for name in names:
-    session = store.session(name)
-    trial_K = session.trials_of(tiers)
-    length_K = session.trials['stop'][trial_K] - session.trials['start'][trial_K]
-    count_K = np.where(length_K >= window, (length_K - window) // stride + 1, 0)
-    keep = count_K > 0
-    parts.append((np.full(keep.sum(), session.index), trial_K[keep],
-                  session.trials['start'][trial_K[keep]], count_K[keep]))
-  columns = [np.concatenate([p[j] for p in parts]) if parts else np.zeros(0) for j in range(4)]
-  return WindowIndex(window, stride, *columns)
-
-
-def tier_counts(store, sessions=None) -> dict[str, int]:
-  """Trials per tier (TIERS order, absent tiers left out) in the given sessions (None: all)."""
-  store = store if isinstance(store, Store) else Store(store)
-  names = store.session_names if sessions is None else list(sessions)
-  tiers = np.concatenate([store.session(name).trials['tier'] for name in names] or [[]])
-  return {t: int(np.sum(tiers == t)) for t in TIERS if np.any(tiers == t)}
-
-
-# ---------------------------------------------------------------- pipeline
-
-def example(session: Session, start: int, window: int, *, neurons, max_neurons: int,
-            trial: int | None = None) -> dict:
-  """One pipeline example (no batch axis) of samples [start, start + window) of a session for
-  the given local neurons, padded to max_neurons; trial defaults to the trial holding start
-  (-1 if none). Keys and normalisation as in pipeline."""
-  neurons_n = np.asarray(neurons, np.int64).reshape(-1)
-  w, m, n = window, max_neurons, len(neurons_n)
-  if not 1 <= n <= m:
-    raise ValueError(f'{n} neurons do not fit max_neurons={m}; expected 1 to {m}')
-  data = session.read(start, start + w, neurons_n)
-  scaled_Wxn = data['responses'] / session.response_std[neurons_n]
-  finite_Wxn = np.isfinite(scaled_Wxn)
-  responses_WxM = np.zeros((w, m), np.float32)
-  responses_WxM[:, :n] = np.where(finite_Wxn, np.maximum(scaled_Wxn, 0), 0)
-  responses_mask_WxM = np.zeros((w, m), bool)
-  responses_mask_WxM[:, :n] = finite_Wxn
-  neurons_M = np.zeros(m, np.int32)
-  neurons_M[:n] = session.neuron_index[neurons_n]
-  positions_Mx3 = np.zeros((m, 3), np.float32)
-  positions_Mx3[:n] = session.positions_scaled[neurons_n]
-  behavior_WxC = (data['behavior'] - session.behavior_mean) / session.behavior_std
-  behavior_mask_WxC = np.isfinite(behavior_WxC)
-  trial = session.trial_at(start) if trial is None else trial
-  return {'responses': responses_WxM, 'responses_mask': responses_mask_WxM,
-          'neurons': neurons_M, 'neuron_mask': np.arange(m) < n, 'positions': positions_Mx3,
-          'session': np.int32(session.index), 'animal': np.int32(session.animal_index),
-          'frames': data['frames'], 'frames_mask': data['frame_valid'],
-          'behavior': np.where(behavior_mask_WxC, behavior_WxC, 0).astype(np.float32),
-          'behavior_mask': behavior_mask_WxC,
-          'times': (np.arange(w) / session.rate).astype(np.float32),
-          'trial': np.int32(trial), 'start': np.int32(start)}
-
-
-class _Examples:
-  """Example i of the pipeline: window w of the index, with a neuron subset drawn from
-  (seed, i). Holds the store's root only; the store is opened once per process."""
-
-  def __init__(self, root, index: WindowIndex, *, seed: int, max_neurons: int,
-               min_neurons: int, train: bool, process_index: int, process_count: int):
-    self.root, self.index, self.seed, self.train = str(root), index, seed, train
-    self.max_neurons, self.min_neurons = max_neurons, min_neurons
-    self.process_index, self.process_count = process_index, process_count
-    self._store = None
-
-  def __getstate__(self) -> dict:
-    return {**self.__dict__, '_store': None}
-
-  @property
-  def store(self) -> Store:
-    if self._store is None:
-      self._store = Store(self.root)
-    return self._store
-
-  def __call__(self, local_index: int, window_id: int) -> dict:
-    index = local_index * self.process_count + self.process_index   # same on any process count
-    session_index, trial, start = self.index[window_id]
-    session = self.store.session(session_index)
-    neurons_n = self.neurons(session.num_neurons, np.random.default_rng([self.seed, index]))
-    return example(session, start, self.index.window, neurons=neurons_n,
-                   max_neurons=self.max_neurons, trial=trial)
-
-  def neurons(self, num_neurons: int, rng: np.random.Generator) -> np.ndarray:
-    """Local neuron ids: a random subset of random size when train, else the first ones."""
-    hi = min(self.max_neurons, num_neurons)
-    if not self.train:
-      return np.arange(hi)
-    count = int(rng.integers(min(self.min_neurons, num_neurons), hi + 1))
-    return np.sort(rng.choice(num_neurons, count, replace=False))
-
-
-def pipeline(root, *, seed: int, batch_size: int, process_index: int, process_count: int,
-             window: int, stride: int, tiers, max_neurons: int, min_neurons: int,
-             train: bool = True, workers: int = 0, prefetch: int = 2,
-             num_epochs: int | None = None, sessions=None) -> grain.IterDataset:
-  """Batches of this process (b = batch_size // process_count) of windows of a neural store.
-
-  Keys and shapes (W = window, M = max_neurons, C channels): responses [b, W, M] float32
-  (divided by each neuron's std, NaN -> 0, clipped at 0), responses_mask [b, W, M],
-  neurons / neuron_mask [b, M], positions [b, M, 3] (cortical x, y, z in stds of the
-  session's spread; 0 when unknown), session, animal, trial, start [b] int32, frames
-  [b, W, H, Wd] uint8, frames_mask [b, W], behavior (z-scored) / behavior_mask [b, W, C],
-  times [b, W] float32. Process p takes examples p, p + P, ... of the (shuffled, when
-  train) repeated window list.
-  """
-  batches.check_split(batch_size, process_count)
-  if not 1 <= min_neurons <= max_neurons:
-    raise ValueError(f'min_neurons={min_neurons}, max_neurons={max_neurons}; expected '
-                     '1 <= min_neurons <= max_neurons')
-  store = Store(root)
-  index = windows(store, tiers=tiers, window=window, stride=stride, sessions=sessions)
-  if not len(index):
-    raise ValueError(f'no window of {window} samples fits inside a {tiers} trial of '
-                     f'{sessions or store.session_names} in {store.root}')
-  make = _Examples(store.root, index, seed=seed, max_neurons=max_neurons,
-                   min_neurons=min_neurons, train=train, process_index=process_index,
-                   process_count=process_count)
-  return batches.batched(make, len(index), seed=seed, batch_size=batch_size,
-                         process_index=process_index, process_count=process_count, train=train,
-                         num_epochs=num_epochs, prefetch=prefetch, workers=workers)
