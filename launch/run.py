@@ -1,7 +1,7 @@
 """The one entry point: train, evaluate, describe or plan an experiment, or submit it.
 
-  python launch/run.py --experiment=NAME [--workdir=DIR] [--mode=train|eval|describe|plan]
-                       [--config.KEY=VALUE ...]
+  python launch/run.py --experiment=NAME [--workdir=DIR]
+                       [--mode=train|eval|describe|plan|goodput] [--config.KEY=VALUE ...]
   python launch/run.py --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
 
 `brainscale` (the command `pip install -e .` installs) is the same program: `entry`.
@@ -13,9 +13,11 @@ naming the key or file; --traceback shows the Python traceback as well. Anything
 else is a bug and keeps its traceback.
 
 Exit status: 0 done; 1 a run that failed (non-finite loss, a plan that does not
-fit) or a bug; 2 bad input; 74 a checkpoint could not be written, or none of the
+fit) or a bug; 2 bad input; 69 a peer process or the network was lost (a JAX runtime
+error of a multi-process run); 74 a checkpoint could not be written, or none of the
 checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
-(requeue me).
+(requeue me); 124 the hang watchdog fired (train/watchdog.py). README's table says
+what the sbatch script does on each (launch/campaign.py).
 """
 
 import os
@@ -29,7 +31,8 @@ from launch.errors import fail
 
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan'], 'what to do')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan', 'goodput'],
+                  'what to do; goodput reads the run\'s events (no JAX)')
 flags.DEFINE_bool('submit', False, 'sbatch the experiment on its cluster section')
 flags.DEFINE_bool('traceback', False, 'show the Python traceback of an expected failure too')
 FLAGS = flags.FLAGS
@@ -115,6 +118,9 @@ def main(argv):
     return submit(config)
   if FLAGS.mode == 'plan':
     return plan(config)
+  if FLAGS.mode == 'goodput':
+    from brainscale.train import goodput  # noqa: PLC0415  (no JAX)
+    return print(goodput.report(FLAGS.workdir or os.path.join('runs', FLAGS.experiment)))
   with errors.funnel(FLAGS.traceback):
     run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
 

@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from brainscale import parallel
 from brainscale.config import ConfigError
 from brainscale.nn.core import axes_of
-from brainscale.train import optim, preemption, report
+from brainscale.train import events, goodput, optim, preemption, report, watchdog
 from brainscale.train.checkpoint import CheckpointError, Checkpoints, has_checkpoint
 from brainscale.train.task import Costs, Task, get_task
 
@@ -292,6 +292,7 @@ def train_one(config, workdir: str) -> dict:
   it starts from the final params of its prerequisite runs, which must be trained."""
   c = config
   os.makedirs(workdir, exist_ok=True)
+  watch = watchdog.Watchdog(c, events.open_for(workdir))   # progress limits, events
   setup = build(c)
   report.log(f'mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} '
              f'devices, {jax.process_count()} process(es)')
@@ -301,7 +302,8 @@ def train_one(config, workdir: str) -> dict:
                f'{os.environ.get("SLURM_RESTART_COUNT", "0")}')
   checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
   data = setup.task.train_data(jax.process_index(), jax.process_count())
-  start, state = checkpoints.restore_newest(setup.abstract_state, data, log=report.log)
+  with watch.phase('restore'):
+    start, state = checkpoints.restore_newest(setup.abstract_state, data, log=report.log)
   if start is None:
     state = init_state(setup)
     state['params'].update(prerequisite_params(setup, workdir))
@@ -310,12 +312,15 @@ def train_one(config, workdir: str) -> dict:
   else:
     step = int(jax.device_get(state['step']))
     report.log(f'resuming from step {step} ({checkpoints.directory / str(start)})')
+  watch.ready(step)
   if step >= c.train.steps:
+    watch.close()
     checkpoints.close()
     return _complete(setup, state, step, workdir)
 
   writer = report.Writer(workdir, c)
-  first = next(data)
+  goodput.write_scalars(writer, workdir, step)   # the attempts before this one
+  first = watch.next(data)
   train_step = make_train_step(setup, first)
   progress = report.Progress(
       first_step=step, last_step=c.train.steps, batch_size=c.train.batch_size,
@@ -350,6 +355,7 @@ def train_one(config, workdir: str) -> dict:
     while step < c.train.steps:
       state, metrics = train_step(state, global_batch(setup, batch))
       step += 1
+      watch.step(step)
       # Read a logging step's metrics only once the next step is queued behind it.
       if pending and pending[-1][0] % c.train.log_every == 0:
         finish(pending)
@@ -357,19 +363,26 @@ def train_one(config, workdir: str) -> dict:
       preempted = notice.reached(step)   # every process, every step
       if preempted or step % c.checkpoint.every_steps == 0 or step == c.train.steps:
         finish(pending)  # never checkpoint a state whose loss is not finite
-        checkpoints.save(step, state, data, c, force=preempted)
+        with watch.phase('save', step):
+          checkpoints.save(step, state, data, c, force=preempted)
       if preempted:
-        checkpoints.close()   # waits until the checkpoint is committed
+        with watch.phase('save', step):
+          checkpoints.close()   # waits until the checkpoint is committed
         writer.close()
         report.log(f'SIGTERM: stopped at the agreed step {step}; checkpoint saved')
         raise preemption.Preempted(step)
       if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
-        _eval_and_write(setup, state['params'], step, writer)
+        with watch.phase('eval', step):
+          _eval_and_write(setup, state['params'], step, writer)
       if step < c.train.steps:
-        batch = next(data)
+        batch = watch.next(data)
   finish(pending)
-  final = _eval_and_write(setup, state['params'], step, writer)
-  checkpoints.close()
+  with watch.phase('eval', step):
+    final = _eval_and_write(setup, state['params'], step, writer)
+  with watch.phase('save', step):
+    checkpoints.close()
+  watch.close()
+  goodput.write_scalars(writer, workdir, step)
   writer.close()
   return {**last, **{f'eval_{k}': v for k, v in final.items()}}
 

@@ -152,6 +152,11 @@ class Writer:
     if run is not None:
       run.finish()
 
+  @property
+  def active(self) -> bool:
+    """Whether this Writer writes (process 0, a writable workdir)."""
+    return self._writer is not None
+
   def scalars(self, step: int, scalars: dict[str, float]):
     if self._writer is None:
       return
