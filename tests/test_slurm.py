@@ -161,8 +161,9 @@ def test_the_job_requeues_itself_only_when_the_trainer_exits_75(tmp_path, status
 # --- a local SLURM cluster -------------------------------------------------------------
 
 
-def start_local_slurm(state_dir) -> dict:
-  """Starts launch/local_slurm in state_dir; the environment whose sbatch and srun use it.
+def start_local_slurm(state_dir, nodes: int = 1) -> dict:
+  """Starts launch/local_slurm in state_dir (`nodes` slurmd: n1..nN when more than one);
+  the environment whose sbatch and srun use it.
 
   Skips where SLURM or root is missing, or fails under BRAINSCALE_REQUIRE_SLURM=1.
   Stop it with `launch/local_slurm/stop.sh state_dir`.
@@ -178,7 +179,7 @@ def start_local_slurm(state_dir) -> dict:
     pytest.fail(f'{why} (BRAINSCALE_REQUIRE_SLURM=1)')
   if why:
     pytest.skip(why)
-  done = subprocess.run(['bash', str(LOCAL_SLURM / 'start.sh'), str(state_dir)],
+  done = subprocess.run(['bash', str(LOCAL_SLURM / 'start.sh'), str(state_dir), str(nodes)],
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, f'start.sh failed:\n{done.stdout}\n{done.stderr}'
   conf = re.search(r'^export SLURM_CONF=(\S+)$', done.stdout, re.M).group(1)
