@@ -70,6 +70,7 @@ def load_state(workdir) -> dict:
 
 def save_state(workdir, state: dict):
   path = _state_path(workdir)
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix('.tmp')
   tmp.write_text(json.dumps(state, indent=1) + '\n')
   os.replace(tmp, path)
@@ -203,7 +204,7 @@ def verdict(status: int, tasks: list[Task], srun_first: int | None) -> tuple[str
     return 'done', 'every task exited 0'
   if status == 0:
     return 'done', 'srun exited 0'
-  if exits and all(e['code'] == PREEMPTED for e in exits) and len(exits) == len(tasks):
+  if status == PREEMPTED and all(e['code'] == PREEMPTED for e in exits):
     return 'preempted', 'SIGTERM: checkpoint saved (exit 75)'
   first = {t.rank: t for t in tasks}.get(srun_first)
   stopping = [t for t in tasks if t.exit and t.exit.get('cause') in STOP_CAUSES]
@@ -224,7 +225,10 @@ def partition_nodes() -> list[str]:
   """The nodes of this job's partition (sinfo)."""
   partition = os.environ.get('SLURM_JOB_PARTITION', '')
   command = ['sinfo', '-h', '-N', '-o', '%N'] + (['-p', partition] if partition else [])
-  done = subprocess.run(command, capture_output=True, text=True)
+  try:
+    done = subprocess.run(command, capture_output=True, text=True)
+  except OSError:
+    return []
   return sorted(set(done.stdout.split())) if done.returncode == 0 else []
 
 
@@ -319,7 +323,11 @@ def _resubmit(script: str, job: str, excluded: list[str]) -> str:
   command = ['sbatch', f'--dependency=afterany:{job}', script]
   if excluded:
     command.insert(1, f'--exclude={",".join(excluded)}')
-  done = subprocess.run(command, capture_output=True, text=True)
+  try:
+    done = subprocess.run(command, capture_output=True, text=True)
+  except OSError as e:
+    log(f'sbatch of the next attempt failed: {e}')
+    return '?'
   found = re.search(r'Submitted batch job (\d+)', done.stdout)
   if done.returncode or not found:
     log(f'sbatch of the next attempt failed: {(done.stderr or done.stdout).strip()}')

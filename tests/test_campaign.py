@@ -1,0 +1,374 @@
+"""The unattended campaign: faults a long run meets, each recovered from without a human.
+
+On a real local SLURM cluster of two nodes (launch/local_slurm, one for the module),
+smoke jobs of 2 tasks meet real faults: a task killed with SIGKILL, a task stopped with
+SIGSTOP, a task that hangs alive (BRAINSCALE_FAULT), a task that dies at every start.
+All jobs are submitted at once and run side by side; each test then waits for its run.
+Each failed attempt is followed by a new job (launch/campaign.py), so a run is followed
+through WORKDIR/campaign.json and it is the run, across its jobs, that must complete.
+The policy's rules without SLURM are tested at the end.
+"""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from brainscale import config as config_lib
+from brainscale.train import events as events_lib
+from brainscale.train import goodput, watchdog
+from conftest import ROOT
+from experiments import base
+from launch import campaign, slurm
+from test_slurm import LOCAL_SLURM, start_local_slurm
+
+STEPS, EVERY, FAULT_STEP = 30, 10, 15
+HEARTBEAT_S, MIN_STEP_S = 10, 10
+COMMON = [f'--config.train.steps={STEPS}', f'--config.checkpoint.every_steps={EVERY}',
+          '--config.train.log_every=1', '--config.mesh.ici.fsdp=-1',
+          f'--config.mesh.heartbeat_timeout_s={HEARTBEAT_S}',
+          f'--config.watchdog.min_step_s={MIN_STEP_S}', '--config.watchdog.warmup_steps=5']
+TWO_NODES = ['--config.mesh.dcn.data=2']   # one task on each node: two hosts to the mesh
+
+
+@pytest.fixture(scope='module')
+def cluster():
+  """A two-node SLURM cluster (n1, n2) for the module."""
+  state_dir = tempfile.mkdtemp(prefix='brainscale-campaign-')
+  try:
+    yield start_local_slurm(state_dir, nodes=2)
+  finally:
+    subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state_dir], capture_output=True,
+                   timeout=180)
+    shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def submit(workdir: pathlib.Path, env: dict, *, nodes: int, fault: str = '',
+           **cluster) -> int:
+  """A smoke run of 2 tasks (nodes x 2 // nodes) submitted with `env` (+ BRAINSCALE_FAULT)."""
+  overrides = COMMON + (TWO_NODES if nodes == 2 else [])
+  config = config_lib.resolve('smoke', overrides)
+  config.unlock()
+  config.cluster = base.cluster(nodes=nodes, gpus_per_node=0, tasks_per_node=2 // nodes,
+                                cpus_per_task=2, time_limit='00:20:00', **cluster)
+  saved = dict(os.environ)
+  os.environ.clear()
+  os.environ.update(env, **({watchdog.FAULT: fault} if fault else {}))
+  try:
+    return slurm.submit(config, workdir=str(workdir), overrides=overrides)
+  finally:
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def first_events(workdir: pathlib.Path, rank: int) -> list[dict]:
+  """The events of `rank` in the run's first attempt (its job id is the lowest)."""
+  files = sorted((workdir / 'events').glob(f'*-{rank}.jsonl'),
+                 key=lambda p: float(p.stem.rpartition('-')[0]))
+  return events_lib.read(files[0]) if files else []
+
+
+def signal_at_step(workdir: pathlib.Path, signum: int, step: int, sent: dict):
+  """Sends `signum` to task 1 of the first attempt once it has finished `step`."""
+  deadline = time.monotonic() + 600
+  while time.monotonic() < deadline:
+    events = first_events(workdir, 1)
+    if any(e['event'] == 'step' and e['step'] >= step for e in events):
+      os.kill(events[0]['pid'], signum)
+      sent.update(t=time.time(), pid=events[0]['pid'])
+      return
+    time.sleep(0.05)
+
+
+@pytest.fixture(scope='module')
+def runs(cluster, tmp_path_factory):
+  """Every run of the module, submitted at once: name -> workdir."""
+  root = tmp_path_factory.mktemp('campaign')
+  os.chmod(root, 0o755)
+  dirs = {name: root / name for name in ('reference', 'killed', 'stopped', 'hung', 'excluded',
+                                         'crashloop')}
+  submit(dirs['reference'], cluster, nodes=2)
+  submit(dirs['killed'], cluster, nodes=2, max_restarts=5)
+  submit(dirs['stopped'], cluster, nodes=2, max_restarts=5)
+  submit(dirs['hung'], cluster, nodes=2, max_restarts=5, fault=f'hang:1:{FAULT_STEP}')
+  submit(dirs['excluded'], cluster, nodes=1, max_restarts=5)
+  submit(dirs['crashloop'], cluster, nodes=2, fault='die:1:start', max_restarts=3,
+         max_stalled_restarts=2)
+  sent = {}
+  for name, signum in (('killed', signal.SIGKILL), ('stopped', signal.SIGSTOP),
+                       ('excluded', signal.SIGKILL)):
+    sent[name] = {}
+    threading.Thread(target=signal_at_step, args=(dirs[name], signum, FAULT_STEP, sent[name]),
+                     daemon=True).start()
+  yield dirs, sent
+
+
+def job_logs(workdir: pathlib.Path) -> str:
+  return '\n'.join(f'== {p.name}\n{p.read_text(errors="replace")[-2500:]}'
+                   for p in sorted(workdir.glob('logs/*')))
+
+
+def wait_for_run(workdir: pathlib.Path, timeout_s: float = 900) -> dict:
+  """campaign.json once the run's last attempt has ended in done or a stop."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    try:
+      state = campaign.load_state(workdir)
+    except (json.JSONDecodeError, OSError):
+      state = {'attempts': []}
+    last = state['attempts'][-1] if state['attempts'] else {}
+    if last.get('action') == 'done' or last.get('action', '').startswith('stopped'):
+      return state
+    time.sleep(1)
+  pytest.fail(f'the run in {workdir} did not end within {timeout_s} s\n{job_logs(workdir)}')
+
+
+def job_state(job: str, env: dict, timeout_s: float = 120) -> dict:
+  """scontrol's fields of `job` once it has ended."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    shown = subprocess.run(['scontrol', 'show', 'job', job], env=env, capture_output=True,
+                           text=True).stdout
+    fields = dict(re.findall(r'(\w+)=(\S*)', shown))
+    if fields.get('JobState') not in (None, 'PENDING', 'RUNNING', 'COMPLETING'):
+      return fields
+    time.sleep(1)
+  pytest.fail(f'job {job} did not end: {shown}')
+
+
+def losses(workdir: pathlib.Path) -> dict[int, float]:
+  rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  return {r['step']: r['train/loss'] for r in rows if 'train/loss' in r}
+
+
+def campaign_lines(workdir: pathlib.Path) -> list[str]:
+  return [line for p in sorted(workdir.glob('logs/slurm-*.out'))
+          for line in p.read_text().splitlines() if line.startswith('brainscale campaign:')]
+
+
+def assert_recovered(name: str, runs, cluster) -> dict:
+  """The run restarted at least once, its last job COMPLETED, and it trained every step
+  to the reference's losses."""
+  dirs, _ = runs
+  state = wait_for_run(dirs[name])
+  reference = wait_for_run(dirs['reference'])
+  assert reference['restarts'] == 0, job_logs(dirs['reference'])
+  assert state['attempts'][-1]['action'] == 'done', job_logs(dirs[name])
+  assert state['restarts'] >= 1 and len(state['attempts']) == state['restarts'] + 1
+  assert job_state(state['attempts'][-1]['job'], cluster)['JobState'] == 'COMPLETED'
+  first = job_state(state['attempts'][0]['job'], cluster)
+  assert first['JobState'] == 'FAILED', first
+  got, expected = losses(dirs[name]), losses(dirs['reference'])
+  assert sorted(got) == list(range(1, STEPS + 1)) == sorted(expected)
+  assert got[STEPS] == pytest.approx(expected[STEPS], rel=1e-6, abs=1e-7)
+  return state
+
+
+@pytest.mark.slow
+def test_a_task_killed_mid_run_is_restarted_and_the_run_completes(runs, cluster):
+  state = assert_recovered('killed', runs, cluster)
+  lines = campaign_lines(runs[0]['killed'])
+  assert 'task 1 on n2 after step' in lines[0] and 'Killed, no exit recorded' in lines[0], lines
+  assert 'restart 1 of 5' in lines[0] and 'node n2 kept' in lines[0], lines  # 2 nodes, 2 needed
+  assert state['excluded'] == []
+
+
+@pytest.mark.slow
+def test_goodput_accounts_the_steps_redone_after_the_kill_and_sums_to_the_wall_time(runs):
+  workdir = runs[0]['killed']
+  wait_for_run(workdir)
+  rank0 = first_events(workdir, 0)
+  last_dispatched = max(e['step'] for e in rank0 if e['event'] in ('step', 'compile'))
+  assert last_dispatched >= FAULT_STEP
+  resumed = [e['step'] for e in events_lib.by_attempt(workdir)[
+      sorted(events_lib.by_attempt(workdir), key=float)[1]]['0'] if e['event'] == 'ready']
+  assert resumed == [EVERY]   # the newest checkpoint before the kill
+  account = goodput.account(workdir)
+  assert account['redone_steps'] == list(range(EVERY + 1, last_dispatched + 1))
+  assert account['productive_s'] + sum(account['lost_s'].values()) == pytest.approx(
+      account['wall_s'], abs=1e-6)
+  assert account['interruptions'] == 1 and account['attempts'] == 2
+
+  done = subprocess.run([sys.executable, '-X', 'importtime', 'launch/run.py', '--mode=goodput',
+                         f'--workdir={workdir}'], cwd=ROOT, capture_output=True, text=True,
+                        timeout=60)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert f'({last_dispatched - EVERY} steps: {EVERY + 1}-{last_dispatched})' in done.stdout
+  assert re.search(r'^goodput: \d+\.\d\d%$', done.stdout, re.M), done.stdout
+  assert not re.search(r'^import time:.*\|\s+jax(\.|$)', done.stderr, re.M)  # no JAX
+
+
+@pytest.mark.slow
+def test_a_stopped_task_is_found_by_the_heartbeat_and_the_run_completes(runs, cluster):
+  state = assert_recovered('stopped', runs, cluster)
+  first = state['attempts'][0]
+  assert first['verdict'] == 'restart'
+  line = campaign_lines(runs[0]['stopped'])[0]
+  assert 'task 1 on n2' in line, line   # JAX named the silent task; its node is blamed
+  stopped_at = runs[1]['stopped']['t']
+  ended = [e['t'] for e in events_lib.read(next(runs[0]['stopped'].glob(
+      f'events/{first["job"]}.0-batch.jsonl'))) if e['event'] == 'job_end']
+  assert ended and ended[0] - stopped_at < HEARTBEAT_S + 60   # seconds, not 100 s
+
+
+@pytest.mark.slow
+def test_a_task_that_hangs_alive_is_caught_by_its_watchdog_and_the_run_completes(runs, cluster):
+  assert_recovered('hung', runs, cluster)
+  events = first_events(runs[0]['hung'], 1)
+  fault = next(e for e in events if e['event'] == 'fault')
+  limit = next(e for e in events if e['event'] == 'step_limit')['seconds']
+  exit_ = next(e for e in events if e['event'] == 'exit')
+  assert fault['step'] == FAULT_STEP and exit_['cause'] == 'hang' and exit_['code'] == 124
+  assert limit >= MIN_STEP_S
+  assert exit_['t'] - fault['t'] <= limit + HEARTBEAT_S   # the configured limit + heartbeat
+  first_job = campaign.load_state(runs[0]['hung'])['attempts'][0]['job']
+  log = (runs[0]['hung'] / 'logs' / f'{first_job}-1.log').read_text()
+  assert 'Thread 0x' in log and 'in _inject' in log   # every thread's stack, the stuck one too
+  assert 'exit 124 (hang)' in campaign_lines(runs[0]['hung'])[0]
+
+
+@pytest.mark.slow
+def test_the_node_of_a_killed_task_is_left_out_and_the_next_job_runs_elsewhere(runs, cluster):
+  workdir = runs[0]['excluded']
+  state = wait_for_run(workdir)
+  assert state['attempts'][-1]['action'] == 'done', job_logs(workdir)
+  failed_node = first_events(workdir, 1)[0]['node']
+  other = {'n1': 'n2', 'n2': 'n1'}[failed_node]
+  line = campaign_lines(workdir)[0]
+  assert f'node {failed_node} excluded' in line and f'--exclude={failed_node}' in line, line
+  assert state['excluded'] == [failed_node]
+  final = job_state(state['attempts'][-1]['job'], cluster)
+  assert final['JobState'] == 'COMPLETED' and final['ExcNodeList'] == failed_node
+  later = [e for name, ranks in events_lib.by_attempt(workdir).items()
+           if name != f'{state["attempts"][0]["job"]}.0'
+           for rank, events in ranks.items() if rank.isdigit() for e in events
+           if e['event'] == 'start']
+  assert later and {e['node'] for e in later} == {other}
+  assert max(losses(workdir)) == STEPS
+
+
+@pytest.mark.slow
+def test_a_fault_at_every_start_stops_after_k_restarts_without_progress(runs, cluster):
+  workdir = runs[0]['crashloop']
+  state = wait_for_run(workdir)
+  assert state['attempts'][-1]['action'] == 'stopped: no progress', job_logs(workdir)
+  assert state['restarts'] == 2 == len(state['attempts']) - 1   # K = 2, within the budget 3
+  for attempt in state['attempts']:
+    assert job_state(attempt['job'], cluster)['JobState'] == 'FAILED'
+  stops = [line for line in campaign_lines(workdir) if 'stopped' in line]
+  assert len(stops) == 1 and stops[0] == campaign_lines(workdir)[-1]
+  assert '2 restarts in a row made no new checkpoint' in stops[0]
+  assert 'task 0 on n1' in stops[0] and 'task 1 on n2' in stops[0]   # each task's last error
+  last_out = workdir / 'logs' / f'slurm-{state["attempts"][-1]["job"]}.out'
+  assert stops[0] in last_out.read_text()
+
+
+# --- the policy's rules, without SLURM ------------------------------------------------------
+
+
+def test_the_exclusion_list_is_bounded_and_never_leaves_the_job_too_few_nodes():
+  nodes = [f'n{i}' for i in range(1, 7)]
+  add = lambda excluded, node, job_nodes=2, most=3: campaign.exclusion(
+      excluded, node, max_excluded=most, job_nodes=job_nodes, available=nodes)
+  assert add([], 'n3') == ['n3']
+  assert add(['n1', 'n2', 'n3'], 'n4') == ['n2', 'n3', 'n4']      # the oldest goes first
+  assert add(['n1', 'n2'], 'n1') == ['n2', 'n1']                  # once, as the newest
+  assert add(['n1', 'n2', 'n3'], 'n4', job_nodes=4) == ['n3', 'n4']   # 6 - 4 = 2 to spare
+  assert add(['n1'], 'n2', job_nodes=6) == []                     # needs every node
+  assert campaign.exclusion([], 'n1', max_excluded=4, job_nodes=1, available=['n1']) == []
+  assert add(['gone'], '') == []                                  # nodes no longer there
+
+
+def fake_slurm(bin_dir: pathlib.Path, log: pathlib.Path, nodes: str):
+  """sbatch, scontrol and sinfo that record their arguments; sinfo lists `nodes`."""
+  bin_dir.mkdir()
+  tools = {'sbatch': f'echo "sbatch $@" >> {log}; echo "Submitted batch job 99"',
+           'scontrol': f'echo "scontrol $@" >> {log}',
+           'sinfo': f'printf "%s\\n" {nodes}'}
+  for name, body in tools.items():
+    (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
+    (bin_dir / name).chmod(0o755)
+
+
+def attempt(workdir, monkeypatch, job: int, tasks: dict, *, status: int, checkpoint=None,
+            **limits) -> tuple[int, str]:
+  """One attempt of job `job`: begin, each task's events ({rank: (node, last step, exit
+  code or None, cause)}), a checkpoint, end; (its exit status, its campaign line)."""
+  monkeypatch.setenv('SLURM_JOB_ID', str(job))
+  monkeypatch.setenv('SLURM_RESTART_COUNT', '0')
+  monkeypatch.setenv('SLURM_NTASKS', str(len(tasks)))
+  monkeypatch.setenv('SLURM_JOB_NUM_NODES', '1')
+  campaign.begin(workdir)
+  for rank, (node, step, code, cause) in tasks.items():
+    events = events_lib.Events(workdir, rank)
+    events.record('start', rank=rank, node=node)
+    events.record('step', step=step)
+    if code is not None:
+      events.record('exit', code=code, cause=cause, message=f'{cause} on {rank}')
+  if checkpoint is not None:
+    (pathlib.Path(workdir) / 'checkpoints' / str(checkpoint)).mkdir(parents=True, exist_ok=True)
+  args = ['end', f'--workdir={workdir}', '--run=r', f'--status={status}', '--script=job.sbatch',
+          *[f'--{k}={v}' for k, v in limits.items()]]
+  out = subprocess.run([sys.executable, '-m', 'launch.campaign', *args], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ))
+  return out.returncode, out.stdout.strip()
+
+
+@pytest.fixture
+def policy(tmp_path, monkeypatch):
+  log = tmp_path / 'calls'
+  fake_slurm(tmp_path / 'bin', log, 'n1 n2 n3')
+  monkeypatch.setenv('PATH', f'{tmp_path / "bin"}:{os.environ["PATH"]}')
+  return tmp_path / 'w', log
+
+
+def test_bad_input_a_full_disk_and_a_nan_stop_the_run_without_a_restart(policy, monkeypatch):
+  workdir, calls = policy
+  for job, (code, cause) in enumerate([(2, 'input'), (74, 'checkpoint'), (1, 'nonfinite')]):
+    status, line = attempt(workdir / str(job), monkeypatch, job,
+                           {0: ('n1', 5, code, cause), 1: ('n1', 5, code, cause)}, status=code)
+    assert status == code and line.startswith('brainscale campaign: stopped run r attempt 0')
+    assert 'a restart would repeat it' in line and f'exit {code} ({cause})' in line
+  assert not calls.exists()   # nothing submitted, nothing requeued
+
+
+def test_a_preempted_attempt_requeues_and_is_not_counted(policy, monkeypatch):
+  workdir, calls = policy
+  status, line = attempt(workdir, monkeypatch, 7, {0: ('n1', 9, 75, 'preempted'),
+                                                   1: ('n2', 9, 75, 'preempted')}, status=75)
+  assert status == 75 and 'preempted' in line and 'requeued' in line
+  assert calls.read_text().split() == ['scontrol', 'requeue', '7']
+  assert campaign.load_state(workdir)['restarts'] == 0
+
+
+def test_restarts_stop_at_the_budget_and_after_k_without_progress(policy, monkeypatch):
+  workdir, calls = policy
+  lost = lambda step: {0: ('n1', step, 69, 'peer_lost'), 1: ('n2', step, None, '')}
+  # progress every time: only the budget (2) stops it, at the third failure
+  for job, checkpoint in ((1, 10), (2, 20)):
+    status, line = attempt(workdir / 'a', monkeypatch, job, lost(checkpoint + 3), status=137,
+                           checkpoint=checkpoint, max_restarts=2, max_excluded=1)
+    assert f'restart {job} of 2' in line and 'task 1 on n2' in line, line
+    assert 'node n2 excluded; resubmitted as job 99 (--exclude=n2)' in line
+  status, line = attempt(workdir / 'a', monkeypatch, 3, lost(33), status=137, checkpoint=30,
+                         max_restarts=2)
+  assert status == 137 and 'the restart budget is spent (2 of cluster.max_restarts=2)' in line
+  assert calls.read_text().count('sbatch ') == 2
+  assert all('--dependency=afterany:' in c for c in calls.read_text().splitlines())
+  # no new checkpoint: the second restart in a row without one stops it (K = 2)
+  lines = [attempt(workdir / 'b', monkeypatch, job, lost(5), status=137, max_stalled=2,
+                   max_restarts=10)[1] for job in (11, 12, 13)]
+  assert 'restart 1 of 10' in lines[0] and 'restart 2 of 10' in lines[1]
+  assert lines[2].startswith('brainscale campaign: stopped run r attempt 2 (job 13): 2 '
+                             'restarts in a row made no new checkpoint')
+  assert 'task 0 on n1 after step 5: exit 69 (peer_lost)' in lines[2]
+  assert 'task 1 on n2 after step 5: no exit recorded' in lines[2]
