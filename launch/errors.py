@@ -90,12 +90,29 @@ def quiet_logs(traceback: bool):
     logging.get_absl_handler().addFilter(FirstLine())
 
 
+def _leaving(error: Exception) -> Exception:
+  """A run leaving on `error`: a failed write (a full disk) first lets the checkpoint save in
+  flight finish, whose failure is then the error reported (as save() would have raised it:
+  step, folder, its temporary folder removed); the metric writers are closed quietly, so
+  none flushes into a full disk at exit."""
+  if 'brainscale.train.checkpoint' not in sys.modules:
+    return error
+  from brainscale.train import checkpoint, report  # noqa: PLC0415
+  if isinstance(error, (OSError, checkpoint.CheckpointError)):
+    failed = checkpoint.finish_saves()
+    error = failed if failed is not None and not isinstance(
+        error, checkpoint.CheckpointError) else error
+  report.close_writers()
+  return error
+
+
 @contextlib.contextmanager
 def funnel(traceback: bool):
   """An expected failure inside becomes `fail(message, exit_code)`; --traceback re-raises it."""
   try:
     yield
   except Exception as e:
+    e = _leaving(e)
     code = exit_code(e)
     record_exit(1 if code is None else code, e)
     if code is None or traceback:
