@@ -182,13 +182,19 @@ def unhealthy_tasks(workdir, offsets: dict) -> set[int]:
 
 
 def culprit(tasks: list[Task], srun_first: int | None, unhealthy: set[int]) -> Task | None:
-  """The task whose failure came first: one JAX named unhealthy, srun's first failure if it
-  hung or left no exit, else the hung or silent task that stopped earliest."""
+  """The task whose failure came first: one JAX named unhealthy; else of those whose
+  watchdog fired, the one furthest behind (lowest step, then stopped earliest: the others
+  wait for it in a collective); else srun's first failure if it left no exit; else the
+  silent task that stopped earliest."""
   by_rank = {t.rank: t for t in tasks}
   for rank in sorted(unhealthy):
     if rank in by_rank:
       return by_rank[rank]
-  suspects = [t for t in tasks if t.exit is None or t.exit.get('cause') == 'hang']
+  hung = [t for t in tasks if t.exit and t.exit.get('cause') == 'hang']
+  if hung:
+    return min(hung, key=lambda t: (t.exit.get('step') if t.exit.get('step') is not None
+                                    else -1, t.stopped_t()))
+  suspects = [t for t in tasks if t.exit is None]
   if srun_first in by_rank and by_rank[srun_first] in suspects:
     return by_rank[srun_first]
   timed = [t for t in suspects if t.stopped_t() is not None]

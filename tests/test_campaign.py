@@ -233,7 +233,8 @@ def test_a_task_that_hangs_alive_is_caught_by_its_watchdog_and_the_run_completes
   first_job = campaign.load_state(runs[0]['hung'])['attempts'][0]['job']
   log = (runs[0]['hung'] / 'logs' / f'{first_job}-1.log').read_text()
   assert 'Thread 0x' in log and 'in _inject' in log   # every thread's stack, the stuck one too
-  assert 'exit 124 (hang)' in campaign_lines(runs[0]['hung'])[0]
+  line = campaign_lines(runs[0]['hung'])[0]
+  assert f'task 1 on n2 after step {FAULT_STEP}: exit 124 (hang)' in line, line
 
 
 @pytest.mark.slow
@@ -359,6 +360,7 @@ def test_restarts_stop_at_the_budget_and_after_k_without_progress(policy, monkey
                            checkpoint=checkpoint, max_restarts=2, max_excluded=1)
     assert f'restart {job} of 2' in line and 'task 1 on n2' in line, line
     assert 'node n2 excluded; resubmitted as job 99 (--exclude=n2)' in line
+
   status, line = attempt(workdir / 'a', monkeypatch, 3, lost(33), status=137, checkpoint=30,
                          max_restarts=2)
   assert status == 137 and 'the restart budget is spent (2 of cluster.max_restarts=2)' in line
@@ -372,3 +374,12 @@ def test_restarts_stop_at_the_budget_and_after_k_without_progress(policy, monkey
                              'restarts in a row made no new checkpoint')
   assert 'task 0 on n1 after step 5: exit 69 (peer_lost)' in lines[2]
   assert 'task 1 on n2 after step 5: no exit recorded' in lines[2]
+
+
+def test_of_two_hung_tasks_the_one_behind_is_blamed():
+  hang = lambda step, t: {'code': 124, 'cause': 'hang', 'step': step, 't': t, 'waited_s': 10}
+  behind = campaign.Task(1, 'n2', exit=hang(15, 100.0), last_t=100.0, last_step=15)
+  waiting = campaign.Task(0, 'n1', exit=hang(16, 95.0), last_t=95.0, last_step=16)
+  assert campaign.culprit([waiting, behind], srun_first=0, unhealthy=set()) is behind
+  silent = campaign.Task(2, 'n3', last_t=50.0, last_step=16)
+  assert campaign.culprit([waiting, silent], srun_first=None, unhealthy={2}) is silent
