@@ -46,7 +46,7 @@ from jax.extend import core as jax_core
 from brainscale import gpu as gpu_lib
 from brainscale import hlo, parallel
 from brainscale.config import ConfigError, cluster_devices
-from brainscale.train import loop
+from brainscale.train import goodput, loop
 from brainscale.train.task import costs
 
 GiB = 2 ** 30
@@ -317,6 +317,7 @@ def report(config, plan: Plan) -> tuple[str, bool]:
       f'train.steps={config.train.steps}: {config.train.steps * step_s / 86400:.1f} days',
       f'campaign of {p.days:g} days: {steps_in_campaign:.4g} steps, {gpu_hours:,.0f} GPU-hours, '
       f'${gpu_hours * p.usd_per_gpu_hour:,.0f} at ${p.usd_per_gpu_hour}/GPU-hour',
+      *goodput.plan_lines(config, step_s, plan.devices),
       f'fits: {"yes" if fits else "no"}',
   ]
   return '\n'.join(lines), fits

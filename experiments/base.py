@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.plan.hbm_fraction = 0.8          # of the GPU's HBM the compiled step may use
   c.plan.target = 'auto'             # gpu (XLA's GPU compiler) | cpu (simulated devices) |
                                      # auto: gpu when the CUDA plugin is installed
+  # The campaign's goodput (brainscale/train/goodput.py:plan_lines), per interruption:
+  c.plan.restart_s = 600             # detection, teardown, queue, start-up and compile
+  c.plan.restore_s = 300             # reading the newest checkpoint back
+  c.plan.save_s = 10                 # training blocked by each (async) checkpoint save
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000

@@ -383,3 +383,15 @@ def test_of_two_hung_tasks_the_one_behind_is_blamed():
   assert campaign.culprit([waiting, behind], srun_first=0, unhealthy=set()) is behind
   silent = campaign.Task(2, 'n3', last_t=50.0, last_step=16)
   assert campaign.culprit([waiting, silent], srun_first=None, unhealthy={2}) is silent
+
+
+def test_the_young_daly_interval_is_where_the_planned_goodput_peaks(rng):
+  mtbf_h, save_s, restart_s = rng.uniform(20, 500), rng.uniform(1, 120), rng.uniform(60, 3600)
+  goodput_at = lambda s: goodput.expected(days=30, mtbf_h=mtbf_h, interval_s=s, save_s=save_s,
+                                          restart_s=restart_s)['goodput']
+  grid = [60 * 1.01 ** i for i in range(800)]
+  best = max(grid, key=goodput_at)
+  assert goodput.young_daly_s(save_s, mtbf_h) == pytest.approx(best, rel=0.02)
+  llama3 = goodput.expected(days=30, mtbf_h=goodput.mtbf_hours(
+      config_lib.load('cwm_80b').cluster, 192), interval_s=3600, save_s=0, restart_s=0)
+  assert llama3['interruptions'] == pytest.approx(2.73, abs=0.01)   # 192 GPUs, 30 days
