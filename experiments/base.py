@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0           # 0: only at the end
   c.train.eval_batches = 4
   c.train.peak_tflops = 989.0      # per device, bf16 dense (H100/H200 SXM); CPU is measured
+  c.train.profile_steps = ''       # 'START,COUNT': a jax.profiler trace of those steps in
+  c.train.profile_all = False      # WORKDIR/tb (train/profile.py); process 0, or all
   # Parameter groups: name -> (regex on the parameter path, lr scale, weight decay).
   c.train.groups = ml_collections.ConfigDict()
 

@@ -395,3 +395,27 @@ def test_the_young_daly_interval_is_where_the_planned_goodput_peaks(rng):
   llama3 = goodput.expected(days=30, mtbf_h=goodput.mtbf_hours(
       config_lib.load('cwm_80b').cluster, 192), interval_s=3600, save_s=0, restart_s=0)
   assert llama3['interruptions'] == pytest.approx(2.73, abs=0.01)   # 192 GPUs, 30 days
+
+
+@pytest.mark.slow
+def test_profile_steps_trace_the_run_once_where_tensorboard_lists_it(tmp_path):
+  """train.profile_steps=4,3: a jax.profiler trace of steps 4-6 under tb/plugins/profile/RUN/
+  (the layout TensorBoard's profile plugin lists), the per-kind table in the log; a rerun
+  resumed past the window adds none."""
+  from test_train import run_cli  # noqa: PLC0415
+  args = ['--experiment=smoke', f'--workdir={tmp_path}', '--config.train.log_every=4',
+          '--config.checkpoint.every_steps=6', '--config.train.profile_steps=4,3']
+  done = run_cli(*args, '--config.train.steps=8')
+  assert done.returncode == 0, done.stderr[-3000:]
+  runs = sorted((tmp_path / 'tb' / 'plugins' / 'profile').iterdir())
+  assert len(runs) == 1 and list(runs[0].glob('*.xplane.pb')), runs
+  from brainscale.train import profile  # noqa: PLC0415
+  assert sum(profile.trace_op_times(str(runs[0])).values()) > 0
+  assert 'profiled steps 4..6 into' in done.stdout
+  table = re.search(r'^profile: ([\d.]+) ms busy per step\n((?:  \S.*\n)+)', done.stdout, re.M)
+  assert table and float(table.group(1)) > 0 and 'matmul' in table.group(2), done.stdout
+
+  again = run_cli(*args, '--config.train.steps=12')   # resumes from step 8, the last
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resuming from step 8' in again.stdout and 'not profiling' in again.stdout
+  assert sorted((tmp_path / 'tb' / 'plugins' / 'profile').iterdir()) == runs

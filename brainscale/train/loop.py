@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from brainscale import parallel
 from brainscale.config import ConfigError
 from brainscale.nn.core import axes_of
-from brainscale.train import events, goodput, optim, preemption, report, watchdog
+from brainscale.train import events, goodput, optim, preemption, profile, report, watchdog
 from brainscale.train.checkpoint import CheckpointError, Checkpoints, has_checkpoint
 from brainscale.train.task import Costs, Task, get_task
 
@@ -322,6 +322,8 @@ def train_one(config, workdir: str) -> dict:
   goodput.write_scalars(writer, workdir, step)   # the attempts before this one
   first = watch.next(data)
   train_step = make_train_step(setup, first)
+  profiler = profile.Profiler(c, workdir, step, log=report.log, hlo_text=lambda: train_step.lower(
+      setup.abstract_state, global_batch(setup, first)).compile().as_text())
   progress = report.Progress(
       first_step=step, last_step=c.train.steps, batch_size=c.train.batch_size,
       flops_per_step=(setup.task.flops_per_example() * c.train.batch_size
@@ -356,6 +358,7 @@ def train_one(config, workdir: str) -> dict:
       state, metrics = train_step(state, global_batch(setup, batch))
       step += 1
       watch.step(step)
+      profiler.step(step, state)
       # Read a logging step's metrics only once the next step is queued behind it.
       if pending and pending[-1][0] % c.train.log_every == 0:
         finish(pending)
