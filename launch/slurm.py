@@ -109,10 +109,14 @@ def script(config, *, workdir, overrides: list[str], run_id: str, path=None) -> 
            f'export BRAINSCALE_RUN_ID={q(run_id)}', 'export PYTHONUNBUFFERED=1',
            'export PYTHONFAULTHANDLER=1']
   lines += _gpu_environment() if cluster.gpus_per_node > 0 else _cpu_environment(cluster)
-  cache = q(str(workdir / 'jax_cache'))
-  lines += [f'export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{cache}}}',
-            'export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1',
-            f'campaign=({_campaign(cluster, workdir, run_id, path)})',
+  if cluster.gpus_per_node > 0:
+    # Not for CPU jobs: JAX writes the cache from process 0 only, so after a restart process
+    # 0 starts in seconds while the others compile, and Gloo's first collective gives up
+    # after 30 s (seen on 2 cores: 5 s against 40-60 s, a restart after every restart).
+    cache = q(str(workdir / 'jax_cache'))
+    lines += [f'export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{cache}}}',
+              'export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1']
+  lines += [f'campaign=({_campaign(cluster, workdir, run_id, path)})',
             '# the attempt number of this run (0 first), across requeues and resubmissions',
             'export BRAINSCALE_ATTEMPT=$("${campaign[@]}" begin)',
             f'{_step(config, workdir, overrides)} 2>"{srun_log}"',
