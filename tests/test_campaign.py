@@ -419,3 +419,34 @@ def test_profile_steps_trace_the_run_once_where_tensorboard_lists_it(tmp_path):
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resuming from step 8' in again.stdout and 'not profiling' in again.stdout
   assert sorted((tmp_path / 'tb' / 'plugins' / 'profile').iterdir()) == runs
+
+
+def test_goodput_charges_each_interval_once_and_counts_redone_steps(tmp_path):
+  """Two attempts written by hand: a hang of process 1 after step 4, a restart from the
+  checkpoint of step 2; every second of the 100 is charged once."""
+  def write(name, rank, rows):
+    path = tmp_path / 'events' / f'{name}-{rank}.jsonl'
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(''.join(json.dumps({'t': t, 'event': e, **f}) + '\n' for t, e, f in rows))
+  write('1.0', 'batch', [(0, 'job_start', {}), (40, 'job_end', {})])
+  write('1.0', 0, [(2, 'start', {}), (5, 'ready', {'step': 0}), (10, 'compile', {'step': 1}),
+                   (11, 'step', {'step': 2, 'data_s': 0.5}),
+                   (14, 'save', {'t0': 12, 'step': 2}), (15, 'step', {'step': 3}),
+                   (16, 'step', {'step': 4})])
+  write('1.0', 1, [(2, 'start', {}), (16, 'step', {'step': 4}),
+                   (30, 'exit', {'code': 124, 'cause': 'hang', 'waited_s': 14})])
+  write('2.0', 'batch', [(50, 'job_start', {}), (100, 'job_end', {})])
+  write('2.0', 0, [(52, 'start', {}), (53, 'restore', {'t0': 52.5}), (54, 'ready', {'step': 2}),
+                   (60, 'compile', {'step': 3}), (61, 'step', {'step': 4}),
+                   (95, 'eval', {'t0': 62, 'step': 4}),
+                   (99, 'exit', {'code': 0, 'cause': 'done'})])
+  a = goodput.account(tmp_path)
+  lost = a['lost_s']
+  assert a['wall_s'] == 100 and a['attempts'] == 2 and a['interruptions'] == 1
+  assert a['redone_steps'] == [3, 4] and lost['redone'] == 2   # steps 3 and 4, 1 s each
+  assert a['productive_s'] == 0.5 + 1                          # step 2 (less its data wait), 4
+  assert lost['hang'] == 14 and lost['teardown'] == 10 + 4 + 1 and lost['between'] == 10
+  assert lost['other'] == 1 + 0.5 + 1   # before the save, the restore and the eval began
+  assert lost['compile'] == 5 + 6 and lost['save'] == 2 and lost['eval'] == 33
+  assert lost['launch'] == 2 + 2 and lost['init'] == 3 + 1 and lost['restore'] == 0.5
+  assert a['productive_s'] + sum(lost.values()) == pytest.approx(a['wall_s'])

@@ -30,11 +30,14 @@ LOST = {
 
 
 def _timeline(workdir) -> list[dict]:
-  """Process 0's and the batch script's events of every attempt, in time order."""
+  """Process 0's and the batch script's events of every attempt, and any process's exit by
+  its hang watchdog (the others wait for the hung one), in time order."""
   timeline = []
   for name, ranks in events_lib.by_attempt(workdir).items():
-    for rank in ('0', events_lib.BATCH):
-      timeline += [dict(e, attempt=name, rank=rank) for e in ranks.get(rank, [])]
+    for rank, events in ranks.items():
+      mine = rank in ('0', events_lib.BATCH)
+      timeline += [dict(e, attempt=name, rank=rank) for e in events
+                   if mine or (e['event'] == 'exit' and e.get('cause') == 'hang')]
   return sorted(timeline, key=lambda e: e['t'])
 
 
