@@ -32,7 +32,9 @@ from launch import campaign, slurm
 from test_slurm import LOCAL_SLURM, start_local_slurm
 
 STEPS, EVERY, FAULT_STEP = 30, 10, 15
-HEARTBEAT_S, MIN_STEP_S = 30, 20   # small, yet not so small that a loaded 2-core machine trips them
+HEARTBEAT_S, MIN_STEP_S = 20, 40   # small, yet not so small that a loaded 2-core machine trips
+# them; the heartbeat first, as in production (60 s, 120 s): a frozen process is then named by
+# JAX, not taken for the hang of the one that waits for it
 COMMON = [f'--config.train.steps={STEPS}', f'--config.checkpoint.every_steps={EVERY}',
           '--config.train.log_every=1', '--config.mesh.ici.fsdp=-1',
           f'--config.mesh.heartbeat_timeout_s={HEARTBEAT_S}',
