@@ -25,9 +25,6 @@ and CUDA_DEVICE_MAX_CONNECTIONS.
 The last line is `RESULT {json}`, for scripts.
 """
 
-import collections
-import glob
-import gzip
 import json
 import os
 import statistics
@@ -42,6 +39,7 @@ from brainscale import config as config_lib
 from brainscale.plan import collectives, gpu, hlo, plan
 from brainscale.train import report as train_report
 from brainscale.train import step as step_lib
+from brainscale.train.profile import profile_summary, trace_op_times  # noqa: F401
 
 flags.DEFINE_string('experiment', 'smoke', 'experiment whose train step is measured')
 flags.DEFINE_integer('steps', 20, 'steps dispatched back to back per measurement')
@@ -97,52 +95,7 @@ def seconds_per_step(compiled, state, batch, *, steps: int, repeats: int, warmup
 
 
 # ------------------------------------------------------------------ profile
-def trace_op_times(trace_dir: str) -> collections.Counter:
-  """Device time (s) per HLO op name in the newest perfetto trace under trace_dir.
-
-  On a GPU the profiler derives an "XLA Ops" line per device (kernels grouped by
-  the op that launched them): only that line is read, so nothing counts twice.
-  Elsewhere every complete event of the device (or, on CPU, the host) counts,
-  named by its `hlo_op` argument where it has one.
-  """
-  paths = sorted(glob.glob(f'{trace_dir}/**/*perfetto_trace.json.gz', recursive=True),
-                 key=os.path.getmtime)
-  if not paths:
-    raise FileNotFoundError(f'no perfetto_trace.json.gz under {trace_dir}')
-  with gzip.open(paths[-1]) as f:
-    trace = json.load(f)
-  events = trace['traceEvents'] if isinstance(trace, dict) else trace
-  meta = lambda kind: {(e['pid'], e.get('tid')): e.get('args', {}).get('name', '')
-                       for e in events if e.get('ph') == 'M' and e.get('name') == kind}
-  devices = {pid for (pid, _), name in meta('process_name').items() if '/device:' in name}
-  op_lines = {key for key, name in meta('thread_name').items()
-              if key[0] in devices and name == 'XLA Ops'}
-  times = collections.Counter()
-  for e in events:
-    if e.get('ph') != 'X' or (devices and e['pid'] not in devices):
-      continue
-    if op_lines and (e['pid'], e.get('tid')) not in op_lines:
-      continue
-    args = e.get('args') or {}
-    times[args.get('hlo_op') or e['name']] += e.get('dur', 0) * 1e-6
-  return times
-
-
-def profile_summary(trace_dir: str, hlo_text: str, steps: int) -> dict:
-  """Milliseconds per step of each op kind and of the ten largest ops, from a trace."""
-  kinds = hlo.op_kinds(hlo_text)
-  times = {op: t for op, t in trace_op_times(trace_dir).items()
-           if kinds.get(op, 'control') != 'control'}
-  if not times:
-    raise ValueError(f'no trace event under {trace_dir} names an op of the compiled step')
-  per_kind = collections.Counter()
-  for op, t in times.items():
-    per_kind[kinds[op]] += t
-  ms = lambda t: round(1e3 * t / steps, 3)
-  return {'kinds_ms': {k: ms(t) for k, t in per_kind.most_common()},
-          'top_ops_ms': [(op, kinds[op], ms(t)) for op, t in
-                         collections.Counter(times).most_common(10)],
-          'busy_ms': ms(sum(times.values()))}
+# trace_op_times and profile_summary: brainscale/train/profile.py (the trainer profiles too)
 
 
 def profile(compiled, state, batch, directory: str, steps: int) -> dict:

@@ -273,6 +273,22 @@ RULES = {
     'evaluation.batch': _POSITIVE_INT,
     'report.wandb_mode': (lambda v: v in ('', 'online', 'offline', 'disabled'),
                           "'', online, offline or disabled"),
+    'mesh.heartbeat_timeout_s': _POSITIVE_INT,
+    'watchdog.restore_s': _POSITIVE,
+    'watchdog.compile_s': _POSITIVE,
+    'watchdog.step_s': (_NON_NEGATIVE[0], 'a finite number >= 0 (0: learned from the steps)'),
+    'watchdog.step_factor': _POSITIVE,
+    'watchdog.min_step_s': _POSITIVE,
+    'watchdog.warmup_steps': _POSITIVE_INT,
+    'watchdog.save_s': _POSITIVE,
+    'watchdog.eval_s': _POSITIVE,
+    'plan.restart_s': _NON_NEGATIVE,
+    'plan.restore_s': _NON_NEGATIVE,
+    'plan.save_s': _NON_NEGATIVE,
+    'cluster.max_restarts': _COUNT,
+    'cluster.max_stalled_restarts': _POSITIVE_INT,
+    'cluster.max_excluded': _COUNT,
+    'cluster.mtbf_hours': (_NON_NEGATIVE[0], 'a finite number >= 0 (0: Llama 3\'s rate per GPU)'),
 }
 
 _MISSING = object()

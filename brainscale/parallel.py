@@ -56,10 +56,13 @@ def initialize_distributed(mesh_config) -> bool:
         coordinator_address=mesh_config.coordinator,
         num_processes=mesh_config.num_processes,
         process_id=mesh_config.process_id,
-        initialization_timeout=mesh_config.init_timeout_s)
+        initialization_timeout=mesh_config.init_timeout_s,
+        heartbeat_timeout_seconds=mesh_config.get('heartbeat_timeout_s', 100))
     return True
   if in_srun:
-    jax.distributed.initialize(initialization_timeout=mesh_config.init_timeout_s)
+    jax.distributed.initialize(
+        initialization_timeout=mesh_config.init_timeout_s,
+        heartbeat_timeout_seconds=mesh_config.get('heartbeat_timeout_s', 100))
     return True
   return False
 

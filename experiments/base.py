@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 0           # 0: only at the end
   c.train.eval_batches = 4
   c.train.peak_tflops = 989.0      # per device, bf16 dense (H100/H200 SXM); CPU is measured
+  c.train.profile_steps = ''       # 'START,COUNT': a jax.profiler trace of those steps in
+  c.train.profile_all = False      # WORKDIR/tb (train/profile.py); process 0, or all
   # Parameter groups: name -> (regex on the parameter path, lr scale, weight decay).
   c.train.groups = ml_collections.ConfigDict()
 
@@ -49,6 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.plan.hbm_fraction = 0.8          # of the GPU's HBM the compiled step may use
   c.plan.target = 'auto'             # gpu (XLA's GPU compiler) | cpu (simulated devices) |
                                      # auto: gpu when the CUDA plugin is installed
+  # The campaign's goodput (brainscale/train/goodput.py:plan_lines), per interruption:
+  c.plan.restart_s = 600             # detection, teardown, queue, start-up and compile
+  c.plan.restore_s = 300             # reading the newest checkpoint back
+  c.plan.save_s = 10                 # training blocked by each (async) checkpoint save
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
@@ -74,13 +80,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh.num_processes = 0
   c.mesh.process_id = -1
   c.mesh.init_timeout_s = 1800
+  c.mesh.heartbeat_timeout_s = 60  # JAX's coordination service: a silent process is dead after
+
+  # The hang watchdog (brainscale/train/watchdog.py): seconds without progress per phase.
+  c.watchdog = ml_collections.ConfigDict()
+  c.watchdog.enabled = True
+  c.watchdog.restore_s = 1800      # start of the trainer to the restored (or new) state
+  c.watchdog.compile_s = 3600      # to the end of the first step (compiles); also steps until
+                                   # the step limit is learned
+  c.watchdog.step_s = 0            # 0: learned, step_factor x the slowest of the first
+  c.watchdog.step_factor = 10.0    # warmup_steps steps after the first, at least min_step_s
+  c.watchdog.min_step_s = 120
+  c.watchdog.warmup_steps = 20
+  c.watchdog.save_s = 1800         # a checkpoint save (the blocking part and waiting for the last)
+  c.watchdog.eval_s = 3600         # an evaluation (its first compiles)
   return c
 
 
 def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, tasks_per_node: int = 0,
             gpu: str = 'H100-SXM-80GB', nvlink_gbps: float = 450.0, infiniband_gbps: float = 50.0,
             partition: str = '', account: str = '', qos: str = '', grace_s: int = 300,
-            cpus_per_task: int = 0) -> ml_collections.ConfigDict:
+            cpus_per_task: int = 0, max_restarts: int = 20, max_stalled_restarts: int = 3,
+            max_excluded: int = 4, mtbf_hours: float = 0.0) -> ml_collections.ConfigDict:
   """The `cluster` section of a large experiment: what its SLURM job asks for.
 
   gpu names a type of brainscale/plan/gpu.py:GPUS (H100-SXM-80GB, H200-SXM-141GB).
@@ -89,9 +110,16 @@ def cluster(*, nodes: int, time_limit: str, gpus_per_node: int = 8, tasks_per_no
   gpus_per_node=0 is a CPU job. tasks_per_node=0 is one task per GPU (1 for a CPU job);
   grace_s is how long before time_limit the tasks get SIGTERM, to checkpoint;
   '' and 0 leave partition, account, qos and cpus_per_task to the cluster's defaults.
+  The campaign (launch/campaign.py): at most max_restarts restarts after failures over the
+  whole run, a stop after max_stalled_restarts in a row without a new checkpoint, at most
+  max_excluded nodes left out (never so many that the job no longer fits the partition).
+  mtbf_hours: the job's mean time between interruptions for --mode=plan's goodput; 0 is
+  Llama 3's rate per GPU (419 in 54 days on 16,384 GPUs) times the job's GPUs.
   """
   return ml_collections.ConfigDict(dict(
       nodes=nodes, gpus_per_node=gpus_per_node, tasks_per_node=tasks_per_node, gpu=gpu,
       nvlink_gbps=nvlink_gbps, infiniband_gbps=infiniband_gbps, time_limit=time_limit,
       partition=partition, account=account, qos=qos, grace_s=grace_s,
-      cpus_per_task=cpus_per_task))
+      cpus_per_task=cpus_per_task, max_restarts=max_restarts,
+      max_stalled_restarts=max_stalled_restarts, max_excluded=max_excluded,
+      mtbf_hours=mtbf_hours))

@@ -1,7 +1,7 @@
 """The one entry point: train, evaluate, describe or plan an experiment, or submit it.
 
-  python launch/run.py --experiment=NAME [--workdir=DIR] [--mode=train|eval|describe|plan]
-                       [--config.KEY=VALUE ...]
+  python launch/run.py --experiment=NAME [--workdir=DIR]
+                       [--mode=train|eval|describe|plan|goodput] [--config.KEY=VALUE ...]
   python launch/run.py --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
 
 `brainscale` (the command `pip install -e .` installs) is the same program: `entry`.
@@ -13,9 +13,11 @@ naming the key or file; --traceback shows the Python traceback as well. Anything
 else is a bug and keeps its traceback.
 
 Exit status: 0 done; 1 a run that failed (non-finite loss, a plan that does not
-fit) or a bug; 2 bad input; 74 a checkpoint could not be written, or none of the
+fit) or a bug; 2 bad input; 69 a peer process or the network was lost (a JAX runtime
+error of a multi-process run); 74 a checkpoint could not be written, or none of the
 checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
-(requeue me).
+(requeue me); 124 the hang watchdog fired (train/watchdog.py). README's table says
+what the sbatch script does on each (launch/campaign.py).
 """
 
 import os
@@ -28,59 +30,15 @@ from launch import errors
 from launch import usage as usage_lib
 from launch.errors import fail
 
-MODES = {
-    'train': 'train, or resume from the newest complete checkpoint in the workdir (default)',
-    'eval': 'evaluate the newest checkpoint of the workdir',
-    'describe': 'the config, a parameter table, FLOPs and memory per device; allocates nothing',
-    'plan': "compile the train step for the cluster's GPUs (or simulated CPU devices): "
-            'memory, speed, cost, fits',
-}
-
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
-flags.DEFINE_enum('mode', 'train', list(MODES), 'what to do')
+flags.DEFINE_enum('mode', 'train', list(usage_lib.MODES), 'what to do')
 flags.DEFINE_bool('submit', False, 'sbatch the experiment on its cluster section')
 flags.DEFINE_bool('traceback', False, 'show the Python traceback of an expected failure too')
 FLAGS = flags.FLAGS
 
 _OVERRIDES: list[str] = []
 
-
-def usage() -> str:
-  """What `brainscale --help` prints above the flags."""
-  modes = '\n'.join(f'  {name:<9} {what}' for name, what in MODES.items())
-  names = config_lib.experiment_summaries()
-  width = max(map(len, names))
-  experiments = '\n'.join(f'  {name:<{width}}  {line}' for name, line in names.items())
-  return f"""\
-brainscale: train, evaluate, describe or plan an experiment, or submit it to SLURM.
-
-usage: brainscale --experiment=NAME [--mode=MODE] [--workdir=DIR] [--config.KEY=VALUE ...]
-       brainscale --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
-       (python launch/run.py takes the same flags)
-
-modes (--mode):
-{modes}
-
-experiments (--experiment=NAME, the file experiments/NAME.py):
-{experiments}
-
-common flags:
-  --workdir=DIR        checkpoints, logs, TensorBoard (default runs/NAME)
-  --config.KEY=VALUE   set any key of the experiment's config, e.g. --config.train.steps=100;
-                       `--mode=describe` prints them all; a mistyped key names the close ones
-  --submit             write the sbatch script of the cluster section and submit it
-                       (printed where there is no sbatch)
-  --traceback          show the Python traceback of an expected failure too
-
-examples:
-  brainscale --experiment=smoke --config.train.steps=50 --workdir=/tmp/smoke
-  brainscale --experiment=cwm_tiny --mode=eval
-  brainscale --experiment=cwm_80b --mode=plan
-
-exit status: 0 done; 1 non-finite loss, a plan that does not fit, or a bug; 2 bad input;
-74 a checkpoint could not be written or read; 75 stopped by SIGTERM, checkpoint saved.
-README.md says more."""
 
 
 def cluster_size(config) -> dict:
@@ -166,6 +124,9 @@ def main(argv):
     return submit(config)
   if FLAGS.mode == 'plan':
     return plan(config)
+  if FLAGS.mode == 'goodput':
+    from brainscale.train import goodput  # noqa: PLC0415  (no JAX)
+    return print(goodput.report(FLAGS.workdir or config_lib.default_workdir(FLAGS.experiment)))
   with errors.funnel(FLAGS.traceback):
     run(config, FLAGS.workdir or config_lib.default_workdir(FLAGS.experiment))
 
@@ -174,7 +135,7 @@ def entry():
   """`python launch/run.py ...` and the `brainscale ...` command (pyproject.toml): the
   --config.KEY=VALUE overrides leave argv before absl parses the flags; exits."""
   _OVERRIDES[:], rest = config_lib.split_overrides(sys.argv)
-  usage_lib.answer_help(rest, usage(), flag_owner='experiment')
+  usage_lib.answer_help(rest, usage_lib.brainscale_usage(), flag_owner='experiment')
   app.run(main, argv=rest)
 
 

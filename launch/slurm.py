@@ -2,8 +2,9 @@
 
 `launch/run.py --submit` writes WORKDIR/slurm/RUN_ID.sbatch, one srun step of
 launch/run.py over all tasks, and hands it to sbatch (or prints it where there is
-no sbatch). The job requeues itself when the trainer exits with REQUEUE_EXIT.
-Imports neither JAX nor the trainer.
+no sbatch). After the srun the script asks launch/campaign.py what to do: stop,
+requeue itself (a preemption, REQUEUE_EXIT, or a failure a restart cures), or
+resubmit itself without the node that failed. Imports neither JAX nor the trainer.
 """
 
 import datetime
@@ -23,6 +24,11 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # (EX_TEMPFAIL). On it the batch script runs `scontrol requeue`, SLURM runs the same
 # script again with the same BRAINSCALE_RUN_ID, and training resumes from the checkpoint.
 REQUEUE_EXIT = 75
+
+# Runtime settings of every GPU job that make a failure end the process instead of
+# hanging it: an NCCL error terminates (XLA's default only logs it); each process's
+# stacks go to its log on a fatal signal.
+FAIL_FAST_XLA_FLAGS = ('--xla_gpu_nccl_terminate_on_error=true',)
 
 class SubmitError(RuntimeError):
   """sbatch refused the script; the message is one line."""
@@ -55,7 +61,7 @@ def _header(cluster, experiment: str, workdir: pathlib.Path) -> list[str]:
 def _gpu_environment() -> list[str]:
   """BUILD.md sections 2 and 3; NCCL_IB_HCA and NCCL_SOCKET_IFNAME come from the
   submitting shell (sbatch exports it) since they name the cluster's own fabric."""
-  flags = ' \\\n  '.join(XLA_FLAGS)
+  flags = ' \\\n  '.join(XLA_FLAGS + FAIL_FAST_XLA_FLAGS)
   return ['export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90',
           'export CUDA_DEVICE_MAX_CONNECTIONS=1',
           f'export XLA_FLAGS="{flags}"',
@@ -82,23 +88,45 @@ def _step(config, workdir: pathlib.Path, overrides: list[str]) -> str:
   return ' '.join(shlex.quote(arg) for arg in srun + run)
 
 
-def script(config, *, workdir, overrides: list[str], run_id: str) -> str:
-  """The sbatch script that trains `config` in `workdir` (absolute) as run RUN_ID."""
+def _campaign(cluster, workdir: pathlib.Path, run_id: str, path: pathlib.Path) -> str:
+  """The command line of launch/campaign.py for this run (the script appends begin|end)."""
+  args = [sys.executable, '-m', 'launch.campaign', f'--workdir={workdir}', f'--run={run_id}',
+          f'--script={path}', f'--max_restarts={cluster.max_restarts}',
+          f'--max_stalled={cluster.max_stalled_restarts}',
+          f'--max_excluded={cluster.max_excluded}']
+  return ' '.join(shlex.quote(arg) for arg in args)
+
+
+def script(config, *, workdir, overrides: list[str], run_id: str, path=None) -> str:
+  """The sbatch script that trains `config` in `workdir` (absolute) as run RUN_ID; `path`
+  is where it is written (the campaign resubmits it), WORKDIR/slurm/RUN_ID.sbatch."""
   cluster, workdir = config.cluster, pathlib.Path(workdir)
+  path = pathlib.Path(path or workdir / 'slurm' / f'{run_id}.sbatch')
   q = shlex.quote
+  srun_log = f'{workdir}/logs/srun-${{SLURM_JOB_ID}}.${{SLURM_RESTART_COUNT:-0}}.err'
   lines = ['#!/bin/bash', *_header(cluster, config.experiment, workdir),
            'set -u', f'cd {q(str(ROOT))}', f'mkdir -p {q(str(workdir / "logs"))}',
-           f'export BRAINSCALE_RUN_ID={q(run_id)}', 'export PYTHONUNBUFFERED=1']
+           f'export BRAINSCALE_RUN_ID={q(run_id)}', 'export PYTHONUNBUFFERED=1',
+           'export PYTHONFAULTHANDLER=1']
   lines += _gpu_environment() if cluster.gpus_per_node > 0 else _cpu_environment(cluster)
-  cache = q(str(workdir / 'jax_cache'))
-  lines += [f'export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{cache}}}',
-            'export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1',
-            _step(config, workdir, overrides),
+  if cluster.gpus_per_node > 0:
+    # Not for CPU jobs: JAX writes the cache from process 0 only, so after a restart process
+    # 0 starts in seconds while the others compile, and Gloo's first collective gives up
+    # after 30 s (seen on 2 cores: 5 s against 40-60 s, a restart after every restart).
+    cache = q(str(workdir / 'jax_cache'))
+    lines += [f'export JAX_COMPILATION_CACHE_DIR=${{JAX_COMPILATION_CACHE_DIR:-{cache}}}',
+              'export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=1']
+  else:   # nor one the submitting shell had (the tests set one for themselves)
+    lines += ['unset JAX_COMPILATION_CACHE_DIR']
+  lines += [f'campaign=({_campaign(cluster, workdir, run_id, path)})',
+            '# the attempt number of this run (0 first), across requeues and resubmissions',
+            'export BRAINSCALE_ATTEMPT=$("${campaign[@]}" begin)',
+            f'{_step(config, workdir, overrides)} 2>"{srun_log}"',
             'status=$?',
-            f'if [ "$status" -eq {REQUEUE_EXIT} ]; then  # preempted, checkpoint saved',
-            '  scontrol requeue "$SLURM_JOB_ID"',
-            'fi',
-            'exit $status']
+            f'cat "{srun_log}" >&2',
+            '# done, stop, requeue, or resubmit without the failed node (launch/campaign.py)',
+            f'"${{campaign[@]}}" end --status=$status --srun_log="{srun_log}"',
+            'exit $?']
   return '\n'.join(lines) + '\n'
 
 
@@ -129,7 +157,8 @@ def submit(config, *, workdir, overrides: list[str]) -> int | None:
   path = workdir / 'slurm' / f'{run_id}.sbatch'
   path.parent.mkdir(parents=True, exist_ok=True)
   (workdir / 'logs').mkdir(exist_ok=True)  # SLURM fails the launch if --output has no folder
-  path.write_text(script(config, workdir=workdir, overrides=overrides, run_id=run_id))
+  path.write_text(script(config, workdir=workdir, overrides=overrides, run_id=run_id,
+                         path=path))
   if shutil.which('sbatch') is None:
     print(path.read_text(), end='')
     print(f'sbatch not found; wrote {path}')

@@ -30,7 +30,7 @@ def rng(seed) -> np.random.Generator:
 
 # The longest modules first: `make test` runs each module whole on one of two xdist workers
 # (--dist loadfile), and the workers finish together only if the long ones start early.
-LONGEST_FIRST = ('test_enigma_train.py', 'test_gpu_compile.py', 'test_slurm.py')
+LONGEST_FIRST = ('test_campaign.py', 'test_enigma_train.py', 'test_gpu_compile.py', 'test_slurm.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -274,3 +274,28 @@ def test_two_jobs_on_one_machine_make_a_dataset_once(tmp_path):
           for _ in range(2)]
   assert [job.wait(timeout=120) for job in jobs] == [0, 0]
   assert (tmp_path / 'makers').read_text() == 'made\n'
+
+
+def test_a_disk_that_fills_during_the_final_checkpoint_is_exit_74_and_the_rerun_finishes(tmp_path):
+  """The whole workdir on a small filesystem: the last save fails in Orbax's background
+  threads (or TensorBoard's writes fail first). One line with the step and folder, exit 74,
+  no traceback from any writer at exit, no temporary folder; with space freed, the rerun
+  resumes from the last good checkpoint and ends with its final eval."""
+  args = [*SMOKE, '--config.train.steps=30']
+  with tmpfs(tmp_path / 'disk', size='2900k') as disk:   # checkpoints 10 and 20 fit (1.3 MB)
+    workdir = disk / 'run'
+    proc = run_cli(*args, f'--workdir={workdir}')
+    line = one_error_line(proc, code=74)
+    where = f'{workdir}/checkpoints'
+    assert line.startswith(f'brainscale: could not save checkpoint step 30 in {where}')
+    assert 'RESOURCE_EXHAUSTED' in line or 'No space' in line
+    assert 'Exception ignored' not in proc.stderr and 'Error in atexit' not in proc.stderr
+    assert not glob.glob(f'{workdir}/checkpoints/*tmp*')
+    assert Checkpoints(workdir, keep=3, async_save=False).steps() == [10, 20]
+
+    subprocess.run(['mount', '-o', 'remount,size=20m', str(disk)], check=True)
+    rerun = run_cli(*args, f'--workdir={workdir}')
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert 'resuming from step 20' in rerun.stdout and 'eval step 30' in rerun.stdout
+    assert 'eval/loss' in report.read_jsonl(workdir / 'metrics.jsonl')[30]
+    assert Checkpoints(workdir, keep=3, async_save=False).steps() == [10, 20, 30]

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from brainscale import config as config_lib
-from brainscale import gpu
-from launch import run
+from brainscale.plan import gpu
+from launch import usage
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BRAINSCALE = pathlib.Path(sys.executable).parent / 'brainscale'
@@ -26,7 +26,7 @@ def test_brainscale_help_lists_every_mode_and_experiment(flag):
   command = [str(BRAINSCALE)] if BRAINSCALE.exists() else [sys.executable, 'launch/run.py']
   text = _help(*command, flag)
   assert text.startswith('brainscale: train, evaluate, describe or plan')
-  for mode, what in run.MODES.items():
+  for mode, what in usage.MODES.items():
     assert f'  {mode:<9} {what}' in text
   summaries = config_lib.experiment_summaries()
   assert set(summaries) == set(config_lib.experiment_names()) and 'cwm_80b' in summaries
@@ -41,7 +41,7 @@ def test_brainscale_help_lists_every_mode_and_experiment(flag):
 
 
 def test_run_py_help_is_the_same_usage():
-  assert _help(sys.executable, 'launch/run.py', '-h').startswith(run.usage())
+  assert _help(sys.executable, 'launch/run.py', '-h').startswith(usage.brainscale_usage())
 
 
 def test_predict_help_shows_examples_and_its_flags():

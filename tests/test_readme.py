@@ -22,8 +22,8 @@ import sys
 
 import pytest
 
-from brainscale import gpu
 from brainscale.data.synthetic import v1
+from brainscale.plan import gpu
 from neural_helpers import write_simulated_nwb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

@@ -41,7 +41,11 @@ def sbatch_options(text: str) -> list[str]:
 
 
 def srun_line(text: str) -> list[str]:
-  return shlex.split(next(line for line in text.splitlines() if line.startswith('srun ')))
+  """The srun command, without its stderr redirection (srun's own lines, for the campaign)."""
+  line = next(line for line in text.splitlines() if line.startswith('srun '))
+  command, _, redirect = line.rpartition(' 2>')
+  assert redirect.startswith('"') and '/logs/srun-' in redirect
+  return shlex.split(command)
 
 
 def bash_syntax_ok(path: pathlib.Path):
@@ -107,7 +111,8 @@ def test_submit_without_sbatch_prints_and_writes_the_cwm_80b_script(tmp_path):
   assert all(line.startswith('#SBATCH') for line in lines[1:len(options) + 1])
   assert f'export BRAINSCALE_RUN_ID={path.stem}' in lines
   assert re.search(r'^export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true', text, re.M)
-  assert '--xla_gpu_enable_triton_gemm=false"' in text
+  assert '--xla_gpu_enable_triton_gemm=false' in text
+  assert '--xla_gpu_nccl_terminate_on_error=true"' in text   # an NCCL error ends the process
 
   srun = srun_line(text)
   assert srun[:2] == ['srun', '--kill-on-bad-exit=1']
@@ -157,19 +162,26 @@ def test_requeue_exit_is_the_trainers():
 
 
 def fake_tools(bin_dir: pathlib.Path, srun_status: int):
-  """srun that records its arguments and exits with srun_status; scontrol that records."""
+  """srun that records its arguments and exits with srun_status; scontrol and sbatch that
+  record theirs; sinfo that lists one node."""
   bin_dir.mkdir()
   for name, body in (('srun', f'echo "$@" > "$FAKE_LOG/srun"; exit {srun_status}'),
-                     ('scontrol', 'echo "$@" > "$FAKE_LOG/scontrol"')):
+                     ('scontrol', 'echo "$@" > "$FAKE_LOG/scontrol"'),
+                     ('sbatch', 'echo "$@" > "$FAKE_LOG/sbatch"; echo Submitted batch job 4243'),
+                     ('sinfo', 'echo node1')):
     (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
     (bin_dir / name).chmod(0o755)
 
 
-@pytest.mark.parametrize('status', [0, 1, slurm.REQUEUE_EXIT, 143])
-def test_the_job_requeues_itself_only_when_the_trainer_exits_75(tmp_path, status):
+@pytest.mark.parametrize('status', [0, 1, 2, slurm.REQUEUE_EXIT, 124, 137, 143])
+def test_the_job_requeues_itself_when_preempted_and_resubmits_itself_after_a_curable_failure(
+    tmp_path, status):
+  """No task events here (a fake srun): 0 is done, 1 and 2 stop, 75 requeues the job, a
+  hang (124) or a task killed by a signal (128 + n) queues the next attempt after it."""
   assert slurm.REQUEUE_EXIT == 75
   config = config_lib.resolve('cwm_80b', [])
-  path = tmp_path / 'job.sbatch'
+  path = tmp_path / 'w' / 'slurm' / 'r-1.sbatch'
+  path.parent.mkdir(parents=True)
   path.write_text(slurm.script(config, workdir=tmp_path / 'w', overrides=[], run_id='r-1'))
   fake_tools(tmp_path / 'bin', status)
   env = dict(os.environ, PATH=f'{tmp_path / "bin"}:/usr/bin:/bin', FAKE_LOG=str(tmp_path),
@@ -178,17 +190,24 @@ def test_the_job_requeues_itself_only_when_the_trainer_exits_75(tmp_path, status
   assert done.returncode == status, done.stderr
   assert (tmp_path / 'w' / 'logs').is_dir()
   assert '--experiment=cwm_80b' in (tmp_path / 'srun').read_text()
-  requeued = tmp_path / 'scontrol'
+  requeued, resubmitted = tmp_path / 'scontrol', tmp_path / 'sbatch'
   assert requeued.exists() == (status == 75)
   if status == 75:
     assert requeued.read_text().split() == ['requeue', '4242']
+  assert resubmitted.exists() == (status in (124, 137, 143))
+  if resubmitted.exists():
+    assert resubmitted.read_text().split() == ['--dependency=afterany:4242', str(path)]
+    assert 'restart 1 of 20: no node to blame; resubmitted as job 4243' in done.stdout
+  state = json.loads((tmp_path / 'w' / 'campaign.json').read_text())
+  assert state['attempts'][0]['status'] == status
 
 
 # --- a local SLURM cluster -------------------------------------------------------------
 
 
-def start_local_slurm(state_dir) -> dict:
-  """Starts launch/local_slurm in state_dir; the environment whose sbatch and srun use it.
+def start_local_slurm(state_dir, nodes: int = 1) -> dict:
+  """Starts launch/local_slurm in state_dir (`nodes` slurmd: n1..nN when more than one);
+  the environment whose sbatch and srun use it.
 
   Skips where SLURM or root is missing, or fails under BRAINSCALE_REQUIRE_SLURM=1.
   Stop it with `launch/local_slurm/stop.sh state_dir`.
@@ -204,7 +223,7 @@ def start_local_slurm(state_dir) -> dict:
     pytest.fail(f'{why} (BRAINSCALE_REQUIRE_SLURM=1)')
   if why:
     pytest.skip(why)
-  done = subprocess.run(['bash', str(LOCAL_SLURM / 'start.sh'), str(state_dir)],
+  done = subprocess.run(['bash', str(LOCAL_SLURM / 'start.sh'), str(state_dir), str(nodes)],
                         capture_output=True, text=True, timeout=120)
   assert done.returncode == 0, f'start.sh failed:\n{done.stdout}\n{done.stderr}'
   conf = re.search(r'^export SLURM_CONF=(\S+)$', done.stdout, re.M).group(1)

@@ -49,6 +49,7 @@ from brainscale import parallel
 from brainscale.config import ConfigError, cluster_devices
 from brainscale.plan import collectives, hlo
 from brainscale.plan import gpu as gpu_lib
+from brainscale.train import goodput
 from brainscale.train import step as step_lib
 from brainscale.train.task import costs
 
@@ -345,6 +346,7 @@ def report(config, plan: Plan) -> tuple[str, bool]:
       f'train.steps={config.train.steps}: {config.train.steps * step_s / 86400:.1f} days',
       f'campaign of {p.days:g} days: {steps_in_campaign:.4g} steps, {gpu_hours:,.0f} GPU-hours, '
       f'${gpu_hours * p.usd_per_gpu_hour:,.0f} at ${p.usd_per_gpu_hour}/GPU-hour',
+      *goodput.plan_lines(config, step_s, plan.devices),
       f'fits: {"yes" if fits else "no"}',
   ]
   return '\n'.join(lines), fits

@@ -21,6 +21,7 @@ import json
 import pathlib
 import shutil
 import sys
+import weakref
 
 import grain
 import jax
@@ -31,6 +32,8 @@ from jax.experimental import multihost_utils
 from brainscale.config import ConfigError
 
 SAVE_FAILED_EXIT = 74   # sysexits' EX_IOERR: a checkpoint could not be written
+
+_OPEN = weakref.WeakSet()   # Checkpoints not closed yet (finish_saves)
 
 
 class CheckpointError(RuntimeError):
@@ -96,6 +99,7 @@ class Checkpoints:
     self.broken = self.directory.parent / 'broken_checkpoints'
     _quiet_orbax_echoes()
     self._in_flight = None   # the step of an async save not yet committed
+    _OPEN.add(self)
     self.manager = ocp.CheckpointManager(
         self.directory,
         item_handlers={'state': ocp.StandardCheckpointHandler(),
@@ -225,6 +229,10 @@ class Checkpoints:
     self._in_flight = None
 
   def close(self):
+    """Waits for the save in flight, then closes; a second call does nothing."""
+    if self not in _OPEN:
+      return
+    _OPEN.discard(self)
     try:
       self.wait()
     except CheckpointError:
@@ -232,3 +240,17 @@ class Checkpoints:
         self.manager.close()
       raise
     self.manager.close()
+
+
+def finish_saves() -> CheckpointError | None:
+  """Waits for the saves still in flight (a run leaving on an error) and closes their
+  managers; the failure of one, as the CheckpointError save() would have raised, or None."""
+  failed = None
+  for checkpoints in list(_OPEN):
+    try:
+      checkpoints.close()
+    except CheckpointError as e:
+      failed = failed or e
+    except Exception:  # leaving anyway: the first failed save is the error reported
+      pass
+  return failed

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from brainscale.train import preemption, report
+from brainscale.train import events, goodput, preemption, profile, report, watchdog
 from brainscale.train.checkpoint import Checkpoints
 from brainscale.train.prerequisites import prerequisite_params, runs_to_train
 from brainscale.train.step import (
@@ -63,6 +63,7 @@ def train_one(config, workdir: str) -> dict:
   it starts from the final params of its prerequisite runs, which must be trained."""
   c = config
   os.makedirs(workdir, exist_ok=True)
+  watch = watchdog.Watchdog(c, events.open_for(workdir))   # progress limits, events
   setup = build(c)
   report.log(f'mesh {dict(setup.mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} '
              f'devices, {jax.process_count()} process(es)')
@@ -74,7 +75,8 @@ def train_one(config, workdir: str) -> dict:
     checkpoints = Checkpoints(workdir, keep=c.checkpoint.keep, async_save=c.checkpoint.async_save)
     closing.callback(checkpoints.close)     # waits until the last checkpoint is committed
     data = setup.task.train_data(jax.process_index(), jax.process_count())
-    start, state = checkpoints.restore_newest(setup.abstract_state, data, log=report.log)
+    with watch.phase('restore'):
+      start, state = checkpoints.restore_newest(setup.abstract_state, data, log=report.log)
     if start is None:
       state = init_state(setup)
       state['params'].update(prerequisite_params(setup, workdir))
@@ -83,13 +85,18 @@ def train_one(config, workdir: str) -> dict:
     else:
       step = int(jax.device_get(state['step']))
       report.log(f'resuming from step {step} ({checkpoints.directory / str(start)})')
+    watch.ready(step)
     if step >= c.train.steps:
+      watch.close()
       return _complete(setup, state, step, workdir)
 
     writer = report.Writer(workdir, c)
     closing.callback(writer.close)
-    first = next(data)
+    goodput.write_scalars(writer, workdir, step)   # the attempts before this one
+    first = watch.next(data)
     train_step = make_train_step(setup, first)
+    profiler = profile.Profiler(c, workdir, step, log=report.log, hlo_text=lambda: train_step.lower(
+        setup.abstract_state, global_batch(setup, first)).compile().as_text())
     progress = report.Progress(
         first_step=step, last_step=c.train.steps, batch_size=c.train.batch_size,
         flops_per_step=(setup.task.flops_per_example() * c.train.batch_size
@@ -101,6 +108,8 @@ def train_one(config, workdir: str) -> dict:
       while step < c.train.steps:
         state, metrics = train_step(state, global_batch(setup, batch))
         step += 1
+        watch.step(step)
+        profiler.step(step, state)
         # Read a logging step's metrics only once the next step is queued behind it.
         if metrics_log.log_step_pending():
           metrics_log.flush()
@@ -108,17 +117,25 @@ def train_one(config, workdir: str) -> dict:
         preempted = notice.reached(step)   # every process, every step
         if preempted or step % c.checkpoint.every_steps == 0 or step == c.train.steps:
           metrics_log.flush()  # never checkpoint a state whose loss is not finite
-          checkpoints.save(step, state, data, c, force=preempted)
+          with watch.phase('save', step):
+            checkpoints.save(step, state, data, c, force=preempted)
         if preempted:
-          closing.close()   # the checkpoint committed, the writer closed
+          with watch.phase('save', step):
+            closing.close()   # the checkpoint committed, the writer closed
           report.log(f'SIGTERM: stopped at the agreed step {step}; checkpoint saved')
           raise preemption.Preempted(step)
         if c.train.eval_every and step % c.train.eval_every == 0 and step < c.train.steps:
-          _eval_and_write(setup, state['params'], step, writer)
+          with watch.phase('eval', step):
+            _eval_and_write(setup, state['params'], step, writer)
         if step < c.train.steps:
-          batch = next(data)
+          batch = watch.next(data)
     metrics_log.flush()
-    final = _eval_and_write(setup, state['params'], step, writer)
+    with watch.phase('eval', step):
+      final = _eval_and_write(setup, state['params'], step, writer)
+    with watch.phase('save', step):
+      checkpoints.close()   # waits until the last checkpoint is committed
+    watch.close()
+    goodput.write_scalars(writer, workdir, step)
   return {**metrics_log.last, **{f'eval_{k}': v for k, v in final.items()}}
 
 

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import uuid
+import weakref
 
 import jax
 import numpy as np
@@ -120,6 +121,7 @@ class Writer:
   def __init__(self, workdir: str, config=None):
     self.workdir = workdir
     self._writer, self._jsonl, self._wandb = None, None, None
+    _OPEN_WRITERS.add(self)
     wandb = _wandb_module(config)  # on every process: a missing package stops them all
     if jax.process_index() == 0:
       try:
@@ -147,10 +149,15 @@ class Writer:
     self._writer, self._jsonl, self._wandb = None, None, None
     for f in (writer, jsonl):
       if f is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(Exception):
           f.close()
     if run is not None:
       run.finish()
+
+  @property
+  def active(self) -> bool:
+    """Whether this Writer writes (process 0, a writable workdir)."""
+    return self._writer is not None
 
   def scalars(self, step: int, scalars: dict[str, float]):
     if self._writer is None:
@@ -168,15 +175,34 @@ class Writer:
 
   def flush(self):
     if self._writer is not None:
-      self._writer.flush()
+      try:
+        self._writer.flush()
+      except OSError as e:
+        self._give_up(e)
 
   def close(self):
+    _OPEN_WRITERS.discard(self)
     if self._writer is not None:
-      self._writer.close()
-      self._jsonl.close()
+      try:
+        self._writer.close()
+        self._jsonl.close()
+      except OSError as e:
+        self._give_up(e)   # closes what is left quietly, ends the W&B run
+      self._writer, self._jsonl = None, None
     if self._wandb is not None:
       self._wandb.finish()
       self._wandb = None
+
+
+_OPEN_WRITERS = weakref.WeakSet()
+
+
+def close_writers():
+  """Closes every Writer still open (a run leaving on an error), so that no writer flushes
+  at exit into a full disk, and the W&B run ends."""
+  for writer in list(_OPEN_WRITERS):
+    with contextlib.suppress(Exception):
+      writer.close()
 
 
 def read_jsonl(path) -> dict[int, dict]:

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Starts a one-node SLURM cluster on this host (munged, slurmctld, slurmd) with its
+# Starts a SLURM cluster on this host (munged, slurmctld, one slurmd per node) with its
 # configuration, state and logs in STATE_DIR; prints `export SLURM_CONF=...`.
-# Needs root and `apt-get install slurm-wlm munge`; no systemd. Stop it with stop.sh.
+# NODES (default 1): 1 is this host as the one node; 2 or more are nodes n1..nN, each its
+# own slurmd on this host (their names are added to /etc/hosts, as JAX's SLURM detection
+# resolves the first node's name). Needs root and `apt-get install slurm-wlm munge`; no
+# systemd. Stop it with stop.sh.
 set -euo pipefail
 
 export PATH=$PATH:/usr/sbin:/sbin  # the daemons, munged and runuser live there
 die() { echo "local_slurm/start.sh: $*" >&2; exit 1; }
 
-[ $# -eq 1 ] || die "usage: start.sh STATE_DIR"
+[ $# -ge 1 ] && [ $# -le 2 ] || die "usage: start.sh STATE_DIR [NODES]"
+NODES=${2:-1}
+[[ "$NODES" =~ ^[1-9][0-9]?$ ]] || die "NODES must be a number from 1 to 99, not $NODES"
 [ "$(id -u)" -eq 0 ] || die "needs root (the daemons switch to users slurm and munge)"
 for tool in munge munged slurmctld slurmd sinfo sbatch; do
   command -v "$tool" >/dev/null || die "$tool not found; apt-get install -y slurm-wlm munge"
@@ -18,9 +23,9 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$1"
 STATE=$(cd "$1" && pwd)
 CONF=$STATE/slurm.conf
-for daemon in slurmctld slurmd; do
-  if [ -s "$STATE/$daemon.pid" ] && kill -0 "$(cat "$STATE/$daemon.pid")" 2>/dev/null; then
-    die "$daemon already runs for $STATE; run stop.sh $STATE first"
+for pid_file in "$STATE"/slurmctld.pid "$STATE"/slurmd*.pid; do
+  if [ -s "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+    die "$(basename "$pid_file" .pid) already runs for $STATE; run stop.sh $STATE first"
   fi
 done
 
@@ -49,36 +54,58 @@ free_port() {  # the first port from $1 on that nothing listens on
   echo "$port"
 }
 
+node_names() {  # this host alone, or n1..nN
+  if [ "$NODES" -eq 1 ]; then hostname -s; else seq -f 'n%g' 1 "$NODES"; fi
+}
+
+resolvable() {  # made-up node names must resolve to this host (JAX's coordinator address)
+  local name
+  for name in "$@"; do
+    getent hosts "$name" >/dev/null || echo "127.0.0.1 $name" >> /etc/hosts
+  done
+}
+
 write_conf() {
-  local host memory_mb ctld_port slurmd_port
+  local host memory_mb ctld_port port name names
   host=$(hostname -s)
   memory_mb=$(awk '/^MemTotal:/ {m = int($2 / 1024) - 2048; print (m < 1000 ? 1000 : m)}' /proc/meminfo)
   ctld_port=$(free_port 6817)
-  slurmd_port=$(free_port $((ctld_port + 1)))
-  sed -e "s|@HOST@|$host|g" -e "s|@STATE@|$STATE|g" -e "s|@MEMORY_MB@|$memory_mb|g" \
-      -e "s|@CTLD_PORT@|$ctld_port|g" -e "s|@SLURMD_PORT@|$slurmd_port|g" \
+  sed -e "s|@HOST@|$host|g" -e "s|@STATE@|$STATE|g" -e "s|@CTLD_PORT@|$ctld_port|g" \
       "$HERE/slurm.conf.in" > "$CONF"
-  echo "$host"
+  port=$ctld_port
+  for name in $(node_names); do
+    port=$(free_port $((port + 1)))
+    echo "NodeName=$name NodeHostname=$host NodeAddr=127.0.0.1 Port=$port CPUs=8 Boards=1" \
+         "SocketsPerBoard=1 CoresPerSocket=8 ThreadsPerCore=1 RealMemory=$memory_mb" \
+         "State=UNKNOWN" >> "$CONF"
+  done
+  names=$(node_names | paste -sd, -)
+  echo "PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4" >> "$CONF"
 }
 
-wait_idle() {  # until sinfo shows the node idle, at most 60 s
+wait_idle() {  # until sinfo shows every node idle, at most 60 s
   for _ in $(seq 120); do
-    [ "$(sinfo -h -n "$1" -o %t 2>/dev/null)" = idle ] && return
+    [ "$(sinfo -h -N -o %t 2>/dev/null | sort -u)" = idle ] && return
     sleep 0.5
   done
-  tail -n 20 "$STATE/slurmctld.log" "$STATE/slurmd.log" >&2 || true
+  tail -n 20 "$STATE/slurmctld.log" "$STATE"/slurmd-*.log >&2 || true
   "$HERE/stop.sh" "$STATE" >&2 || true
-  die "node $1 not idle after 60 s; logs above"
+  die "nodes $(node_names | paste -sd, -) not all idle after 60 s; logs above"
 }
 
 start_munge
-HOST=$(write_conf)
-mkdir -p "$STATE/ctld" "$STATE/spool"
+[ "$NODES" -eq 1 ] || resolvable $(node_names)
+write_conf
+mkdir -p "$STATE/ctld"
 chmod 755 "$STATE"  # slurmctld runs as user slurm
 chown -R slurm: "$STATE"
 runuser -u slurm -- test -w "$STATE/ctld" || die "user slurm cannot write $STATE/ctld; a parent folder is private"
 export SLURM_CONF=$CONF
 slurmctld -f "$CONF"
-slurmd -f "$CONF"
-wait_idle "$HOST"
+if [ "$NODES" -eq 1 ]; then
+  slurmd -f "$CONF"
+else
+  for name in $(node_names); do slurmd -f "$CONF" -N "$name"; done
+fi
+wait_idle
 echo "export SLURM_CONF=$CONF"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stops the cluster that start.sh STATE_DIR started: cancels its jobs, stops slurmd and
+# Stops the cluster that start.sh STATE_DIR started: cancels its jobs, stops each slurmd and
 # slurmctld by their pid files, and munged only if start.sh started it.
 set -uo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
@@ -32,7 +32,7 @@ stop_pid_file() {  # TERM, then KILL after 15 s
 }
 
 cancel_jobs
-stop_pid_file "$STATE/slurmd.pid"
+for pid_file in "$STATE"/slurmd*.pid; do stop_pid_file "$pid_file"; done
 stop_pid_file "$STATE/slurmctld.pid"
 if [ -e "$STATE/munged.started" ]; then
   munged --stop >/dev/null 2>&1 || stop_pid_file /run/munge/munged.pid
