@@ -204,3 +204,48 @@ def shard_local(fn, in_logical, out_logical, args):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+# ---------------------------------------------------------------- inference layout
+
+TENSOR_PARALLEL = ('heads', 'kv_heads', 'mlp', 'vocab', 'act_heads', 'act_mlp', 'act_vocab')
+
+
+def inference_rules(rules_config) -> dict[str, tuple[str, ...]]:
+  """The logical-axis rules for decoding, from the training rules `rules_config`.
+
+  Weights split over `tensor` along heads, kv_heads, mlp and vocab (Megatron-style: each
+  layer is two all-reduces, never a gather of weights); examples over `data`; every other
+  name (embed, neurons, ...) is replicated, so no weight is gathered to be used.
+  """
+  table = {name: () for name in rules_table(rules_config)}
+  table.update({name: ('tensor',) for name in TENSOR_PARALLEL})
+  table['batch'] = ('data',)
+  return table
+
+
+def inference_mesh(tensor: int, devices=None) -> Mesh:
+  """A mesh of `devices` (default: this process's) as data x tensor; tensor=-1 is all of them."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  tensor = len(devices) if tensor == -1 else tensor
+  if tensor < 1 or len(devices) % tensor:
+    raise ConfigError(f'inference.tensor={tensor} does not divide the {len(devices)} devices '
+                      f'here; expected a divisor of {len(devices)} (or -1: all of them)')
+  shape = {'data': len(devices) // tensor, 'fsdp': 1, 'sequence': 1, 'tensor': tensor}
+  array = np.asarray(devices).reshape(tuple(shape[a] for a in AXES))
+  return Mesh(array, AXES, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def dividing_spec(logical: tuple, rules: dict, mesh: Mesh, shape) -> PartitionSpec:
+  """Like `spec`, but a mesh axis that does not divide its dimension is left out (that
+  dimension stays whole), as `constrain` does: 4 kv heads over tensor 8 are replicated."""
+  used, out = set(), []
+  for axis, size in zip(logical, shape):
+    kept, ways = [], 1
+    for a in rules.get(axis, ()) if axis is not None else ():
+      if a not in used and mesh.shape[a] > 1 and size % (ways * mesh.shape[a]) == 0:
+        kept.append(a)
+        ways *= mesh.shape[a]
+    used.update(kept)
+    out.append(kept[0] if len(kept) == 1 else (tuple(kept) or None))
+  return PartitionSpec(*out)

@@ -50,6 +50,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.plan.target = 'auto'             # gpu (XLA's GPU compiler) | cpu (simulated devices) |
                                      # auto: gpu when the CUDA plugin is installed
 
+  c.inference = ml_collections.ConfigDict()  # brainscale.inspect.load, export, probe plan
+  c.inference.dtype = 'float32'      # the params' dtype once loaded (cast as read)
+  c.inference.tensor = 1             # devices per model copy: heads/mlp/vocab split over them;
+                                     # the other local devices split the examples (data)
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3
