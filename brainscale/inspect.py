@@ -28,6 +28,7 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import parallel
+from brainscale.config import ConfigError
 from brainscale.train.checkpoint import Checkpoints
 from brainscale.train.task import Task, get_task
 
@@ -140,6 +141,18 @@ def inference(config) -> ml_collections.ConfigDict:
   return config.get('inference', default)
 
 
+def params_dtype(name) -> jnp.dtype:
+  """jnp.dtype(name), if it is a floating dtype; else a one-line ConfigError."""
+  try:
+    dtype = jnp.dtype(name)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ConfigError(f'dtype={name}; expected a floating dtype for the params, such as '
+                      'bfloat16 or float32')
+  return dtype
+
+
 def abstract_params(task: Task, mesh: jax.sharding.Mesh, dtype) -> tuple[nnx.GraphDef, dict]:
   """(graphdef, params) of the task's model: ShapeDtypeStructs in `dtype` (floating ones)
   sharded on `mesh` by the inference rules; nothing allocated."""
@@ -181,7 +194,7 @@ def load(path, step: int | None = None, *, dtype=None,
                             f'{", ".join(map(str, available))}')
   checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
   config = _local_mesh(saved_config(checkpoints.config(step)))
-  dtype = jnp.dtype(dtype or inference(config).dtype)
+  dtype = params_dtype(dtype or inference(config).dtype)
   mesh = mesh if mesh is not None else parallel.inference_mesh(inference(config).tensor)
   task = get_task(config)
   graphdef, target = abstract_params(task, mesh, dtype)

@@ -1,6 +1,9 @@
 """Opening checkpoints for inference: params only, cast as read, on a data x tensor mesh."""
 
+import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,12 +12,15 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 from jax.sharding import PartitionSpec as P
+from matplotlib import image as mpimg
 
 from brainscale import config as config_lib
 from brainscale import inspect, parallel
 from brainscale.cwm import counterfactual
 from brainscale.train import loop
 from brainscale.train.checkpoint import Checkpoints
+from conftest import ROOT
+from test_train import cli_env
 
 # cwm_tiny, smaller; 4 heads and a vocab of 1152 split over tensor 4
 TINY = ['--config.model.layers=2', '--config.model.dim=32', '--config.model.heads=4',
@@ -121,3 +127,47 @@ def test_the_optimizer_state_is_never_read(saved, tmp_path):
   for name, x in got.items():
     np.testing.assert_array_equal(np.asarray(x), np.asarray(want[name].astype(jnp.bfloat16)),
                                   err_msg=name)
+
+
+@pytest.mark.slow
+def test_an_export_opens_and_predicts_like_its_workdir(saved, tmp_path):
+  workdir, state, _ = saved
+  out = tmp_path / 'exported'
+  done = subprocess.run([sys.executable, '-m', 'brainscale.export', str(workdir), str(out),
+                         '--dtype=bfloat16'], cwd=ROOT, env=cli_env(4), capture_output=True,
+                        text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f'exported step 0 to {out}' in done.stdout and 'bfloat16' in done.stdout
+  # Only the params were written, in bf16.
+  kvstore = ts.KvStore.open({'driver': 'ocdbt',
+                             'base': f'file://{out}/checkpoints/0/state/'}).result()
+  keys = kvstore.list().result()
+  assert keys and all(k.startswith(b'params.') for k in keys)
+  zarray = json.loads(kvstore.read(b'params.head.w_DxV/.zarray').result().value)
+  assert zarray['dtype'] == 'bfloat16'
+
+  exported = inspect.load(out)
+  assert exported.config.inference.dtype == 'bfloat16' and exported.step == 0
+  for name, x in flat(exported.params).items():
+    assert x.dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(flat(state['params'])[name]
+                                                            .astype(jnp.bfloat16)), err_msg=name)
+  again = subprocess.run([sys.executable, '-m', 'brainscale.export', str(workdir), str(out)],
+                         cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+  assert again.returncode == 2 and 'already holds checkpoints' in again.stderr
+
+  frames = np.random.default_rng(0).integers(0, 255, (2, 48, 48, 3), np.uint8)
+  paths = [tmp_path / 'a.png', tmp_path / 'b.png']
+  for path, frame in zip(paths, frames):
+    mpimg.imsave(path, frame)
+  arrays = []
+  for source, dtype in ((out, []), (workdir, ['--dtype=bfloat16'])):
+    run = subprocess.run([sys.executable, 'launch/predict.py', f'--workdir={source}', *dtype,
+                          f'--frames={paths[0]},{paths[1]}', '--move=4,4:40,44',
+                          f'--out={tmp_path / source.name}'],
+                         cwd=ROOT, env=cli_env(1), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    arrays.append(dict(np.load(tmp_path / source.name / 'prediction.npz')))
+  assert arrays[0].keys() == arrays[1].keys() and 'moved' in arrays[0]
+  for name in arrays[0]:
+    np.testing.assert_array_equal(arrays[0][name], arrays[1][name], err_msg=name)

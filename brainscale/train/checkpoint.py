@@ -24,6 +24,7 @@ import sys
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
@@ -207,7 +208,7 @@ class Checkpoints:
       found = kvstore.read(name.replace('/', '.').encode() + b'/.zarray').result()
       if found.state == 'value':
         zarray = json.loads(found.value)
-        shapes[name] = jax.ShapeDtypeStruct(tuple(zarray['shape']), np.dtype(zarray['dtype']))
+        shapes[name] = jax.ShapeDtypeStruct(tuple(zarray['shape']), jnp.dtype(zarray['dtype']))
     return shapes
 
   def restore_newest(self, abstract_state, data_iterator=None, *, log=print, set_aside=True):
