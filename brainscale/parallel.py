@@ -170,6 +170,20 @@ def constrain(x: jax.Array, logical: tuple) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(tuple(names), table, mesh)))
 
 
+def ways(logical: str, size: int) -> int:
+  """How many shards the active axis rules split a dimension `logical` of `size` into, as
+  `constrain` would (1 outside a mesh)."""
+  context = _CONTEXT.get()
+  if context is None:
+    return 1
+  mesh, rules = context
+  count = 1
+  for axis in rules.get(logical, ()):
+    if size % (count * mesh.shape[axis]) == 0:
+      count *= mesh.shape[axis]
+  return count
+
+
 def shard_local(fn, in_logical, out_logical, args):
   """`fn` run on each device's shards (jax.shard_map) under the active axis rules.
 

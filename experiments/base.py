@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.inference.dtype = 'float32'      # the params' dtype once loaded (cast as read)
   c.inference.tensor = 1             # devices per model copy: heads/mlp/vocab split over them;
                                      # the other local devices split the examples (data)
+  c.inference.batch = 1              # examples per model copy --mode=probe_plan compiles for
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000

@@ -1,20 +1,22 @@
 """The one entry point: train, evaluate, describe or plan an experiment, or submit it.
 
-  python launch/run.py --experiment=NAME [--workdir=DIR] [--mode=train|eval|describe|plan]
-                       [--config.KEY=VALUE ...]
+  python launch/run.py --experiment=NAME [--workdir=DIR]
+                       [--mode=train|eval|describe|plan|probe_plan] [--config.KEY=VALUE ...]
   python launch/run.py --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
 
 `brainscale` (the command `pip install -e .` installs) is the same program: `entry`.
---submit sbatches the experiment on its `cluster` section (launch/slurm.py).
+--mode=probe_plan compiles a world model's decode step and prefill for its inference
+GPUs (brainscale/probe_plan.py). --submit sbatches the experiment on its `cluster`
+section (launch/slurm.py).
 Inside a multi-task srun step it calls jax.distributed.initialize() itself.
 Every expected failure (a bad config value or workdir, a missing or corrupt input
 file, a checkpoint that cannot be written) is one line on stderr, `brainscale: ...`,
 naming the key or file; --traceback shows the Python traceback as well. Anything
 else is a bug and keeps its traceback.
 
-Exit status: 0 done; 1 a run that failed (non-finite loss, a plan that does not
-fit) or a bug; 2 bad input; 74 a checkpoint could not be written, or none of the
-checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
+Exit status: 0 done; 1 a run that failed (non-finite loss, a plan or a probe plan that
+does not fit) or a bug; 2 bad input; 74 a checkpoint could not be written, or none of
+the checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
 (requeue me).
 """
 
@@ -29,7 +31,8 @@ from launch.errors import fail
 
 flags.DEFINE_string('experiment', 'smoke', 'experiments/NAME.py to run')
 flags.DEFINE_string('workdir', '', 'checkpoints and logs; default runs/NAME')
-flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan'], 'what to do')
+flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'describe', 'plan', 'probe_plan'],
+                  'what to do')
 flags.DEFINE_bool('submit', False, 'sbatch the experiment on its cluster section')
 flags.DEFINE_bool('traceback', False, 'show the Python traceback of an expected failure too')
 FLAGS = flags.FLAGS
@@ -81,6 +84,18 @@ def plan(config):
   sys.exit(0 if fits else 1)
 
 
+def probe_plan(config):
+  """--mode=probe_plan: the probes of a world model compiled for its inference GPUs."""
+  import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
+
+  from brainscale import probe_plan as probe_plan_lib  # noqa: PLC0415
+  jax.config.update('jax_platforms', 'cpu')   # a GPU target compiles here; nothing runs
+  with errors.funnel(FLAGS.traceback):
+    planned = probe_plan_lib.probe_plan(config)
+  print(planned.report(), flush=True)
+  sys.exit(0 if planned.fits() else 1)
+
+
 def run(config, workdir: str):
   """train, eval or describe on this job's devices."""
   import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
@@ -115,6 +130,8 @@ def main(argv):
     return submit(config)
   if FLAGS.mode == 'plan':
     return plan(config)
+  if FLAGS.mode == 'probe_plan':
+    return probe_plan(config)
   with errors.funnel(FLAGS.traceback):
     run(config, FLAGS.workdir or os.path.join('runs', FLAGS.experiment))
 

@@ -16,9 +16,11 @@ from matplotlib import image as mpimg
 
 from brainscale import config as config_lib
 from brainscale import inspect, parallel
+from brainscale.config import ConfigError
 from brainscale.cwm import counterfactual
 from brainscale.train import loop
 from brainscale.train.checkpoint import Checkpoints
+from brainscale.train.task import costs
 from conftest import ROOT
 from test_train import cli_env
 
@@ -171,3 +173,28 @@ def test_an_export_opens_and_predicts_like_its_workdir(saved, tmp_path):
   assert arrays[0].keys() == arrays[1].keys() and 'moved' in arrays[0]
   for name in arrays[0]:
     np.testing.assert_array_equal(arrays[0][name], arrays[1][name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_enigma_core_and_neuron_tables_open_in_bf16_on_one_device(tmp_path):
+  workdir, state, _ = save_initialised(tmp_path / 'enigma', 'enigma_tiny', [
+      '--config.model.video_layers=1', '--config.model.decoder_layers=1'])
+  one = parallel.inference_mesh(1, jax.devices()[:1])
+  run = inspect.load(workdir, dtype='bfloat16', mesh=one)
+  want, got = flat(state['params']), flat(run.params)
+  assert got.keys() == want.keys()
+  assert any('neuron_NxE' in name for name in got) and any('core' in name for name in got)
+  for name, x in got.items():
+    assert x.dtype == jnp.bfloat16 and x.sharding.device_set == {jax.devices()[0]}, name
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(want[name].astype(jnp.bfloat16)),
+                                  err_msg=name)
+  # The bf16 params (upcast: XLA:CPU has no bf16 x bf16 -> f32 dot) against the f32 ones.
+  reference = inspect.load(workdir, dtype='float32', mesh=one)
+  graphdef, params = nnx.split(run.model)
+  upcast = nnx.merge(graphdef, jax.tree.map(lambda x: x.astype(jnp.float32), params))
+  batch = costs(run.task).synthetic_batch(2, seed=1)
+  losses = [float(run.task.loss(model, batch, jax.random.key(0), False)[0])
+            for model in (upcast, reference.model)]
+  assert np.isfinite(losses).all() and losses[0] == pytest.approx(losses[1], rel=0.03)
+  with pytest.raises(ConfigError, match='dtype=int8; expected a floating dtype'):
+    inspect.load(workdir, dtype='int8', mesh=one)
