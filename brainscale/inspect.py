@@ -195,7 +195,13 @@ def load(path, step: int | None = None, *, dtype=None,
   checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
   config = _local_mesh(saved_config(checkpoints.config(step)))
   dtype = params_dtype(dtype or inference(config).dtype)
-  mesh = mesh if mesh is not None else parallel.inference_mesh(inference(config).tensor)
+  if mesh is None:
+    tensor = inference(config).tensor
+    if tensor != -1 and jax.local_device_count() % tensor:
+      raise ConfigError(f'{config.experiment} is opened with inference.tensor={tensor} devices '
+                        f'per copy, and this process has {jax.local_device_count()}; pass '
+                        'mesh=parallel.inference_mesh(1) (one device) or a mesh of your own')
+    mesh = parallel.inference_mesh(tensor)
   task = get_task(config)
   graphdef, target = abstract_params(task, mesh, dtype)
   try:
