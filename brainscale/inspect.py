@@ -8,8 +8,11 @@
     run.model                                    # an nnx.Module with the trained params
 
 `load` restores onto the devices of this process (one CPU is enough for a
-checkpoint written by many GPUs): the params are restored into the shardings of
-a mesh over the local devices, whatever mesh wrote them.
+checkpoint written by many GPUs), whatever mesh wrote them: the params alone (never
+the optimizer moments or the data state), cast to `dtype` as they are read, laid
+out on an inference mesh (data x tensor, `config.inference`): weights split over
+`tensor` by heads, MLP and vocab, examples over `data`. Run probes inside
+`with run.axis_rules():` so activations and KV caches follow the same layout.
 """
 
 import dataclasses
@@ -17,6 +20,7 @@ import json
 import pathlib
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import parameter_overview
@@ -24,9 +28,9 @@ from flax import nnx
 
 from brainscale import config as config_lib
 from brainscale import parallel
-from brainscale.train import step as step_lib
+from brainscale.config import ConfigError
 from brainscale.train.checkpoint import Checkpoints
-from brainscale.train.task import Task
+from brainscale.train.task import Task, get_task
 
 
 @dataclasses.dataclass
@@ -36,8 +40,14 @@ class Run:
   step: int
   config: ml_collections.ConfigDict
   task: Task
-  params: dict            # the restored params (param dtype), a plain nested dict
+  params: dict            # the restored params (in `dtype`), a plain nested dict
   model: nnx.Module       # the model holding them
+  mesh: jax.sharding.Mesh | None = None   # the inference mesh they are laid out on
+  rules: dict | None = None               # ... by these logical-axis rules
+
+  def axis_rules(self):
+    """The context to run the model in: activations and caches sharded like the params."""
+    return parallel.axis_rules(self.mesh, self.rules)
 
   def parameter_overview(self) -> str:
     """Shapes, sizes and statistics of every parameter, as a table (clu)."""
@@ -125,11 +135,52 @@ def _local_mesh(config):
   return config
 
 
-def load(path, step: int | None = None) -> Run:
-  """The checkpoint at `step` of the workdir `path`, restored here.
+def inference(config) -> ml_collections.ConfigDict:
+  """The `inference` section of a config (its defaults where a saved config lacks it)."""
+  default = ml_collections.ConfigDict(dict(tensor=1, dtype=config.model.param_dtype))
+  return config.get('inference', default)
+
+
+def params_dtype(name) -> jnp.dtype:
+  """jnp.dtype(name), if it is a floating dtype; else a one-line ConfigError."""
+  try:
+    dtype = jnp.dtype(name)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ConfigError(f'dtype={name}; expected a floating dtype for the params, such as '
+                      'bfloat16 or float32')
+  return dtype
+
+
+def abstract_params(task: Task, mesh: jax.sharding.Mesh, dtype) -> tuple[nnx.GraphDef, dict]:
+  """(graphdef, params) of the task's model: ShapeDtypeStructs in `dtype` (floating ones)
+  sharded on `mesh` by the inference rules; nothing allocated."""
+  config = task.config
+  model = nnx.eval_shape(lambda: task.model(nnx.Rngs(config.seed)))
+  graphdef, params_state = nnx.split(model, nnx.Param)
+  rules = parallel.inference_rules(config.mesh.rules)
+  tree = {}
+  for path, variable in nnx.to_flat_state(params_state):
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    kind = dtype if jnp.issubdtype(variable.dtype, jnp.floating) else variable.dtype
+    layout = parallel.resolve(variable.get_metadata()['axes'], rules, mesh, variable.shape,
+                              strict=False)
+    node[path[-1]] = jax.ShapeDtypeStruct(variable.shape, kind,
+                                          sharding=jax.sharding.NamedSharding(mesh, layout))
+  return graphdef, tree
+
+
+def load(path, step: int | None = None, *, dtype=None,
+         mesh: jax.sharding.Mesh | None = None) -> Run:
+  """The params of checkpoint `step` of the workdir `path`, restored here.
 
   `path` may also be WORKDIR/checkpoints, or WORKDIR/checkpoints/STEP (that step);
-  by default the newest step.
+  by default the newest step. `dtype` (default the config's inference.dtype) is the
+  params' dtype; `mesh` (default: parallel.inference_mesh of this process's devices,
+  inference.tensor of them per model copy) is where they are laid out.
   """
   workdir, step_of_path = _located(path)
   step = step_of_path if step is None else step
@@ -144,13 +195,23 @@ def load(path, step: int | None = None) -> Run:
                             f'{", ".join(map(str, available))}')
   checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
   config = _local_mesh(saved_config(checkpoints.config(step)))
-  setup = step_lib.build(config, parallel.make_mesh(config.mesh, jax.local_devices()))
-  state = checkpoints.restore(step, setup.abstract_state)
-  checkpoints.close()
-  params = state['params']
-  model = nnx.merge(setup.graphdef, params)
-  return Run(workdir=workdir, step=step, config=config, task=setup.task, params=params,
-             model=model)
+  dtype = params_dtype(dtype or inference(config).dtype)
+  if mesh is None:
+    tensor = inference(config).tensor
+    if tensor != -1 and jax.local_device_count() % tensor:
+      raise ConfigError(f'{config.experiment} is opened with inference.tensor={tensor} devices '
+                        f'per copy, and this process has {jax.local_device_count()}; pass '
+                        'mesh=parallel.inference_mesh(1) (one device) or a mesh of your own')
+    mesh = parallel.inference_mesh(tensor)
+  task = get_task(config)
+  graphdef, target = abstract_params(task, mesh, dtype)
+  try:
+    params = checkpoints.restore_params(step, target)
+  finally:
+    checkpoints.close()
+  return Run(workdir=workdir, step=step, config=config, task=task, params=params,
+             model=nnx.merge(graphdef, params), mesh=mesh,
+             rules=parallel.inference_rules(config.mesh.rules))
 
 
 def curves(workdir) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -207,6 +207,17 @@ def constrain(x: jax.Array, logical: tuple) -> jax.Array:
       x, NamedSharding(mesh, resolve(logical, rules, mesh, x.shape, strict=False)))
 
 
+def ways(logical: str, size: int) -> int:
+  """How many shards the active axis rules split a dimension `logical` of `size` into, as
+  `constrain` would (1 outside a mesh)."""
+  context = _CONTEXT.get()
+  if context is None:
+    return 1
+  mesh, rules = context
+  axes = resolve((logical,), rules, mesh, (size,), strict=False)[0]
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
+
+
 def shard_local(fn, in_logical, out_logical, args):
   """`fn` run on each device's shards (jax.shard_map) under the active axis rules.
 
@@ -235,3 +246,33 @@ def shard_local(fn, in_logical, out_logical, args):
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+# ---------------------------------------------------------------- inference layout
+
+TENSOR_PARALLEL = (HEADS, KV_HEADS, MLP, VOCAB, ACT_HEADS, ACT_MLP, ACT_VOCAB)
+
+
+def inference_rules(rules_config) -> dict[str, tuple[str, ...]]:
+  """The logical-axis rules for decoding, from the training rules `rules_config`.
+
+  Weights split over `tensor` along heads, kv_heads, mlp and vocab (Megatron-style: each
+  layer is two all-reduces, never a gather of weights); examples over `data`; every other
+  name (embed, neurons, ...) is replicated, so no weight is gathered to be used.
+  """
+  table = {name: () for name in rules_table(rules_config)}
+  table.update({name: ('tensor',) for name in TENSOR_PARALLEL})
+  table[BATCH] = ('data',)
+  return table
+
+
+def inference_mesh(tensor: int, devices=None) -> Mesh:
+  """A mesh of `devices` (default: this process's) as data x tensor; tensor=-1 is all of them."""
+  devices = list(devices if devices is not None else jax.local_devices())
+  tensor = len(devices) if tensor == -1 else tensor
+  if tensor < 1 or len(devices) % tensor:
+    raise ConfigError(f'inference.tensor={tensor} does not divide the {len(devices)} devices '
+                      f'here; expected a divisor of {len(devices)} (or -1: all of them)')
+  shape = {'data': len(devices) // tensor, 'fsdp': 1, 'sequence': 1, 'tensor': tensor}
+  array = np.asarray(devices).reshape(tuple(shape[a] for a in AXES))
+  return Mesh(array, AXES, axis_types=(AxisType.Auto,) * len(AXES))

@@ -56,6 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
   c.plan.restore_s = 300             # reading the newest checkpoint back
   c.plan.save_s = 10                 # training blocked by each (async) checkpoint save
 
+  c.inference = ml_collections.ConfigDict()  # brainscale.inspect.load, export, probe plan
+  c.inference.dtype = 'float32'      # the params' dtype once loaded (cast as read)
+  c.inference.tensor = 1             # devices per model copy: heads/mlp/vocab split over them;
+                                     # the other local devices split the examples (data)
+  c.inference.batch = 1              # examples per model copy --mode=probe_plan compiles for
+
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
   c.checkpoint.keep = 3

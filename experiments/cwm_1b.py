@@ -24,5 +24,6 @@ def get_config():
   c.checkpoint.every_steps = 1000
 
   c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=8, sequence=1, tensor=1))
+  c.inference.dtype = 'bfloat16'    # one GPU holds a copy: data over the local GPUs
   c.cluster = base.cluster(nodes=1, time_limit='7-00:00:00')
   return c

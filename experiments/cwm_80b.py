@@ -36,5 +36,9 @@ def get_config():
 
   c.mesh.dcn = ml_collections.ConfigDict(dict(data=3, fsdp=8, sequence=1, tensor=1))
   c.mesh.ici = ml_collections.ConfigDict(dict(data=1, fsdp=8, sequence=1, tensor=1))
+  # Opened for probes on one node: bf16 weights split 8 ways by heads/MLP/vocab (~20 GB
+  # per GPU), KV cache split by heads (python launch/run.py --mode=probe_plan).
+  c.inference.dtype = 'bfloat16'
+  c.inference.tensor = 8
   c.cluster = base.cluster(nodes=24, time_limit='30-00:00:00')
   return c

@@ -27,5 +27,6 @@ def get_config():
   c.data.workers = 8
   c.mesh.dcn.data = 8
   c.mesh.ici.fsdp = 8
+  c.inference.dtype = 'bfloat16'    # one GPU (or a CPU) holds a copy
   c.cluster = base.cluster(nodes=8, time_limit='7-00:00:00')
   return c

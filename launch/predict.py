@@ -1,6 +1,6 @@
 """Counterfactual predictions of a trained CWM world model on a video (or two images) of yours.
 
-  python launch/predict.py --workdir=runs/cwm_tiny [--step=N] \\
+  python launch/predict.py --workdir=runs/cwm_tiny [--step=N] [--dtype=bfloat16] \\
       (--video=clip.mp4 [--start_s=0.0] [--gap_ms=MS] | --frames=a.png,b.png) \\
       [--reveal=0.25] [--move=X0,Y0:X1,Y1] [--points='X,Y;X,Y'] [--sequential] \\
       [--decode=mean|argmax|sample] [--temperature=1.0] [--top_k=0] [--top_p=1.0] \\
@@ -9,8 +9,11 @@
 The frames are cropped as evaluation crops clips (short side resized to the model's
 frame size, centre crop); --move and --points are pixels of that crop, as
 DIR/panel.png shows it. Writes DIR/prediction.npz and DIR/panel.png
-(brainscale/cwm/predict.py). A bad input is one line on stderr, `brainscale: ...`,
-and exit status 2; --traceback shows the Python traceback as well.
+(brainscale/cwm/predict.py). The params are loaded alone, in --dtype (default the
+run's inference.dtype), on the run's inference mesh of this machine's devices
+(brainscale.inspect.load); --workdir may be an export (python -m brainscale.export).
+A bad input is one line on stderr, `brainscale: ...`, and exit status 2; --traceback
+shows the Python traceback as well.
 
 Examples (a run trained with `brainscale --experiment=cwm_tiny`):
 
@@ -33,6 +36,8 @@ from launch.errors import fail
 
 flags.DEFINE_string('workdir', '', 'a CWM run folder (launch/run.py --workdir)')
 flags.DEFINE_integer('step', None, 'checkpoint step; default the newest')
+flags.DEFINE_string('dtype', None, "the params' dtype (e.g. bfloat16); default the run's "
+                    'inference.dtype')
 flags.DEFINE_string('video', '', 'a video file: the two frames come from it')
 flags.DEFINE_float('start_s', 0.0, 'time of the first frame in the video (seconds)')
 flags.DEFINE_float('gap_ms', None, "time between the frames; default the run's data.gap_ms")
@@ -54,7 +59,7 @@ FLAGS = flags.FLAGS
 
 def load():
   """The --workdir checkpoint (brainscale.inspect.Run), if it holds a CWM world model."""
-  run = inspect.load(FLAGS.workdir, FLAGS.step)
+  run = inspect.load(FLAGS.workdir, FLAGS.step, dtype=FLAGS.dtype)
   if not isinstance(run.model, WorldModel):
     raise InputError(f'{run.workdir} step {run.step} holds a {type(run.model).__name__} '
                      f'(experiment {run.config.experiment}); predictions need a CWM world '
@@ -85,10 +90,11 @@ def main(argv):
     move = predict.parse_move(FLAGS.move) if FLAGS.move else None
     points = predict.parse_points(FLAGS.points) if FLAGS.points else None
     run = load()
-    result = predict.predict(
-        run.model, frames(run), reveal=FLAGS.reveal, move_2x2=move, points_Kx2=points,
-        sequential=FLAGS.sequential, decode=FLAGS.decode, temperature=FLAGS.temperature,
-        top_k=FLAGS.top_k, top_p=FLAGS.top_p, orders=FLAGS.orders, seed=FLAGS.seed)
+    with run.axis_rules():   # activations and the KV cache laid out like the params
+      result = predict.predict(
+          run.model, frames(run), reveal=FLAGS.reveal, move_2x2=move, points_Kx2=points,
+          sequential=FLAGS.sequential, decode=FLAGS.decode, temperature=FLAGS.temperature,
+          top_k=FLAGS.top_k, top_p=FLAGS.top_p, orders=FLAGS.orders, seed=FLAGS.seed)
     for path in predict.write(result, FLAGS.out):
       print(f'wrote {path}', flush=True)
 

@@ -1,21 +1,23 @@
 """The one entry point: train, evaluate, describe or plan an experiment, or submit it.
 
   python launch/run.py --experiment=NAME [--workdir=DIR]
-                       [--mode=train|eval|describe|plan|goodput] [--config.KEY=VALUE ...]
+                       [--mode=train|eval|describe|plan|goodput|probe_plan] [--config.KEY=VALUE ...]
   python launch/run.py --experiment=NAME --submit [--workdir=DIR] [--config.KEY=VALUE ...]
 
 `brainscale` (the command `pip install -e .` installs) is the same program: `entry`.
---submit sbatches the experiment on its `cluster` section (launch/slurm.py).
+--mode=probe_plan compiles a world model's decode step and prefill for its inference
+GPUs (brainscale/plan/probe_plan.py). --submit sbatches the experiment on its `cluster`
+section (launch/slurm.py).
 Inside a multi-task srun step it calls jax.distributed.initialize() itself.
 Every expected failure (a bad config value or workdir, a missing or corrupt input
 file, a checkpoint that cannot be written) is one line on stderr, `brainscale: ...`,
 naming the key or file; --traceback shows the Python traceback as well. Anything
 else is a bug and keeps its traceback.
 
-Exit status: 0 done; 1 a run that failed (non-finite loss, a plan that does not
-fit) or a bug; 2 bad input; 69 a peer process or the network was lost (a JAX runtime
-error of a multi-process run); 74 a checkpoint could not be written, or none of the
-checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
+Exit status: 0 done; 1 a run that failed (non-finite loss, a plan or a probe plan that
+does not fit) or a bug; 2 bad input; 69 a peer process or the network was lost (a JAX
+runtime error of a multi-process run); 74 a checkpoint could not be written, or none of
+the checkpoints present can be read; 75 stopped by SIGTERM with a checkpoint saved
 (requeue me); 124 the hang watchdog fired (train/watchdog.py). README's table says
 what the sbatch script does on each (launch/campaign.py).
 """
@@ -90,6 +92,18 @@ def plan(config):
   sys.exit(0 if fits else 1)
 
 
+def probe_plan(config):
+  """--mode=probe_plan: the probes of a world model compiled for its inference GPUs."""
+  import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
+
+  from brainscale.plan import probe_plan as probe_plan_lib  # noqa: PLC0415
+  jax.config.update('jax_platforms', 'cpu')   # a GPU target compiles here; nothing runs
+  with errors.funnel(FLAGS.traceback):
+    planned = probe_plan_lib.probe_plan(config)
+  print(planned.report(), flush=True)
+  sys.exit(0 if planned.fits() else 1)
+
+
 def run(config, workdir: str):
   """train, eval or describe on this job's devices."""
   import jax  # noqa: PLC0415  (JAX after the mode is known: --submit imports none)
@@ -127,6 +141,8 @@ def main(argv):
   if FLAGS.mode == 'goodput':
     from brainscale.train import goodput  # noqa: PLC0415  (no JAX)
     return print(goodput.report(FLAGS.workdir or config_lib.default_workdir(FLAGS.experiment)))
+  if FLAGS.mode == 'probe_plan':
+    return probe_plan(config)
   with errors.funnel(FLAGS.traceback):
     run(config, FLAGS.workdir or config_lib.default_workdir(FLAGS.experiment))
 

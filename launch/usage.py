@@ -20,6 +20,8 @@ MODES = {
             'memory, speed, cost, fits',
     'goodput': "the run's wall time over all its restarts, productive and lost by cause, "
                'read from its events (no JAX)',
+    'probe_plan': "compile a world model's KV-cached decode step and prefill for its inference "
+                  'GPUs (make cuda): memory, examples that fit, ms per token',
 }
 
 

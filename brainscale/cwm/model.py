@@ -117,6 +117,11 @@ class WorldModel(nnx.Module):
     return parallel.constrain(w_DxV, (EMBED, VOCAB))
 
   def content_logits(self, x_BxQxD: jax.Array) -> jax.Array:
-    """Logits over the content codes only (pointers and padding excluded), fp32."""
-    w_DxC = self.output_weights()[:, :self.layout.codebook]
-    return jnp.einsum('bqd,dc->bqc', x_BxQxD, w_DxC, preferred_element_type=jnp.float32)
+    """Logits over the content codes only (pointers and padding excluded), fp32.
+
+    The whole vocabulary is scored and the logits sliced: slicing the weights instead
+    would gather a head split over `tensor` (the codes sit on some of its shards) for
+    every decoded token."""
+    logits_BxQxV = jnp.einsum('bqd,dv->bqv', x_BxQxD, self.output_weights(),
+                              preferred_element_type=jnp.float32)
+    return logits_BxQxV[..., :self.layout.codebook]

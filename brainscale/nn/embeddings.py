@@ -82,7 +82,17 @@ class Embed(nnx.Module):
     # looks up the ids of its vocabulary shard and the shards are summed. A table split
     # along 'embed' (as FSDP stores it) makes XLA's partitioner replicate the output.
     table_VxD = parallel.constrain(self.table_VxD[...], (VOCAB, None))
-    x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0)
+    shards = parallel.ways(VOCAB, table_VxD.shape[0])
+    if shards == 1:
+      x_BxTxD = jnp.take(table_VxD, ids_BxT, axis=0)
+    else:
+      # Spelled out, so that no partitioner gathers the table: one id per step (decoding)
+      # becomes a dynamic slice, which XLA partitions by gathering the whole table.
+      rows = table_VxD.shape[0] // shards
+      table_SxRxD = parallel.constrain(table_VxD.reshape(shards, rows, -1), (VOCAB, None, None))
+      found_SxBxTxD = jnp.take(table_SxRxD, ids_BxT % rows, axis=1)
+      mine_SxBxT = (ids_BxT // rows)[None] == jnp.arange(shards)[:, None, None]
+      x_BxTxD = jnp.where(mine_SxBxT[..., None], found_SxBxTxD, 0).sum(0)
     return parallel.constrain(x_BxTxD, WHOLE)
 
 

@@ -25,8 +25,10 @@ import weakref
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from jax.experimental import multihost_utils
 
 from brainscale.config import ConfigError
@@ -152,6 +154,9 @@ class Checkpoints:
     saved = self.manager.item_metadata(step)['state']
     saved_flat = {jax.tree_util.keystr(p, simple=True, separator='/'): m
                   for p, m in jax.tree_util.tree_leaves_with_path(saved)}
+    self._compare(step, saved_flat, abstract_state)
+
+  def _compare(self, step: int, saved_flat: dict, abstract_state):
     here_flat = {jax.tree_util.keystr(p, simple=True, separator='/'): a
                  for p, a in jax.tree_util.tree_leaves_with_path(abstract_state)}
     where = f'checkpoint step {step} in {self.directory}'
@@ -177,6 +182,38 @@ class Checkpoints:
       args['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored['state']
+
+  def restore_params(self, step: int, abstract_params):
+    """Only the params of checkpoint `step`, read into `abstract_params`' dtypes and shardings.
+
+    `abstract_params` is a tree of ShapeDtypeStructs with shardings, like state['params'].
+    Orbax's partial restore reads these arrays alone: the optimizer moments and the data
+    iterator state are never opened. A dtype unlike the saved one is cast as the chunks
+    are read (the saved bytes are still read whole); any sharding works, but a stored
+    chunk that straddles two target shards is read for each.
+    """
+    item = {'params': abstract_params}
+    self._compare(step, self._saved_params(step), item)
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+      return checkpointer.restore(self.directory / str(step) / 'state', args=args)['params']
+
+  def _saved_params(self, step: int) -> dict:
+    """{'params/...': ShapeDtypeStruct} of checkpoint `step`, from the tree's and the params'
+    own metadata files only (Orbax's item_metadata would open the optimizer state too)."""
+    directory = self.directory / str(step) / 'state'
+    tree = json.loads((directory / '_METADATA').read_text())['tree_metadata'].values()
+    names = ['/'.join(k['key'] for k in entry['key_metadata']) for entry in tree
+             if entry['key_metadata'][0]['key'] == 'params']
+    kvstore = ts.KvStore.open({'driver': 'ocdbt', 'base': f'file://{directory}/'}).result()
+    shapes = {}
+    for name in names:
+      found = kvstore.read(name.replace('/', '.').encode() + b'/.zarray').result()
+      if found.state == 'value':
+        zarray = json.loads(found.value)
+        shapes[name] = jax.ShapeDtypeStruct(tuple(zarray['shape']), jnp.dtype(zarray['dtype']))
+    return shapes
 
   def restore_newest(self, abstract_state, data_iterator=None, *, log=print, set_aside=True):
     """(step, state) of the newest checkpoint that reads back; (None, None) if there is none.
