@@ -39,7 +39,6 @@ JOBS ?= 2
 # as written (tests/test_readme.py; on the plain install, it skips once `make cuda` is done);
 # `unit`, everything but those and the acceptance runs, on JOBS workers; then `acceptance`,
 # the tiny experiments trained to their quality bars (alone, so their time limits hold).
-# All share one persistent JAX compilation cache (tests/conftest.py).
 test: docs unit acceptance
 
 docs: $(VENV)/.installed

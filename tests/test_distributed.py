@@ -27,9 +27,6 @@ def free_port() -> int:
 def launch(args, processes: int, devices_per_process: int) -> list[subprocess.CompletedProcess]:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
-  # No persistent compilation cache (tests/conftest.py sets one): JAX writes it from process
-  # 0 only, so process 0 would start in seconds while the others compile, past Gloo's 30 s.
-  env.pop('JAX_COMPILATION_CACHE_DIR', None)
   port = free_port()
   procs = []
   for i in range(processes):
