@@ -8,7 +8,6 @@ BRAINSCALE_REQUIRE_FFMPEG=1); the array tests share one local SLURM cluster per 
 
 import hashlib
 import json
-import os
 import pathlib
 import re
 import shlex
@@ -24,20 +23,11 @@ import pytest
 from brainscale.data import video
 from brainscale.data.importers import parts, videos
 from launch import import_array
+from test_data_quirks import ffmpeg_cli
 from test_slurm import LOCAL_SLURM, bash_syntax_ok, sbatch_options, start_local_slurm, wait_for
 
 SETTINGS = ['--clip_seconds=0.5', '--max_side=32', '--records_per_shard=4']
 SLOW = 'long-3.mp4'   # part 1 of 3 (parts.part_of): long enough to be killed mid-part
-
-
-def ffmpeg_cli() -> str:
-  """The ffmpeg command; skips without one (fails under BRAINSCALE_REQUIRE_FFMPEG=1)."""
-  found = shutil.which('ffmpeg')
-  if found is None and os.environ.get('BRAINSCALE_REQUIRE_FFMPEG') == '1':
-    pytest.fail('no ffmpeg CLI on PATH (BRAINSCALE_REQUIRE_FFMPEG=1)')
-  if found is None:
-    pytest.skip('no ffmpeg CLI on PATH')
-  return found
 
 
 def write_clip(path: pathlib.Path, seconds: float, size: str = '64x48', rate: int = 10,

@@ -182,6 +182,17 @@ def missing(out) -> list[str]:
   return [g.folder(out, i).name for g in generations(out) for i in g.missing(out)]
 
 
+def to_merge(out) -> list[Generation]:
+  """The generations of OUT, once every part of them is done; else a one-line InputError."""
+  plans = generations(out)
+  if not plans:
+    raise InputError(f'{out} holds no parts to merge; import with --part=i/n first')
+  if todo := missing(out):
+    raise InputError(f'{len(todo)} part(s) of {out} not done: {", ".join(todo[:4])}'
+                     f'{" ..." if len(todo) > 4 else ""}; run them, then --merge')
+  return plans
+
+
 def reasons(skipped: list[dict]) -> str:
   """'3 × ValueError: empty file; 1 × ...': skip reasons with their counts, most first."""
   counts = {}

@@ -118,12 +118,7 @@ def _place(root: pathlib.Path, part_store: pathlib.Path, name: str, meta: dict):
 def merge(root) -> dict:
   """Links every session of every part into ROOT and writes its catalog.json; the report."""
   root = pathlib.Path(root)
-  plans = parts_lib.generations(root)
-  if not plans:
-    raise InputError(f'{root} holds no parts to merge; import with --part=i/n first')
-  if todo := parts_lib.missing(root):
-    raise InputError(f'{len(todo)} part(s) of {root} not done: {", ".join(todo[:4])}'
-                     f'{" ..." if len(todo) > 4 else ""}; run them, then --merge')
+  plans = parts_lib.to_merge(root)
   catalog, report = None, {'imported': [], 'skipped': [], 'ignored_files': plans[-1].ignored}
   for g in plans:
     found = {}   # input name → (part store, its report entry)

@@ -516,12 +516,7 @@ def merge(out_dir) -> Report:
   its shard, since the parts' shards hold the clips in another order.
   """
   out_dir = pathlib.Path(out_dir)
-  plans = parts_lib.generations(out_dir)
-  if not plans:
-    raise InputError(f'{out_dir} holds no parts to merge; import with --part=i/n first')
-  if todo := parts_lib.missing(out_dir):
-    raise InputError(f'{len(todo)} part(s) of {out_dir} not done: {", ".join(todo[:4])}'
-                     f'{" ..." if len(todo) > 4 else ""}; run them, then --merge')
+  plans = parts_lib.to_merge(out_dir)
   report, shards, clips = Report(ignored_files=plans[-1].ignored), [], []
   for g in plans:
     for i in range(g.parts):
