@@ -28,7 +28,7 @@ def _tokenizer():
 
 
 def _layout(tok):
-  return sequence.Layout(SIZE, SIZE, codes=tok.vocab, code=CODE)
+  return sequence.Layout(SIZE, SIZE, codebook=tok.vocab, code_px=CODE)
 
 
 @nnx.jit

@@ -166,7 +166,7 @@ def test_the_oracle_tracks_synthetic_videos_far_better_than_the_baselines(tmp_pa
   videos = tracking.synthetic_videos(count=2, seed=0, spec=SPEC, tracks=16)
   c = config_lib.resolve('cwm_tokenizer_tiny', [])
   tok = tokenizer_lib.Tokenizer(config_lib.typed(tokenizer_lib.Spec, c.model), rngs=nnx.Rngs(0))
-  layout = sequence.Layout(SPEC.size, SPEC.size, codes=tok.vocab)
+  layout = sequence.Layout(SPEC.size, SPEC.size, codebook=tok.vocab)
   for protocol in tracking.PROTOCOLS:
     oracle = tracking.evaluate(tracking.oracle_tracker(tok, layout), videos, protocol)
     zero = tracking.evaluate(tracking.zero_motion, videos, protocol)

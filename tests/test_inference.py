@@ -93,13 +93,13 @@ def test_a_training_checkpoint_opens_in_bf16_on_a_tensor_mesh(saved, rng):
   one = inspect.load(workdir, dtype=jnp.float32, mesh=parallel.inference_mesh(1, jax.devices()[:1]))
   layout = one.model.layout
   h, w = layout.grid[0] * 2, layout.grid[1] * 2
-  codes = jnp.asarray(rng.integers(0, layout.codes, (2, 2, h, w)), jnp.int32)
+  codes = jnp.asarray(rng.integers(0, layout.codebook, (2, 2, h, w)), jnp.int32)
   order = np.stack([rng.permutation(layout.patches) for _ in range(2)]).astype(np.int32)
   context, queries = jnp.asarray(order[:, :20]), jnp.asarray(order[:, 20:26])
-  teacher = jnp.asarray(rng.integers(0, layout.codes, (2, 6, 4)), jnp.int32)
+  teacher = jnp.asarray(rng.integers(0, layout.codebook, (2, 6, 4)), jnp.int32)
   reference = cached_log_probs(one, codes, context, queries, teacher)
   sharded = cached_log_probs(run, codes, context, queries, teacher)
-  assert reference.shape == sharded.shape == (2, 6, 4, layout.codes)
+  assert reference.shape == sharded.shape == (2, 6, 4, layout.codebook)
   assert np.isfinite(sharded).all()
   np.testing.assert_allclose(sharded, reference, atol=0.05, rtol=0.02)
   assert np.abs(sharded - reference).mean() < 0.01

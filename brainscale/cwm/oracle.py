@@ -109,7 +109,7 @@ class Oracle(nnx.Module):
     if flow.shape[1:] != (layout.height, layout.width, 2):
       raise ValueError(f'flow of shape {flow.shape}; the layout needs '
                        f'[B, {layout.height}, {layout.width}, 2]')
-    pairs = [carry_weights(f, v, layout.code, sources) for f, v in zip(flow, visible_BxHxW)]
+    pairs = [carry_weights(f, v, layout.code_px, sources) for f, v in zip(flow, visible_BxHxW)]
     return cls(tokenizer, layout, np.stack([p[0] for p in pairs]),
                np.stack([p[1] for p in pairs]))
 
@@ -137,7 +137,7 @@ class Oracle(nnx.Module):
              mask=None) -> tuple[jax.Array, Cache]:
     """`features` of T tokens fed after the cache's; returns them and the cache T longer."""
     del mask
-    layout, v = self.layout, self.layout.codes
+    layout, v = self.layout, self.layout.codebook
     b, t = tokens_BxT.shape
     slot_T = cache.length + jnp.arange(t, dtype=jnp.int32)
     cell_BxT, frame_BxT, content_BxT, next_BxT = _token_cells(tokens_BxT, pos_BxTx3, layout)
@@ -169,8 +169,8 @@ def _token_cells(tokens_BxT, pos_BxTx3, layout: Layout):
   the cell whose code comes next with whether it is a frame-1 content code."""
   gh, gw = layout.grid
   w = 2 * gw
-  pointer_BxT = tokens_BxT >= layout.codes
-  patch_BxT = jnp.where(pointer_BxT, tokens_BxT - layout.codes, 0)
+  pointer_BxT = tokens_BxT >= layout.codebook
+  patch_BxT = jnp.where(pointer_BxT, tokens_BxT - layout.codebook, 0)
   x_BxT = jnp.round(pos_BxTx3[..., 0]).astype(jnp.int32)
   y_BxT = jnp.round(pos_BxTx3[..., 1]).astype(jnp.int32)
   frame_BxT = jnp.where(pointer_BxT, patch_BxT // layout.patches,

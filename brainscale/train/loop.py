@@ -92,7 +92,8 @@ def train_one(config, workdir: str) -> dict:
 
     writer = report.Writer(workdir, c)
     closing.callback(writer.close)
-    goodput.write_scalars(writer, workdir, step)   # the attempts before this one
+    if step:   # resuming: the account of the attempts before this one
+      goodput.write_scalars(writer, workdir, step)
     first = watch.next(data)
     train_step = make_train_step(setup, first)
     profiler = profile.Profiler(c, workdir, step, log=report.log, hlo_text=lambda: train_step.lower(
