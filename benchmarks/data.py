@@ -22,7 +22,7 @@ from absl import app, flags, logging
 from brainscale import config as config_lib
 from brainscale.data import neural, video
 from brainscale.data.importers import videos as importer
-from brainscale.data.synthetic import physics, v1
+from brainscale.data.synthetic import physics, physics_files, v1, v1_files
 from brainscale.train.task import get_task
 
 flags.DEFINE_integer('size', 256, 'training resolution (square crops)')
@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 def dataset(tmp: pathlib.Path) -> str:
   spec = physics.Spec(size=round(FLAGS.size * 1.25 / 2) * 2, frames=24, fps=24.0)
   start = time.perf_counter()
-  physics.generate(tmp / 'videos', count=FLAGS.clips, seed=0, spec=spec, workers=2)
+  physics_files.generate(tmp / 'videos', count=FLAGS.clips, seed=0, spec=spec, workers=2)
   importer.import_videos(tmp / 'videos', tmp / 'shards', max_side=0, progress=False, workers=2)
   print(f'rendered and imported {FLAGS.clips} clips of {spec.size}x{spec.size} in '
         f'{time.perf_counter() - start:.1f}s')
@@ -49,7 +49,7 @@ def dataset(tmp: pathlib.Path) -> str:
 def neural_store(tmp: pathlib.Path) -> str:
   spec = v1.Spec(animals=1, sessions_per_animal=2, neurons=FLAGS.neurons, train_trials=12)
   start = time.perf_counter()
-  v1.generate(tmp / 'store', spec)
+  v1_files.generate(tmp / 'store', spec)
   print(f'simulated 2 sessions x {FLAGS.neurons} neurons in {time.perf_counter() - start:.1f}s')
   return str(tmp / 'store')
 

@@ -19,7 +19,7 @@ from pynwb.behavior import BehavioralTimeSeries
 
 from brainscale import config as config_lib
 from brainscale.data import neural, video
-from brainscale.data.importers import InputError, nwb, videos
+from brainscale.data.importers import InputError, nwb, nwb_readers, videos
 from brainscale.enigma import data as enigma_data
 from brainscale.train import task as task_lib
 from test_neural_importers import BEHAVIOR, H, W, import_quietly, interp, write_nwb
@@ -329,6 +329,7 @@ def test_a_rotated_stimulus_movie_is_read_upright(tmp_path, rng):
   frames = neural.Store(tmp_path / 'store').session('ext').array('frames').read().result()
   luma = marked()[..., 0].astype(float)
   shown = np.rot90(luma)   # 64 x 32: resized to H x W as the importer does
-  rows = nwb._resize_matrix(shown.shape[0], H) @ shown @ nwb._resize_matrix(shown.shape[1], W).T
+  rows = (nwb_readers._resize_matrix(shown.shape[0], H) @ shown
+          @ nwb_readers._resize_matrix(shown.shape[1], W).T)
   assert frames.shape == (30, H, W)
   assert np.abs(frames.astype(float) - rows).max() < 6

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from brainscale.data.synthetic import v1
+from brainscale.data.synthetic import v1, v1_files
 from brainscale.enigma import baselines, insilico
 
 H, W, T = 36, 64, 10
@@ -68,7 +68,7 @@ def test_the_simulators_truth_is_what_the_experiments_find_in_its_simple_cells(t
   neuron's own (even) Gabor, run through the experiments, gives it back."""
   spec = v1.Spec(animals=1, sessions_per_animal=1, neurons=8, train_trials=2,
                  validation_trials=1, repeat_stimuli=1, repeats=2, trial_seconds=2.0)
-  path = v1.write_truth(tmp_path, spec)
+  path = v1_files.write_truth(tmp_path, spec)
   truth = json.loads(path.read_text())['a0s0']
   assert set(truth) == {'unit_ids', 'centre', 'orientation', 'wavelength', 'type'}
   tun = v1.select(v1.neurons(spec, 0), v1.session_neurons(spec, 0))

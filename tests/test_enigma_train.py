@@ -13,7 +13,7 @@ from flax import nnx
 from brainscale import config as config_lib
 from brainscale.data import neural
 from brainscale.data.importers import nwb, sensorium
-from brainscale.data.synthetic import v1
+from brainscale.data.synthetic import v1, v1_files
 from brainscale.enigma import insilico
 from brainscale.train import loop
 from brainscale.train import step as step_lib
@@ -114,7 +114,7 @@ def test_imported_sensorium_and_nwb_sessions_train(tmp_path):
   spec = v1.Spec(animals=2, sessions_per_animal=1, neurons=24, train_trials=4,
                  validation_trials=2, repeat_stimuli=1, repeats=2, trial_seconds=4.0)
   store = tmp_path / 'store'
-  v1.write_sensorium(tmp_path / 'mouse0', v1.simulate_session(spec, 0, 0))
+  v1_files.write_sensorium(tmp_path / 'mouse0', v1.simulate_session(spec, 0, 0))
   sensorium.import_sensorium(tmp_path / 'mouse0', store, progress=False)
   write_simulated_nwb(tmp_path / 'mouse1.nwb', v1.simulate_session(spec, 1, 0))
   nwb.import_nwb(tmp_path / 'mouse1.nwb', store, progress=False)

@@ -22,7 +22,7 @@ import sys
 
 import pytest
 
-from brainscale.data.synthetic import v1
+from brainscale.data.synthetic import v1, v1_files
 from brainscale.plan import gpu
 from neural_helpers import write_simulated_nwb
 
@@ -104,7 +104,7 @@ def sensorium_and_nwb(folder: pathlib.Path):
   file), under the names the README uses."""
   spec = v1.Spec(animals=2, sessions_per_animal=1, neurons=24, train_trials=8,
                  validation_trials=2, repeat_stimuli=2, repeats=3, trial_seconds=4.0)
-  v1.write_sensorium(folder / 'dynamic29515-10-12-Video', v1.simulate_session(spec, 0, 0))
+  v1_files.write_sensorium(folder / 'dynamic29515-10-12-Video', v1.simulate_session(spec, 0, 0))
   write_simulated_nwb(folder / 'sub-1_ses-1_ophys.nwb', v1.simulate_session(spec, 1, 0))
 
 

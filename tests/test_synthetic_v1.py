@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from brainscale.data.synthetic import v1
+from brainscale.data.synthetic import v1, v1_files
 
 
 def small(seed, **changes) -> v1.Spec:
@@ -250,7 +250,7 @@ def test_repeats_have_a_high_noise_ceiling(seed):
 def test_write_sensorium_writes_the_documented_files(seed, tmp_path):
   spec = small(seed)
   session = v1.simulate_session(spec, 1, 0)
-  v1.write_sensorium(tmp_path, session)
+  v1_files.write_sensorium(tmp_path, session)
   h, w = spec.frame_shape
   t, n = spec.trial_samples, spec.neurons
   for k in range(spec.trials):
@@ -270,7 +270,7 @@ def test_write_sensorium_writes_the_documented_files(seed, tmp_path):
   assert [str(u) for u in unit_ids] == session['unit_ids']
   assert np.load(tmp_path / 'meta/neurons/cell_motor_coordinates.npy').shape == (n, 3)
   tiers = np.load(tmp_path / 'meta/trials/tiers.npy').tolist()
-  assert tiers == [v1.SENSORIUM_TIERS[tier] for tier in session['trials']['tier']]
+  assert tiers == [v1_files.SENSORIUM_TIERS[tier] for tier in session['trials']['tier']]
   assert tiers.count('oracle') == 6 and tiers.count('live_test_main') == 1
 
 
@@ -279,7 +279,7 @@ def test_sensorium_folder_imports_back_to_the_same_session(seed, tmp_path):
   sensorium = pytest.importorskip('brainscale.data.importers.sensorium')
   spec = small(seed, animals=1, sessions_per_animal=1)
   session = v1.simulate_session(spec, 0, 0)
-  v1.write_sensorium(tmp_path / 'mouse', session)
+  v1_files.write_sensorium(tmp_path / 'mouse', session)
   name = sensorium.import_sensorium(tmp_path / 'mouse', tmp_path / 'store', progress=False)
   imported = neural.Store(tmp_path / 'store').session(name)
   read = imported.read(0, imported.num_samples)
@@ -293,7 +293,7 @@ def test_sensorium_folder_imports_back_to_the_same_session(seed, tmp_path):
 def test_generate_writes_a_store_with_one_index_per_shared_neuron(seed, tmp_path):
   neural = pytest.importorskip('brainscale.data.neural')
   spec = small(seed, neurons=10, shared=0.4)
-  names = v1.generate(tmp_path / 'store', spec)
+  names = v1_files.generate(tmp_path / 'store', spec)
   assert names == ['a0s0', 'a0s1', 'a1s0', 'a1s1']
   store = neural.Store(tmp_path / 'store')
   assert store.session_names == names and store.animals == ['a0', 'a1']
@@ -327,7 +327,7 @@ def test_default_spec_generates_quickly_into_a_store(tmp_path):
   spec = v1.Spec()
   v1.stimulus.cache_clear()
   start = time.perf_counter()
-  names = v1.generate(tmp_path / 'store', spec)
+  names = v1_files.generate(tmp_path / 'store', spec)
   seconds = time.perf_counter() - start
   store = neural.Store(tmp_path / 'store')
   assert len(names) == 6 and store.num_neurons == 3 * (32 + 2 * 32)

@@ -14,7 +14,7 @@ import av
 import numpy as np
 import pytest
 
-from brainscale.data.synthetic import physics
+from brainscale.data.synthetic import physics, physics_files
 
 # Bilinear interpolation of the textures (periods >= 6 px, squashed sinusoids) misses
 # by ~2/255 on average; 4/255 leaves room. Pixels near an edge also mix the 1-pixel
@@ -308,7 +308,7 @@ def test_video_round_trip(suffix, seed, tmp_path):
   clips = [physics.render(seed + i, spec).frames_TxHxWx3 for i in range(2)]
   decoded = []
   for i, frames in enumerate(clips):
-    physics.write_video(tmp_path / f'{i}{suffix}', frames, spec.fps)
+    physics_files.write_video(tmp_path / f'{i}{suffix}', frames, spec.fps)
     frames_back, rate = decode(tmp_path / f'{i}{suffix}')
     assert frames_back.shape == frames.shape and rate == spec.fps
     decoded.append(frames_back)
@@ -317,19 +317,19 @@ def test_video_round_trip(suffix, seed, tmp_path):
 
 def test_write_video_rejects_odd_sides(tmp_path):
   with pytest.raises(ValueError, match='even'):
-    physics.write_video(tmp_path / 'odd.mp4', np.zeros((2, 33, 33, 3), np.uint8), 12.0)
+    physics_files.write_video(tmp_path / 'odd.mp4', np.zeros((2, 33, 33, 3), np.uint8), 12.0)
 
 
 SMALL = physics.Spec(size=32, frames=6)
 
 
 def test_generate_writes_clips_flow_and_metadata(seed, tmp_path):
-  paths = physics.generate(tmp_path / 'set', count=3, seed=seed, spec=SMALL)
+  paths = physics_files.generate(tmp_path / 'set', count=3, seed=seed, spec=SMALL)
   assert paths == [tmp_path / 'set' / f'clip_{i:06d}.mp4' for i in range(3)]
   assert sorted(p.name for p in tmp_path.iterdir()) == ['set']   # no partial directory left
   for i, path in enumerate(paths):
     meta = json.loads(path.with_suffix('.json').read_text())
-    assert meta == {'flow_gap_frames': 1, 'fps': 12.0, 'seed': physics.clip_seed(seed, i),
+    assert meta == {'flow_gap_frames': 1, 'fps': 12.0, 'seed': physics_files.clip_seed(seed, i),
                     'size': 32, 'frames': 6}
     clip = physics.render(meta['seed'], SMALL)
     flow = np.load(path.with_suffix('.flow.npy'), allow_pickle=False)
@@ -343,19 +343,19 @@ def test_generate_writes_clips_flow_and_metadata(seed, tmp_path):
 
 
 def test_generate_twice_renders_once(seed, tmp_path, monkeypatch):
-  paths = physics.generate(tmp_path / 'set', count=2, seed=seed, spec=SMALL)
+  paths = physics_files.generate(tmp_path / 'set', count=2, seed=seed, spec=SMALL)
   stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / 'set').iterdir()}
   monkeypatch.setattr(physics, 'render', lambda *a, **k: pytest.fail('rendered again'))
-  assert physics.generate(tmp_path / 'set', count=2, seed=seed, spec=SMALL) == paths
+  assert physics_files.generate(tmp_path / 'set', count=2, seed=seed, spec=SMALL) == paths
   assert {p: p.stat().st_mtime_ns for p in (tmp_path / 'set').iterdir()} == stamps
 
 
 @pytest.mark.parametrize('change', [dict(spec=physics.Spec(size=16, frames=6)), dict(count=3),
                                     dict(seed=1)])
 def test_generate_refuses_a_directory_holding_another_dataset(change, tmp_path):
-  physics.generate(tmp_path / 'set', **{'count': 2, 'seed': 0, 'spec': SMALL})
+  physics_files.generate(tmp_path / 'set', **{'count': 2, 'seed': 0, 'spec': SMALL})
   with pytest.raises(ValueError, match='delete it or choose another') as raised:
-    physics.generate(tmp_path / 'set', **({'count': 2, 'seed': 0, 'spec': SMALL} | change))
+    physics_files.generate(tmp_path / 'set', **({'count': 2, 'seed': 0, 'spec': SMALL} | change))
   assert str(tmp_path / 'set') in str(raised.value) and '\n' not in str(raised.value)
 
 
@@ -363,11 +363,11 @@ def test_generate_refuses_a_foreign_directory(tmp_path):
   (tmp_path / 'set').mkdir()
   (tmp_path / 'set' / 'notes.txt').write_text('mine')
   with pytest.raises(ValueError, match=str(tmp_path / 'set')):
-    physics.generate(tmp_path / 'set', count=1, seed=0, spec=SMALL)
+    physics_files.generate(tmp_path / 'set', count=1, seed=0, spec=SMALL)
 
 
 def test_interrupted_generate_leaves_nothing_that_counts(seed, tmp_path, monkeypatch):
-  real_write_video, calls = physics.write_video, []
+  real_write_video, calls = physics_files.write_video, []
 
   def failing_write_video(*args, **kwargs):
     calls.append(args[0])
@@ -375,23 +375,23 @@ def test_interrupted_generate_leaves_nothing_that_counts(seed, tmp_path, monkeyp
       raise KeyboardInterrupt
     real_write_video(*args, **kwargs)
 
-  monkeypatch.setattr(physics, 'write_video', failing_write_video)
+  monkeypatch.setattr(physics_files, 'write_video', failing_write_video)
   with pytest.raises(KeyboardInterrupt):
-    physics.generate(tmp_path / 'set', count=3, seed=seed, spec=SMALL)
+    physics_files.generate(tmp_path / 'set', count=3, seed=seed, spec=SMALL)
   assert list(tmp_path.iterdir()) == []
-  monkeypatch.setattr(physics, 'write_video', real_write_video)
+  monkeypatch.setattr(physics_files, 'write_video', real_write_video)
   # A process killed mid-way leaves its partial sibling behind; it is not mistaken for the set.
   stale = tmp_path / '.set.partial-killed'
   stale.mkdir()
   (stale / 'clip_000000.mp4').write_bytes(b'')
-  paths = physics.generate(tmp_path / 'set', count=3, seed=seed, spec=SMALL)
+  paths = physics_files.generate(tmp_path / 'set', count=3, seed=seed, spec=SMALL)
   assert all(p.stat().st_size > 0 for p in paths)
   assert (tmp_path / 'set' / 'spec.json').is_file()
 
 
 def test_workers_give_the_same_bytes(seed, tmp_path):
-  one = physics.generate(tmp_path / 'one', count=4, seed=seed, spec=SMALL, workers=1)
-  two = physics.generate(tmp_path / 'two', count=4, seed=seed, spec=SMALL, workers=2)
+  one = physics_files.generate(tmp_path / 'one', count=4, seed=seed, spec=SMALL, workers=1)
+  two = physics_files.generate(tmp_path / 'two', count=4, seed=seed, spec=SMALL, workers=2)
   names = sorted(os.listdir(tmp_path / 'one'))
   assert names == sorted(os.listdir(tmp_path / 'two')) and len(names) == 4 * 3 + 1
   for name in names:

@@ -11,7 +11,7 @@ import dataclasses
 
 from brainscale.data import cache, video
 from brainscale.data.importers import videos as importer
-from brainscale.data.synthetic import physics
+from brainscale.data.synthetic import physics, physics_files
 
 
 def synthetic_shards(s, workers: int = 1) -> str:
@@ -22,7 +22,7 @@ def synthetic_shards(s, workers: int = 1) -> str:
 
   def make():
     print(f'brainscale: rendering {s.count} synthetic clips into {root} (once)', flush=True)
-    physics.generate(root / 'videos', count=s.count, seed=s.seed, spec=spec, workers=workers)
+    physics_files.generate(root / 'videos', count=s.count, seed=s.seed, spec=spec, workers=workers)
     report = importer.import_videos(root / 'videos', root / 'shards', max_side=0,
                                     workers=workers,
                                     clip_seconds=max(60.0, spec.frames / spec.fps + 1),

@@ -363,10 +363,10 @@ def oracle_tracker(tokenizer, layout, *, orders: int = 1, occlusion_kl: float = 
 
 def synthetic_videos(*, count: int, seed: int, spec, tracks: int = 32) -> list[Video]:
   """`count` physics clips as TAP-Vid videos (physics.tapvid_tracks), named clip_000000..."""
-  from brainscale.data.synthetic import physics  # noqa: PLC0415
+  from brainscale.data.synthetic import physics, physics_files  # noqa: PLC0415
   videos = []
   for i in range(count):
-    clip_seed = physics.clip_seed(seed, i)
+    clip_seed = physics_files.clip_seed(seed, i)
     frames, points, occluded = physics.tapvid_tracks(clip_seed, spec, tracks)
     videos.append(Video(f'clip_{i:06d}', frames, points, occluded,
                         {'physics_seed': clip_seed,

@@ -13,7 +13,7 @@ import numpy as np
 
 from brainscale import config as config_lib
 from brainscale.data import cache, neural
-from brainscale.data.synthetic import v1
+from brainscale.data.synthetic import v1, v1_files
 
 
 def store_root(c) -> str:
@@ -25,7 +25,7 @@ def store_root(c) -> str:
 
   def make():
     print(f'brainscale: simulating the V1 population into {root} (once)', flush=True)
-    v1.generate(root, spec, overwrite=True)
+    v1_files.generate(root, spec, overwrite=True)
 
   return str(cache.make_once(root, 'catalog.json', make))
 

@@ -4,7 +4,8 @@
 
 Calcium traces (processing['ophys']: DfOverF, else Fluorescence, else a RoiResponseSeries) are
 linearly resampled to `rate`; without them the units table's spike times are binned at `rate`.
-Behaviour is aligned to that clock per channel; stimulus frames keep theirs (the store aligns).
+Behaviour is aligned to that clock per channel; stimulus frames keep theirs (the store aligns);
+both are read by nwb_readers.py.
 Trials take the tiers of a 'tier' column; without one, the 5th and 10th of every 10 trials in
 time order are validation and test (a file without trials is cut into 10 equal trials first).
 """
@@ -12,42 +13,23 @@ time order are validation and test (a file without trials is cut into 10 equal t
 import argparse
 import contextlib
 import dataclasses
-import math
 import pathlib
 import sys
 
-import av
 import numpy as np
 import pynwb
 import tqdm
-from pynwb.base import TimeSeries
-from pynwb.ecephys import ElectricalSeries
-from pynwb.image import ImageSeries
 from pynwb.ophys import DfOverF, Fluorescence, RoiResponseSeries
 
 from brainscale.data import neural
-from brainscale.data import video as video_lib
-from brainscale.data.behavior import behavior_TxC, uint8_frames
-from brainscale.data.importers import InputError, failed, store_errors
+from brainscale.data.importers import InputError, failed, nwb_readers, store_errors
 
 CHUNK = 4096   # neural samples resampled per read
-FRAME_VALUES = 1 << 24   # stimulus pixel values converted per block (64 MB as float32)
 POSITION_COLUMNS = ('position', 'positions', 'centroid', 'center', 'xyz')
 AREA_COLUMNS = ('area', 'brain_area', 'location')
-EYE = ('pupil', 'eye')
-# behaviour series, found by the words of their 'container/name' path: one word of each group
-# and none of the excluded words; the first place with a match gives the shortest such name
-LOOKUPS = {'pupil_x/pupil_y': ((EYE, ('position', 'center', 'centre')), ()),
-           'pupil_size': ((EYE, ('size', 'area', 'diameter')), ()),
-           'running_speed': ((('running', 'speed', 'velocity'),), EYE + ('end_time', 'rotation'))}
-BEHAVIOR_MODULES = ('behavior', 'behaviour', 'running', 'eye_tracking')   # searched first
-BEHAVIOR_PLACES = ("processing['behavior'], ['running'] and ['eye_tracking'], then acquisition, "
-                   'then the other processing modules')
-NOT_BEHAVIOR = (ImageSeries, RoiResponseSeries, ElectricalSeries)
 HELD_OUT = {4: 'validation', 9: 'test'}   # trial position mod 10 → tier, for a file without tiers
 PIECES = 10   # equal trials a recording without a trials table is cut into
 READ_ERRORS = (OSError, RuntimeError, KeyError, TypeError, ValueError)   # h5py/hdmf, bad files
-LUMA = np.array([0.299, 0.587, 0.114], np.float32)   # ITU-R BT.601
 
 
 @dataclasses.dataclass
@@ -57,21 +39,6 @@ class _Neural:
   unit_ids: list[str]
   positions_Nx3: np.ndarray
   areas: list[str] | None
-
-
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _times(series: TimeSeries) -> np.ndarray:
-  """Seconds of each sample: the timestamps, or starting_time + i / rate."""
-  return np.asarray(series.get_timestamps(), np.float64)
-
-
-def _values(series: TimeSeries, rows=slice(None)) -> np.ndarray:
-  """data[rows] in the series' unit (conversion and offset applied), float32 2D."""
-  data_SxC = np.asarray(series.data[rows], np.float32) * series.conversion + series.offset
-  return data_SxC.reshape(len(data_SxC), -1).astype(np.float32)
 
 
 # ---------------------------------------------------------------- neural activity
@@ -102,7 +69,7 @@ def _positions_Nx3(table, rows: np.ndarray) -> np.ndarray:
 def _areas(table, rows: np.ndarray, default: str | None) -> list[str] | None:
   for name in AREA_COLUMNS:
     if name in table.colnames:
-      return [_text(v) for v in np.asarray(table[name].data[:])[rows]]
+      return [nwb_readers._text(v) for v in np.asarray(table[name].data[:])[rows]]
   return None if default is None else [default] * len(rows)
 
 
@@ -119,18 +86,18 @@ def _grid_interpolation(times_S: np.ndarray, rate: float, where: str):
 
 def _resampled(series: RoiResponseSeries, rate: float, where: str, progress) -> np.ndarray:
   """[T, N] float32 linear interpolation at `rate` from the first timestamp; NaN stays NaN."""
-  times_S = _times(series)
+  times_S = nwb_readers._times(series)
   if series.data.shape[0] != len(times_S):
     raise InputError(f'{where} has {series.data.shape[0]} samples and {len(times_S)} '
                      'timestamps; expected one per sample')
   grid_T, left_T, weight_T = _grid_interpolation(times_S, rate, where)
-  out_TxN = np.empty((len(grid_T), _values(series, slice(0, 1)).shape[1]), np.float32)
+  out_TxN = np.empty((len(grid_T), nwb_readers._values(series, slice(0, 1)).shape[1]), np.float32)
   with tqdm.tqdm(total=len(grid_T), desc='resample calcium', unit='sample',
                  disable=not progress) as bar:
     for a in range(0, len(grid_T), CHUNK):
       b = min(a + CHUNK, len(grid_T))
       first = left_T[a]
-      block_SxN = _values(series, slice(first, left_T[b - 1] + 2))
+      block_SxN = nwb_readers._values(series, slice(first, left_T[b - 1] + 2))
       left_WxN, right_WxN = block_SxN[left_T[a:b] - first], block_SxN[left_T[a:b] - first + 1]
       w_Wx1 = weight_T[a:b, None].astype(np.float32)
       out_TxN[a:b] = np.where(w_Wx1 == 0, left_WxN, left_WxN + w_Wx1 * (right_WxN - left_WxN))
@@ -147,8 +114,8 @@ def _calcium(series: RoiResponseSeries, path, rate: float, progress) -> _Neural:
                      'expected one roi per trace')
   table = series.rois.table
   plane = getattr(table, 'imaging_plane', None)
-  return _Neural(responses_TxN, float(_times(series)[0]),
-                 [_text(u) for u in np.asarray(table.id.data[:])[rows]],
+  return _Neural(responses_TxN, float(nwb_readers._times(series)[0]),
+                 [nwb_readers._text(u) for u in np.asarray(table.id.data[:])[rows]],
                  _positions_Nx3(table, rows), _areas(table, rows, plane and plane.location))
 
 
@@ -169,7 +136,7 @@ def _spikes(units, path, span: tuple[float, float], rate: float, progress) -> _N
     counts_TxN[:, n] = np.bincount(np.floor((spikes - first) * rate).astype(np.int64),
                                    minlength=count)
   rows = np.arange(len(ends))
-  return _Neural(counts_TxN, first + 0.5 / rate, [_text(u) for u in units.id.data[:]],
+  return _Neural(counts_TxN, first + 0.5 / rate, [nwb_readers._text(u) for u in units.id.data[:]],
                  _positions_Nx3(units, rows), _areas(units, rows, None))
 
 
@@ -189,210 +156,6 @@ def _neural_source(nwbfile, path):
   return series if series is not None else nwbfile.units
 
 
-# ---------------------------------------------------------------- behaviour
-
-def _behavior_places(nwbfile) -> list[tuple[str, dict]]:
-  """(place, its data interfaces) in search order: BEHAVIOR_MODULES, acquisition, the rest."""
-  modules = nwbfile.processing
-  first = [m for m in BEHAVIOR_MODULES if m in modules]
-  rest = sorted(m for m in modules if m not in first)
-  place = lambda m: (f"processing['{m}']", modules[m].data_interfaces)
-  return [place(m) for m in first] + [('acquisition', nwbfile.acquisition)] + [
-      place(m) for m in rest]
-
-
-def _behavior_candidates(nwbfile) -> list[tuple[str, str, TimeSeries]]:
-  """(place, 'container/name', series) of each TimeSeries that may be behaviour, in search
-  order; containers (BehavioralTimeSeries, EyeTracking, PupilTracking, ...) are opened."""
-  found = []
-  for place, interfaces in _behavior_places(nwbfile):
-    for name, obj in interfaces.items():
-      children = [(name, obj)] if isinstance(obj, TimeSeries) else [
-          (f'{name}/{c.name}', c) for c in obj.children if isinstance(c, TimeSeries)]
-      found += [(place, n, s) for n, s in children if not isinstance(s, NOT_BEHAVIOR)]
-  return found
-
-
-def _matches(name: str, groups, exclude) -> bool:
-  name = name.lower()
-  return all(any(w in name for w in group) for group in groups) and not any(
-      w in name for w in exclude)
-
-
-def _best(candidates, groups, exclude) -> tuple[str, TimeSeries] | None:
-  """('place/container/name', series): in the first place with a match, the shortest name."""
-  matches = [(place, n, s) for place, n, s in candidates if _matches(n, groups, exclude)]
-  if not matches:
-    return None
-  place, name, series = min((m for m in matches if m[0] == matches[0][0]),
-                            key=lambda m: len(m[1]))
-  return f'{place}/{name}', series
-
-
-def _behavior_sources(nwbfile, path, missing: str) -> dict[str, tuple[str, TimeSeries] | None]:
-  """The chosen ('place/container/name', series) per LOOKUPS entry; None if missing='nan'."""
-  candidates, sources = _behavior_candidates(nwbfile), {}
-  for channel, (groups, exclude) in LOOKUPS.items():
-    sources[channel] = _best(candidates, groups, exclude)
-    if sources[channel] is None and missing == 'error':
-      words = ' and '.join('/'.join(repr(w) for w in group) for group in groups)
-      found = [f'{place}/{n}' for place, n, _ in candidates]
-      listed = ', '.join(found[:12]) + (f' and {len(found) - 12} more' if len(found) > 12 else '')
-      raise InputError(f'no {channel} in {path}: looked for a TimeSeries whose name has {words} '
-                       f'in {BEHAVIOR_PLACES} (found {listed or "none"}); '
-                       "pass missing_behavior='nan' (--missing_behavior nan) to import it as NaN")
-  return sources
-
-
-def _aligned(source, width: int, times_T, path) -> np.ndarray:
-  """[T, width] of the source series on the neural clock (all NaN without a source)."""
-  if source is None:
-    return np.full((len(times_T), width), np.nan, np.float32)
-  name, series = source
-  values_SxC, times_S = _values(series), _times(series)
-  if values_SxC.shape[1] < width or len(values_SxC) != len(times_S):
-    raise InputError(f'behaviour series {name} in {path} has data {values_SxC.shape} and '
-                     f'{len(times_S)} timestamps; expected [S, {width}] with S timestamps')
-  try:
-    return neural.align_behavior(times_T, times_S, values_SxC[:, :width])
-  except ValueError as e:
-    raise InputError(f'behaviour series {name} in {path}: {e}') from None
-
-
-def _behavior_TxC(sources, times_T, rate: float, path) -> np.ndarray:
-  """[T, 5] in CHANNELS order on the neural clock; pupil_size_change = d size / dt."""
-  position_Tx2 = _aligned(sources['pupil_x/pupil_y'], 2, times_T, path)
-  return behavior_TxC(
-      pupil_x_T=position_Tx2[:, 0], pupil_y_T=position_Tx2[:, 1],
-      pupil_size_T=_aligned(sources['pupil_size'], 1, times_T, path)[:, 0],
-      running_speed_T=_aligned(sources['running_speed'], 1, times_T, path)[:, 0], rate=rate)
-
-
-# ---------------------------------------------------------------- stimulus frames
-
-def _resize_matrix(source: int, target: int) -> np.ndarray:
-  """[target, source] weights: area averaging when shrinking, linear interpolation when growing."""
-  if source == 1:
-    return np.ones((target, 1))
-  if target <= source:
-    edges = np.arange(target + 1) * source / target
-    pixel = np.arange(source)[None]
-    overlap = np.minimum(edges[1:, None], pixel + 1) - np.maximum(edges[:-1, None], pixel)
-    return np.clip(overlap, 0, None) * target / source
-  centres = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
-  left = np.minimum(np.floor(centres).astype(int), source - 2)
-  weights = np.zeros((target, source))
-  weights[np.arange(target), left] = 1 - (centres - left)
-  weights[np.arange(target), left + 1] = centres - left
-  return weights
-
-
-def _gray_resized(frames, frame_shape, where: str) -> np.ndarray:
-  """[F, h, w] float32 luminance of [F, H, W] or [F, H, W, 3] frames, resized to frame_shape."""
-  frames = np.asarray(frames, np.float32)
-  if frames.ndim == 4 and frames.shape[3] == 3:
-    frames = frames @ LUMA
-  if frames.ndim != 3:
-    raise InputError(f'{where} has frames of shape {frames.shape[1:]}; expected [H, W] or '
-                     '[H, W, 3]')
-  rows_hxH = _resize_matrix(frames.shape[1], frame_shape[0]).astype(np.float32)
-  cols_wxW = _resize_matrix(frames.shape[2], frame_shape[1]).astype(np.float32)
-  return rows_hxH @ frames @ cols_wxW.T
-
-
-def _uint8(frames_FxHxW: np.ndarray, unit_range: bool) -> np.ndarray:
-  """0..255 uint8 (NaN 0); unit_range frames (float data in [0, 1]) are scaled by 255 first."""
-  return uint8_frames(frames_FxHxW, 255 if unit_range else 1)
-
-
-def _block(frame_shape) -> int:
-  """Frames of this shape per block of FRAME_VALUES values."""
-  return max(1, FRAME_VALUES // math.prod(frame_shape))
-
-
-def _series_frames(series: ImageSeries, frame_shape, path, progress) -> np.ndarray:
-  where, chunks = f'stimulus {series.name!r} in {path}', []
-  with tqdm.tqdm(total=len(series.data), desc=f'read {series.name}', unit='frame',
-                 disable=not progress) as bar:
-    block = _block(series.data.shape[1:])
-    for a in range(0, len(series.data), block):
-      chunks.append(_gray_resized(series.data[a:a + block], frame_shape, where))
-      bar.update(len(chunks[-1]))
-  frames = np.concatenate(chunks)
-  return _uint8(frames, series.data.dtype.kind == 'f' and np.nanmax(frames) <= 1)
-
-
-def _movie_rgb(movie: pathlib.Path):
-  """Every frame of a video file (PyAV) as players show it (display rotation applied), RGB."""
-  try:
-    with av.open(str(movie)) as container:
-      if not container.streams.video:
-        raise InputError(f'movie {movie} has no video stream; expected a video file')
-      for frame in container.decode(container.streams.video[0]):
-        orientation = video_lib.display_orientation(frame)
-        yield video_lib.upright(frame.to_ndarray(format='rgb24'), orientation)
-  except InputError:
-    raise
-  except (av.FFmpegError, OSError) as e:
-    raise InputError(f'movie {movie} cannot be decoded ({type(e).__name__}: {e}); expected a '
-                     'video file FFmpeg reads') from None
-  except ValueError as e:   # a display matrix that is no multiple of 90°
-    raise InputError(f'movie {movie}: {e}') from None
-
-
-def _movie_frames(movie: pathlib.Path, frame_shape, progress) -> np.ndarray:
-  """Every frame of a video file (PyAV), upright, gray and resized, [F, h, w] uint8."""
-  if not movie.is_file():
-    raise InputError(f'movie {movie} is not a file; expected a video file PyAV reads')
-  chunks, chunk = [], []
-  for rgb_HxWx3 in tqdm.tqdm(_movie_rgb(movie), desc=f'read {movie.name}', unit='frame',
-                             disable=not progress):
-    chunk.append(rgb_HxWx3)
-    if len(chunk) == _block(chunk[0].shape):
-      chunks.append(_gray_resized(np.stack(chunk), frame_shape, f'movie {movie}'))
-      chunk = []
-  if chunk:
-    chunks.append(_gray_resized(np.stack(chunk), frame_shape, f'movie {movie}'))
-  if not chunks:
-    raise InputError(f'movie {movie} has no frames; expected a video')
-  return _uint8(np.concatenate(chunks), False)
-
-
-def _stimulus_source(nwbfile, path: pathlib.Path, movie, movie_times):
-  """(in-file ImageSeries, or None; movie path or None; movie times or None), checked."""
-  series = [s for s in nwbfile.stimulus.values() if isinstance(s, ImageSeries)]
-  internal = [s for s in series if s.data is not None and len(s.data)]
-  external = [s for s in series if s.external_file is not None and len(s.external_file)]
-  if movie is None and not internal and external:
-    movie = path.parent / _text(external[0].external_file[0])
-  if movie is None:
-    if not internal:
-      raise InputError(f'no stimulus frames in {path}: expected an ImageSeries/OpticalSeries in '
-                       'nwbfile.stimulus (data [F, H, W] or [F, H, W, 3]), or movie=PATH (--movie)')
-    return internal, None, None
-  if movie_times is None and external and external[0].timestamps is not None:
-    movie_times = external[0].timestamps[:]
-  if movie_times is None:
-    raise InputError(f'movie {movie} has no frame times: pass movie_times (--movie_times), or '
-                     f'give {path} an external ImageSeries with timestamps in nwbfile.stimulus')
-  return None, pathlib.Path(movie), np.asarray(movie_times, np.float64)
-
-
-def _stimulus(source, path, frame_shape, progress) -> tuple[np.ndarray, np.ndarray]:
-  """(frames [F, h, w] uint8, their times [F]) in time order."""
-  internal, movie, movie_times = source
-  if movie is not None:
-    frames = _movie_frames(movie, frame_shape, progress)
-    if len(frames) != len(movie_times):
-      raise InputError(f'movie {movie} has {len(frames)} frames and {len(movie_times)} frame '
-                       'times; expected one time per frame')
-    return frames, movie_times
-  frames = np.concatenate([_series_frames(s, frame_shape, path, progress) for s in internal])
-  times_F = np.concatenate([_times(s) for s in internal])
-  order = np.argsort(times_F, kind='stable')
-  return frames[order], times_F[order]
-
-
 # ---------------------------------------------------------------- trials
 
 def _stimulus_ids(values) -> np.ndarray:
@@ -401,7 +164,7 @@ def _stimulus_ids(values) -> np.ndarray:
   if values.dtype.kind in 'iu':
     return values.astype(np.int64)
   ids = {}
-  return np.array([ids.setdefault(_text(v), len(ids)) for v in values], np.int64)
+  return np.array([ids.setdefault(nwb_readers._text(v), len(ids)) for v in values], np.int64)
 
 
 def _positional_tiers(start_K: np.ndarray) -> list[str]:
@@ -421,7 +184,7 @@ def _tiers(table, keep, path) -> list[str] | None:
   """The kept trials' 'tier' column, checked; None without one."""
   if 'tier' not in table.colnames:
     return None
-  tiers = [_text(t) for t in np.asarray(table['tier'].data[:])[keep]]
+  tiers = [nwb_readers._text(t) for t in np.asarray(table['tier'].data[:])[keep]]
   bad = next((k for k, t in enumerate(tiers) if t not in neural.TIERS), None)
   if bad is not None:
     raise InputError(f'trial {np.flatnonzero(keep)[bad]} of {path} has tier {tiers[bad]!r}; '
@@ -513,14 +276,15 @@ class _Session:
 def _read_session(nwbfile, path, *, rate, frame_shape, movie, movie_times, missing_behavior,
                   progress) -> _Session:
   source = _neural_source(nwbfile, path)
-  stimulus_source = _stimulus_source(nwbfile, path, movie, movie_times)
-  behavior_sources = _behavior_sources(nwbfile, path, missing_behavior)
+  stimulus_source = nwb_readers._stimulus_source(nwbfile, path, movie, movie_times)
+  behavior_sources = nwb_readers._behavior_sources(nwbfile, path, missing_behavior)
   calcium = isinstance(source, RoiResponseSeries)
   data = (_calcium(source, path, rate, progress) if calcium
           else _spikes(source, path, _trial_span(nwbfile), rate, progress))
   times_T = data.start_time + np.arange(len(data.responses_TxN)) / rate
-  behavior_TxC = _behavior_TxC(behavior_sources, times_T, rate, path)
-  frames_FxHxW, frame_times_F = _stimulus(stimulus_source, path, tuple(frame_shape), progress)
+  behavior_TxC = nwb_readers._behavior_TxC(behavior_sources, times_T, rate, path)
+  frames_FxHxW, frame_times_F = nwb_readers._stimulus(stimulus_source, path,
+                                                    tuple(frame_shape), progress)
   trials, dropped, rule = _trials(nwbfile, times_T, path)
   return _Session(data, 'calcium traces' if calcium else 'binned spikes', times_T, behavior_TxC,
                   frames_FxHxW, frame_times_F, trials, _trial_summary(trials, dropped, rule),

@@ -19,7 +19,7 @@ VERSION = 1
 CATALOG = 'catalog.json'
 STD_FLOOR = 1e-6
 MAKE_COMMAND = ('an importer (python -m brainscale.data.importers.sensorium or .nwb) or the '
-                'synthetic generator (brainscale.data.synthetic.v1.generate)')
+                'synthetic generator (brainscale.data.synthetic.v1_files.generate)')
 
 def read_catalog(root: pathlib.Path) -> dict:
   catalog = json.loads((root / CATALOG).read_text())
