@@ -6,8 +6,10 @@ what it is doing (restore, the first step's compile, each step, a save, an eval)
 each phase has a time limit (config section `watchdog`), the step's learned from the
 measured step time. When one runs out, the watchdog's thread writes every thread's
 stack (faulthandler) to stderr, records the exit, and leaves with HANG_EXIT through
-os._exit, since JAX's shutdown barrier would hold a normal exit; the sbatch script
-then restarts the job without this node. It also records each phase in the events.
+os._exit, since JAX's shutdown barrier would hold a normal exit, killing its own child
+processes (data workers) first; the sbatch script then restarts the job without this node.
+Outside a SLURM job nothing would restart it, so there it only warns, once per phase, and
+keeps waiting. It also records each phase in the events.
 
 Fault injection, for tests only: BRAINSCALE_FAULT=KIND:RANK:STEP makes process RANK
 `hang` (alive and heartbeating, its main thread asleep) or `die` (SIGKILL) when it
@@ -17,6 +19,7 @@ attempt. Unset, nothing is injected.
 
 import contextlib
 import faulthandler
+import multiprocessing
 import os
 import signal
 import sys
@@ -53,6 +56,7 @@ class Watchdog:
   def __init__(self, config, events: events_lib.Events, poll_s: float = 1.0):
     self.limits = config.watchdog
     self.enabled = config.watchdog.enabled
+    self.exits = 'SLURM_JOB_ID' in os.environ   # a restart follows only under SLURM
     self.events = events
     self._intervals: list[float] = []
     self._step_limit = float(self.limits.step_s) or None
@@ -134,21 +138,31 @@ class Watchdog:
     time.sleep(3600)
 
   def _watch(self, poll_s: float):
+    warned = None
     while not self._stopped.wait(poll_s):
-      phase, since, limit = self._armed
+      armed = self._armed
+      phase, since, limit = armed
       waited = time.monotonic() - since
-      if waited > limit and not self._stopped.is_set():
+      if waited > limit and not self._stopped.is_set() and armed is not warned:
         self._expire(phase, waited, limit)
+        warned = armed   # not under SLURM: warned once for this phase, still waiting
 
   def _expire(self, phase: str, waited: float, limit: float):
     after = f'after step {self._last_step}' if self._last_step is not None else 'at start-up'
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-    message = (f'hang: no progress in {phase} for {waited:.0f} s (limit {limit:.0f} s) '
-               f'{after}; every thread\'s stack is above; exiting {HANG_EXIT}')
+    stalled = (f'no progress in {phase} for {waited:.0f} s (limit {limit:.0f} s) {after}; '
+               f'every thread\'s stack is above')
+    if not self.exits:
+      print(f'brainscale: warning: {stalled}; not a SLURM job, so nothing would restart it: '
+            f'still waiting (watchdog.{phase}_s sets the limit)', file=sys.stderr, flush=True)
+      return
+    message = f'hang: {stalled}; exiting {HANG_EXIT}'
     events_lib.record_exit(HANG_EXIT, 'hang', message, phase=phase, step=self._last_step,
                            waited_s=waited, limit_s=limit)
     print(f'brainscale: {message}', file=sys.stderr, flush=True)
     sys.stdout.flush()
+    for child in multiprocessing.active_children():   # os._exit leaves them running
+      child.kill()
     os._exit(HANG_EXIT)
 
   def close(self):
