@@ -6,7 +6,6 @@ Each test draws its population from the seed of its own node id (conftest `seed`
 
 import dataclasses
 import json
-import time
 
 import numpy as np
 import pytest
@@ -322,15 +321,14 @@ def test_generate_writes_a_store_with_one_index_per_shared_neuron(seed, tmp_path
 
 
 @pytest.mark.slow
-def test_default_spec_generates_quickly_into_a_store(tmp_path):
+def test_default_spec_generates_into_a_store(tmp_path):
+  """The default population as enigma_tiny generates it (its time: benchmarks/RESULTS.md,
+  "Enigma tiny on CPU"; timed in no test)."""
   neural = pytest.importorskip('brainscale.data.neural')
   spec = v1.Spec()
   v1.stimulus.cache_clear()
-  start = time.perf_counter()
   names = v1_files.generate(tmp_path / 'store', spec)
-  seconds = time.perf_counter() - start
   store = neural.Store(tmp_path / 'store')
   assert len(names) == 6 and store.num_neurons == 3 * (32 + 2 * 32)
   assert store.session('a2s1').num_samples == spec.trials * 300 == 152 * 300
   assert store.session('a2s1').num_neurons == 64
-  assert seconds < 120, seconds   # a loose bound: it catches blowups, not small slowdowns
