@@ -26,7 +26,10 @@ def rng(seed) -> np.random.Generator:
 
 # The longest modules first: `make test` runs each module whole on one of two xdist workers
 # (--dist loadfile), and the workers finish together only if the long ones start early.
-LONGEST_FIRST = ('test_campaign.py', 'test_enigma_train.py', 'test_gpu_compile.py', 'test_slurm.py')
+# Measured on a fresh clone's CI (2026-12-06): a long module left for last runs alone.
+LONGEST_FIRST = ('test_campaign.py', 'test_train.py', 'test_gpu_compile.py', 'test_notebooks.py',
+                 'test_slurm.py', 'test_cwm_probes.py', 'test_enigma.py', 'test_faults.py',
+                 'test_enigma_train.py', 'test_inference.py')
 
 
 def pytest_collection_modifyitems(items):
