@@ -5,10 +5,13 @@
 Saves step 0 of a freshly initialised cwm_tiny train state (scaled up by --dim/--layers)
 the way training does (Checkpoints.save, trained on data 2 x fsdp 4, loaded on the
 `inference` mesh of tensor 4 x data 2), then, each in a fresh subprocess, restores the params:
-  target: inspect.load onto the inference mesh (reads the tensor layout directly);
-  stored: Checkpoints.restore_params in the training mesh's shardings (the stored chunks),
-          then jax.device_put to the inference shardings;
-  one:    inspect.load in float32 on one device (each array read once, whole).
+  target:  Orbax's partial restore straight into the inference mesh's tensor layout (what
+           inspect.load did before it read whole stored chunks);
+  stored:  the same restore in the training mesh's shardings (the stored chunks), then
+           jax.device_put to the inference shardings;
+  inspect: Checkpoints.restore_params, as inspect.load calls it: whole stored chunks per
+           device (checkpoint.chunk_aligned), then laid out on device array by array;
+  one:     inspect.load in float32 on one device (each array read once, whole).
 First with Orbax's restore_concurrent_gb at its 96 GB default (the real code paths), then
 with it scaled to this model as 96 GB is to cwm_80b's largest array (its scanned MLP matrix):
 Orbax reserves a shard's chunk-aligned bytes before reading it, so whether the shards that
@@ -49,13 +52,14 @@ flags.DEFINE_float('limit_gb', 0.0, "internal: Orbax's restore_concurrent_gb (0:
 FLAGS = flags.FLAGS
 
 TRAINING_MESH = ['--config.mesh.ici.data=2', '--config.mesh.ici.fsdp=4']
-RUNS = [('target', 'float32'), ('stored', 'float32'), ('one', 'float32'),
-        ('target', 'bfloat16'), ('stored', 'bfloat16')]
-SCALED_RUNS = [('target', 'float32'), ('stored', 'float32'), ('target', 'bfloat16'),
-               ('stored', 'bfloat16')]
+RUNS = [('target', 'float32'), ('stored', 'float32'), ('inspect', 'float32'), ('one', 'float32'),
+        ('target', 'bfloat16'), ('stored', 'bfloat16'), ('inspect', 'bfloat16')]
+SCALED_RUNS = [('target', 'float32'), ('stored', 'float32'), ('inspect', 'float32'),
+               ('target', 'bfloat16'), ('stored', 'bfloat16'), ('inspect', 'bfloat16')]
 DEFAULT_GB = 96   # Orbax's restore_concurrent_gb, which Checkpoints.restore_params keeps
-WHAT = {'target': 'inspect.load: tensor 4 x data 2 directly',
+WHAT = {'target': 'tensor 4 x data 2 layout directly (the old inspect.load)',
         'stored': 'stored layout (data 2 x fsdp 4), then device_put',
+        'inspect': 'inspect.load: whole stored chunks, then laid out on device',
         'one': 'inspect.load: one device'}
 MB = 1e6
 
@@ -105,19 +109,15 @@ def layouts(workdir: pathlib.Path, dtype) -> tuple[dict, dict]:
 
 
 def restore(workdir: pathlib.Path, target: dict, limit_gb: float) -> dict:
-  """Checkpoints.restore_params (an Orbax partial restore into `target`), with Orbax's
-  restore_concurrent_gb at `limit_gb` (0: its 96 GB default, the real code path)."""
+  """Orbax's partial restore of the params straight into `target`'s shardings, with its
+  restore_concurrent_gb at `limit_gb` (0: its 96 GB default)."""
   checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
   step = checkpoints.latest()
-  try:
-    if not limit_gb:
-      return checkpoints.restore_params(step, target)
-  finally:
-    checkpoints.close()
+  checkpoints.close()
   item = {'params': target}
   args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
                                 restore_args=ocp.checkpoint_utils.construct_restore_args(item))
-  handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit_gb)
+  handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit_gb or DEFAULT_GB)
   with ocp.Checkpointer(handler) as checkpointer:
     return checkpointer.restore(checkpoints.directory / str(step) / 'state', args=args)['params']
 
@@ -126,9 +126,14 @@ def load(strategy: str, workdir: pathlib.Path, dtype, limit_gb: float) -> dict:
   if strategy == 'one':
     return inspect.load(workdir, dtype=dtype,
                         mesh=parallel.inference_mesh(1, jax.devices()[:1])).params
-  if strategy == 'target' and not limit_gb:
-    return inspect.load(workdir, dtype=dtype).params
   stored, target = layouts(workdir, dtype)
+  if strategy == 'inspect':
+    checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
+    try:
+      return checkpoints.restore_params(checkpoints.latest(), target,
+                                        concurrent_gb=limit_gb or None)
+    finally:
+      checkpoints.close()
   if strategy == 'target':
     return restore(workdir, target, limit_gb)
   if strategy == 'stored':
@@ -210,8 +215,7 @@ def main(argv):
     for strategy, dtype, limit_gb in runs:
       r = run_fresh(strategy, dtype, limit_gb, workdir)
       limit = f'{limit_gb * 1e3:.1f} MB (scaled)' if limit_gb else f'{DEFAULT_GB} GB (default)'
-      what = WHAT[strategy].replace('inspect.load:', "inspect.load's restore:") if limit_gb \
-          else WHAT[strategy]
+      what = WHAT[strategy]
       if 'error' in r:
         print(f'| {what} | {dtype} | {limit} | fails: {r["error"]} |||||||',
               flush=True)

@@ -18,6 +18,7 @@ rather than going on without checkpoints.
 
 import contextlib
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -36,6 +37,27 @@ from brainscale.config import ConfigError
 SAVE_FAILED_EXIT = 74   # sysexits' EX_IOERR: a checkpoint could not be written
 
 _OPEN = weakref.WeakSet()   # Checkpoints not closed yet (finish_saves)
+
+
+def chunk_aligned(sharding, shape: tuple[int, ...], chunks: tuple[int, ...]):
+  """`sharding` if each of its shards is whole stored chunks of an array of `shape` saved in
+  `chunks`; else a NamedSharding over the same devices that splits the chunk grid over them
+  (as many ways as the grid and the device count share; the rest hold copies)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding
+  shard = sharding.shard_shape(shape)
+  if all(s == n or s % c == 0 for s, n, c in zip(shard, shape, chunks)):
+    return sharding
+  devices = np.asarray(sharding.mesh.devices).reshape(-1)
+  left, ways = devices.size, [1] * len(shape)
+  for axis in sorted(range(len(shape)), key=lambda a: -(shape[a] // chunks[a])):
+    if shape[axis] % chunks[axis] == 0:
+      ways[axis] = math.gcd(shape[axis] // chunks[axis], left)
+      left //= ways[axis]
+  axes = [f'chunks{i}' for i in range(len(shape))]
+  mesh = jax.sharding.Mesh(devices.reshape(*ways, left), (*axes, 'copies'))
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(*(a if w > 1 else None for a, w in zip(axes, ways))))
 
 
 class CheckpointError(RuntimeError):
@@ -183,25 +205,49 @@ class Checkpoints:
     restored = self.manager.restore(step, args=ocp.args.Composite(**args))
     return restored['state']
 
-  def restore_params(self, step: int, abstract_params):
+  def restore_params(self, step: int, abstract_params, *, concurrent_gb: float | None = None):
     """Only the params of checkpoint `step`, read into `abstract_params`' dtypes and shardings.
 
     `abstract_params` is a tree of ShapeDtypeStructs with shardings, like state['params'].
     Orbax's partial restore reads these arrays alone: the optimizer moments and the data
     iterator state are never opened. A dtype unlike the saved one is cast as the chunks
-    are read (the saved bytes are still read whole); any sharding works, but a stored
-    chunk that straddles two target shards is read for each.
+    are read (the saved bytes are still read whole). Each array is read in whole stored
+    chunks per device (`chunk_aligned`), then laid out as asked on device, one array at a
+    time: a target shard that cut across stored chunks would read each chunk once per
+    shard it touches (benchmarks/RESULTS.md, "Bytes read"). `concurrent_gb` is Orbax's
+    restore_concurrent_gb (the bytes in flight; default its own).
     """
     item = {'params': abstract_params}
-    self._compare(step, self._saved_params(step), item)
-    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                  restore_args=ocp.checkpoint_utils.construct_restore_args(item))
-    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
-      return checkpointer.restore(self.directory / str(step) / 'state', args=args)['params']
+    saved = self._saved_params(step)
+    self._compare(step, {name: shape for name, (shape, _) in saved.items()}, item)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(item)
+    names = [jax.tree_util.keystr(p, simple=True, separator='/') for p, _ in paths]
+    wanted = [a for _, a in paths]
+    read_as = [jax.ShapeDtypeStruct(a.shape, a.dtype,
+                                    sharding=chunk_aligned(a.sharding, a.shape, saved[n][1]))
+               for n, a in zip(names, wanted)]
+    read_item = jax.tree.unflatten(treedef, read_as)
+    args = ocp.args.PyTreeRestore(item=read_item, partial_restore=True,
+                                  restore_args=ocp.checkpoint_utils.construct_restore_args(
+                                      read_item))
+    handler = (ocp.PyTreeCheckpointHandler() if concurrent_gb is None else
+               ocp.PyTreeCheckpointHandler(restore_concurrent_gb=concurrent_gb))
+    with ocp.Checkpointer(handler) as checkpointer:
+      read = checkpointer.restore(self.directory / str(step) / 'state', args=args)
+    leaves = jax.tree.leaves(read)
+    del read
+    out = []
+    for i, want in enumerate(wanted):   # one array at a time: two layouts of one alive at most
+      x, leaves[i] = leaves[i], None
+      out.append(x if x.sharding == want.sharding else
+                 jax.block_until_ready(jax.device_put(x, want.sharding)))
+      del x
+    return jax.tree.unflatten(treedef, out)['params']
 
   def _saved_params(self, step: int) -> dict:
-    """{'params/...': ShapeDtypeStruct} of checkpoint `step`, from the tree's and the params'
-    own metadata files only (Orbax's item_metadata would open the optimizer state too)."""
+    """{'params/...': (ShapeDtypeStruct, stored chunk shape)} of checkpoint `step`, from the
+    tree's and the params' own metadata files only (Orbax's item_metadata would open the
+    optimizer state too)."""
     directory = self.directory / str(step) / 'state'
     tree = json.loads((directory / '_METADATA').read_text())['tree_metadata'].values()
     names = ['/'.join(k['key'] for k in entry['key_metadata']) for entry in tree
@@ -212,7 +258,8 @@ class Checkpoints:
       found = kvstore.read(name.replace('/', '.').encode() + b'/.zarray').result()
       if found.state == 'value':
         zarray = json.loads(found.value)
-        shapes[name] = jax.ShapeDtypeStruct(tuple(zarray['shape']), jnp.dtype(zarray['dtype']))
+        shapes[name] = (jax.ShapeDtypeStruct(tuple(zarray['shape']), jnp.dtype(zarray['dtype'])),
+                        tuple(zarray.get('chunks') or zarray['shape']))
     return shapes
 
   def restore_newest(self, abstract_state, data_iterator=None, *, log=print, set_aside=True):
