@@ -95,18 +95,21 @@ def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
 @pytest.mark.slow
 @pytest.mark.acceptance
 def test_in_silico_tuning_and_rfs_agree_with_the_simulators_truth(tiny_run, tmp_path):
-  """python -m brainscale.enigma.insilico on the trained run, two sessions: the complex cells
-  it predicts well (cc_norm >= 0.5) have their preferred orientation and RF centre near the
-  truth. The bars are what an enigma_tiny of 201 steps measured (31 deg, 2.9 px; RESULTS.md,
-  "In-silico experiments against the simulator"), not yet the issue's 15 deg and 3 px."""
+  """python -m brainscale.enigma.insilico on the trained run, two sessions: over the neurons
+  it predicts well (cc_norm >= 0.5), the median preferred-orientation error is <= 15 deg and
+  the median RF-centre error <= 3 px (the issue's bar; the 1800-step run measured 7.1 deg and
+  1.9 px here, complex cells alone 2.6 deg and 2.2 px: benchmarks/RESULTS.md, "In-silico
+  experiments against the simulator"). The simple cells' orientation, 24 deg, is reported,
+  not held."""
   runs, _, _ = tiny_run
   out = tmp_path / 'insilico.json'
   assert insilico.main([f'--workdir={runs / "enigma_tiny"}', '--sessions=a0s0,a1s0',
                         f'--out={out}']) == 0
-  complex_ = json.loads(out.read_text())['all']['complex']
-  assert complex_['neurons'] >= 10, complex_
-  assert complex_['orientation_error_deg'] <= 35 and complex_['rf_centre_error_px'] <= 3.5, \
-      complex_
+  found = json.loads(out.read_text())['all']
+  both, complex_ = found['both'], found['complex']
+  assert both['neurons'] >= 60 and complex_['neurons'] >= 30, found
+  assert both['orientation_error_deg'] <= 15 and both['rf_centre_error_px'] <= 3, found
+  assert complex_['orientation_error_deg'] <= 15 and complex_['rf_centre_error_px'] <= 3, found
 
 
 def test_imported_sensorium_and_nwb_sessions_train(tmp_path):

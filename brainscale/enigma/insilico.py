@@ -259,13 +259,15 @@ def session_estimates(model, session, c, *, settle: int | None = None) -> dict:
 
 def against_truth(estimates: dict, truth: dict, *, min_cc: float = 0.5) -> dict:
   """Median preferred-orientation error (degrees) and RF-centre error (pixels) of the
-  neurons with cc_norm >= min_cc, simple and complex cells apart, with their counts."""
+  neurons with cc_norm >= min_cc: simple and complex cells apart, and together ('both'),
+  with their counts."""
   ori_err = angle_error(estimates['orientation'], np.asarray(truth['orientation']))
   rf_err = np.linalg.norm(estimates['centre'] - np.asarray(truth['centre']), axis=-1)
   good = np.nan_to_num(estimates['cc_norm'], nan=-1) >= min_cc
   out = {}
-  for kind in ('simple', 'complex'):
-    mine = good & (np.asarray(truth['type']) == kind)
+  for kind in ('simple', 'complex', 'both'):
+    mine = good & (np.isin(truth['type'], ('simple', 'complex')) if kind == 'both' else
+                   (np.asarray(truth['type']) == kind))
     out[kind] = {'neurons': int(mine.sum()),
                  'orientation_error_deg': float(np.median(ori_err[mine])) if mine.any() else None,
                  'rf_centre_error_px': float(np.median(rf_err[mine])) if mine.any() else None}
