@@ -21,8 +21,8 @@ STALL = textwrap.dedent("""
       worker.start()
       print(worker.pid, flush=True)
       c = ml_collections.ConfigDict({'watchdog': dict(
-          enabled=True, restore_s=1, compile_s=1, step_s=0, step_factor=10.0, min_step_s=1,
-          warmup_steps=2, save_s=1, eval_s=1)})
+          enabled=True, restore_s=600, compile_s=600, step_s=0, step_factor=10.0, min_step_s=600,
+          warmup_steps=2, save_s=1, eval_s=600)})
       watch = watchdog.Watchdog(c, events.open_for(sys.argv[1]), poll_s=0.1)
       watch.ready(0)
       watch.step(1)
