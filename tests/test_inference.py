@@ -118,9 +118,10 @@ def test_a_tensor_mesh_reads_each_stored_chunk_once(tmp_path):
   array's (96 GB against cwm_80b's 103 GB MLP matrices; reading the tensor layout directly
   read 3.1x here): the params are read in whole chunks per device, then laid out on device.
   The model is cwm_tiny at dim 256, so that chunk bytes outweigh the metadata files."""
-  wider = [o.replace('dim=32', 'dim=256').replace('head_dim=8', 'head_dim=64')
-           .replace('mlp_hidden=64', 'mlp_hidden=1024') for o in TINY]
-  workdir, state, _ = save_initialised(tmp_path / 'cwm', 'cwm_tiny', wider + TRAINING_MESH)
+  wider = ['--config.model.dim=256', '--config.model.head_dim=64',
+           '--config.model.mlp_hidden=1024']   # after TINY's: the last of a key wins
+  workdir, state, _ = save_initialised(tmp_path / 'cwm', 'cwm_tiny',
+                                       TINY + wider + TRAINING_MESH)
   checkpoints = Checkpoints(str(workdir), keep=1_000_000, async_save=False)
   config = inspect.saved_config(checkpoints.config(0))
   target = inspect.abstract_params(get_task(config), tensor_mesh(), jnp.bfloat16)[1]

@@ -265,9 +265,9 @@ def against_truth(estimates: dict, truth: dict, *, min_cc: float = 0.5) -> dict:
   rf_err = np.linalg.norm(estimates['centre'] - np.asarray(truth['centre']), axis=-1)
   good = np.nan_to_num(estimates['cc_norm'], nan=-1) >= min_cc
   out = {}
+  kinds = np.asarray(truth['type'])
   for kind in ('simple', 'complex', 'both'):
-    mine = good & (np.isin(truth['type'], ('simple', 'complex')) if kind == 'both' else
-                   (np.asarray(truth['type']) == kind))
+    mine = good if kind == 'both' else good & (kinds == kind)
     out[kind] = {'neurons': int(mine.sum()),
                  'orientation_error_deg': float(np.median(ori_err[mine])) if mine.any() else None,
                  'rf_centre_error_px': float(np.median(rf_err[mine])) if mine.any() else None}
