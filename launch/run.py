@@ -77,6 +77,9 @@ def plan(config):
   except config_lib.ConfigError as e:
     fail(str(e))
   jax.config.update('jax_platforms', 'cpu')   # a GPU target compiles here; nothing runs
+  # No persistent compilation cache ($JAX_COMPILATION_CACHE_DIR): compile_s is the compile
+  # itself, and JAX cannot load back a compile for a GPU topology (it warns, then compiles).
+  jax.config.update('jax_enable_compilation_cache', False)
   if where == 'cpu':
     devices = plan_lib.simulated_devices(config)
     jax.config.update('jax_num_cpu_devices', devices)
@@ -98,6 +101,7 @@ def probe_plan(config):
 
   from brainscale.plan import probe_plan as probe_plan_lib  # noqa: PLC0415
   jax.config.update('jax_platforms', 'cpu')   # a GPU target compiles here; nothing runs
+  jax.config.update('jax_enable_compilation_cache', False)   # as in plan()
   with errors.funnel(FLAGS.traceback):
     planned = probe_plan_lib.probe_plan(config)
   print(planned.report(), flush=True)

@@ -1,7 +1,10 @@
 """Every test process sees 8 simulated CPU devices (set before JAX starts)."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -11,6 +14,14 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# One JAX compilation cache for the whole test run (its xdist workers inherit the folder):
+# the single-process CLI runs of launch/run.py that tests start (tests/test_train.py
+# cli_env) compile the same steps again and again, resumes above all. Made by the first
+# pytest process of the run, removed when it exits.
+if 'BRAINSCALE_TEST_COMPILE_CACHE' not in os.environ:
+  os.environ['BRAINSCALE_TEST_COMPILE_CACHE'] = tempfile.mkdtemp(prefix='brainscale-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['BRAINSCALE_TEST_COMPILE_CACHE'], True)
 
 
 @pytest.fixture

@@ -41,6 +41,19 @@ def test_cluster_experiments_fit(experiment, devices):
 
 
 @pytest.mark.slow
+def test_plan_leaves_the_persistent_compilation_cache_alone(tmp_path):
+  """With $JAX_COMPILATION_CACHE_DIR set (the tests' CLI runs set it), plan compiles afresh
+  and writes nothing there: compile_s is a real compile, and a compile for a GPU topology
+  cannot be loaded back from that cache."""
+  cache = tmp_path / 'jax_cache'
+  result = run_cli('--experiment=cwm_1b_1gpu', '--mode=plan', '--config.plan.target=cpu',
+                   f'--workdir={tmp_path / "run"}', env={'JAX_COMPILATION_CACHE_DIR': str(cache)},
+                   timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _value('compile_s', result.stdout) > 0
+  assert not cache.exists() or not any(cache.iterdir()), sorted(cache.iterdir())
+
+
 def test_a_config_that_cannot_fit_says_no_and_exits_1():
   """cwm_1b with XLA attention (10k x 10k scores per head) and no micro-batching."""
   result = run_cli('--experiment=cwm_1b', '--mode=plan', '--config.model.attention=xla',

@@ -25,14 +25,21 @@ from conftest import ROOT
 
 
 def cli_env(devices: int = 1) -> dict:
+  """The environment of a single-process CLI run on `devices` CPU devices. Its compiled steps
+  go to the run's shared JAX compilation cache (tests/conftest.py); the size limit turns on
+  JAX's file lock, so that two processes never read an entry half written."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_COMPILATION_CACHE_DIR'] = os.environ['BRAINSCALE_TEST_COMPILE_CACHE']
+  env['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
   return env
 
 
-def run_cli(*args, devices: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, 'launch/run.py', *args], cwd=ROOT, env=cli_env(devices),
-                        capture_output=True, text=True, timeout=timeout)
+def run_cli(*args, devices: int = 1, timeout: int = 300, env=None) -> subprocess.CompletedProcess:
+  """launch/run.py ARGS in a fresh process: cli_env(devices), updated with `env`."""
+  return subprocess.run([sys.executable, 'launch/run.py', *args], cwd=ROOT,
+                        env={**cli_env(devices), **(env or {})}, capture_output=True, text=True,
+                        timeout=timeout)
 
 
 def start_cli(*args, devices: int = 1) -> subprocess.Popen:
