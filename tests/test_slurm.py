@@ -257,6 +257,28 @@ def wait_for(job: int, env: dict, timeout_s: float = 300) -> str:
   pytest.fail(f'job {job} did not end within {timeout_s} s')
 
 
+@pytest.mark.slow
+def test_stopping_one_local_cluster_leaves_another_working(tmp_path):
+  """munged is one per host: stop.sh of the cluster that started it (A, when no other
+  cluster runs) must leave it to B, which still runs jobs; the last one out stops it."""
+  states = [tempfile.mkdtemp(prefix='brainscale-slurm-') for _ in range(2)]
+  try:
+    start_local_slurm(states[0])
+    b = start_local_slurm(states[1])
+    subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), states[0]], check=True,
+                   capture_output=True, timeout=120)
+    done = subprocess.run(['sbatch', '--parsable', f'--output={tmp_path / "job.out"}',
+                           '--wrap=echo alive'], env=b, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert wait_for(int(done.stdout.strip().split(';')[0]), b, timeout_s=120) == 'COMPLETED'
+    assert (tmp_path / 'job.out').read_text().strip() == 'alive'
+  finally:
+    for state in states:
+      subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
+                     timeout=120)
+      shutil.rmtree(state, ignore_errors=True)
+
+
 def job_logs(workdir: pathlib.Path) -> str:
   return '\n'.join(f'== {p.name}\n{p.read_text()[-3000:]}' for p in sorted(workdir.glob('logs/*')))
 

@@ -29,9 +29,17 @@ for pid_file in "$STATE"/slurmctld.pid "$STATE"/slurmd*.pid; do
   fi
 done
 
+# munged is one per host, shared by every cluster started here: start.sh starts it if none
+# runs (and marks that in $SHARED), each cluster registers itself in $SHARED/clusters, and
+# stop.sh stops munged only when it stopped the last registered cluster. The lock keeps a
+# cluster that starts from finding munged up just as the last one stops it.
+SHARED=/run/brainscale-local-slurm
+mkdir -p "$SHARED/clusters"
+exec 9>"$SHARED/lock"
+
 start_munge() {
   if munge -n >/dev/null 2>&1; then
-    return  # a running munged: reuse it, and leave it running at stop
+    return  # a running munged: reuse it
   fi
   if [ ! -s /etc/munge/munge.key ]; then
     mkdir -p /etc/munge
@@ -40,8 +48,8 @@ start_munge() {
   chown -R munge: /etc/munge && chmod 700 /etc/munge && chmod 400 /etc/munge/munge.key
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge: /run/munge /var/log/munge /var/lib/munge
-  runuser -u munge -- munged
-  touch "$STATE/munged.started"
+  runuser -u munge -- munged 9>&-  # the lock stays with this script
+  touch "$SHARED/munged.started"
   for _ in $(seq 50); do munge -n >/dev/null 2>&1 && return; sleep 0.1; done
   die "munged did not answer; see /var/log/munge/munged.log"
 }
@@ -93,7 +101,10 @@ wait_idle() {  # until sinfo shows every node idle, at most 60 s
   die "nodes $(node_names | paste -sd, -) not all idle after 60 s; logs above"
 }
 
+flock 9
 start_munge
+echo "$STATE" > "$SHARED/clusters/$(echo "$STATE" | md5sum | cut -c1-16)"
+flock -u 9
 [ "$NODES" -eq 1 ] || resolvable $(node_names)
 write_conf
 mkdir -p "$STATE/ctld"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stops the cluster that start.sh STATE_DIR started: cancels its jobs, stops each slurmd and
-# slurmctld by their pid files, and munged only if start.sh started it.
+# slurmctld by their pid files, and munged only if start.sh started it and no other cluster
+# that start.sh started still runs (start.sh, $SHARED).
 set -uo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
 
@@ -34,7 +35,17 @@ stop_pid_file() {  # TERM, then KILL after 15 s
 cancel_jobs
 for pid_file in "$STATE"/slurmd*.pid; do stop_pid_file "$pid_file"; done
 stop_pid_file "$STATE/slurmctld.pid"
-if [ -e "$STATE/munged.started" ]; then
+SHARED=/run/brainscale-local-slurm
+[ -d "$SHARED/clusters" ] || exit 0
+exec 9>"$SHARED/lock"
+flock 9
+rm -f "$SHARED/clusters/$(echo "$STATE" | md5sum | cut -c1-16)"
+for entry in "$SHARED"/clusters/*; do  # forget clusters whose slurmctld is gone (never stopped)
+  [ -e "$entry" ] || continue
+  pid_file="$(cat "$entry")/slurmctld.pid"
+  { [ -s "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; } || rm -f "$entry"
+done
+if [ -e "$SHARED/munged.started" ] && [ -z "$(ls -A "$SHARED/clusters")" ]; then
   munged --stop >/dev/null 2>&1 || stop_pid_file /run/munge/munged.pid
-  rm -f "$STATE/munged.started"
+  rm -f "$SHARED/munged.started"
 fi
