@@ -25,6 +25,9 @@ FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_h
         '--config.train.batch_size=8', '--config.train.steps=3', '--config.train.log_every=1',
         '--config.train.eval_batches=1', '--config.checkpoint.async_save=false',
         '--config.evaluation.sessions=0']
+# The acceptance tests' limit (pytest-timeout; pytest.ini's 20 minutes is for unit tests): the
+# first includes enigma_tiny's 1800-step run, ~22 minutes on 2 cores.
+RUN_TIMEOUT_S = 3600
 
 
 def _eval_metrics(stdout: str, step: int) -> dict[str, float]:
@@ -66,6 +69,7 @@ def _params(workdir, config):
 
 @pytest.mark.slow
 @pytest.mark.acceptance
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_enigma_tiny_beats_ln_on_held_out_repeats(tiny_run):
   """enigma_tiny's quality bar on held-out repeats: cc_norm >= 0.75 and at least 0.05 above
   the LN baseline, whose own cc_norm lies between 0.2 and 0.6."""
@@ -80,6 +84,7 @@ def test_enigma_tiny_beats_ln_on_held_out_repeats(tiny_run):
 
 @pytest.mark.slow
 @pytest.mark.acceptance
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
   """Fitting only the new session's embeddings reaches 85% of the joint CC_norm."""
   runs, joint, adapted = tiny_run
@@ -94,6 +99,7 @@ def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
 
 @pytest.mark.slow
 @pytest.mark.acceptance
+@pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_in_silico_tuning_and_rfs_agree_with_the_simulators_truth(tiny_run, tmp_path):
   """python -m brainscale.enigma.insilico on the trained run, two sessions: over the neurons
   it predicts well (cc_norm >= 0.5), the median preferred-orientation error is <= 15 deg and

@@ -231,6 +231,12 @@ def start_local_slurm(state_dir, nodes: int = 1) -> dict:
   return dict(os.environ, SLURM_CONF=conf, PATH=path)
 
 
+def stop_local_slurm(state_dir) -> None:
+  """launch/local_slurm/stop.sh state_dir; fails if it does."""
+  subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), str(state_dir)], check=True,
+                 capture_output=True, timeout=120)
+
+
 @pytest.fixture(scope='session')
 def local_slurm():
   """A one-node SLURM cluster for the session: yields the environment to run sbatch in."""
@@ -265,14 +271,43 @@ def test_stopping_one_local_cluster_leaves_another_working(tmp_path):
   try:
     start_local_slurm(states[0])
     b = start_local_slurm(states[1])
-    subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), states[0]], check=True,
-                   capture_output=True, timeout=120)
+    stop_local_slurm(states[0])
     done = subprocess.run(['sbatch', '--parsable', f'--output={tmp_path / "job.out"}',
                            '--wrap=echo alive'], env=b, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert wait_for(int(done.stdout.strip().split(';')[0]), b, timeout_s=120) == 'COMPLETED'
     assert (tmp_path / 'job.out').read_text().strip() == 'alive'
   finally:
+    for state in states:
+      subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
+                     timeout=120)
+      shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_second_stop_spares_the_cluster_on_its_ports_and_the_process_on_its_pid(tmp_path):
+  """stop.sh of a cluster already stopped (a second cleanup; a daemon killed with its pid
+  file left behind) stops nothing: its ports are taken by the next cluster to start (B here,
+  with a job running) and its pids by other processes. In CI a test's second stop of its
+  first cluster once cancelled every job of the cluster that had taken its ports."""
+  states = [tempfile.mkdtemp(prefix='brainscale-slurm-') for _ in range(2)]
+  bystander = subprocess.Popen(['sleep', '600'])
+  try:
+    start_local_slurm(states[0])
+    stop_local_slurm(states[0])
+    b = start_local_slurm(states[1])   # the lowest free ports: the ones A had
+    done = subprocess.run(['sbatch', '--parsable', f'--output={tmp_path / "job.out"}',
+                           '--wrap=sleep 8; echo alive'], env=b, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    job = int(done.stdout.strip().split(';')[0])
+    pathlib.Path(states[0], 'slurmctld.pid').write_text(f'{bystander.pid}\n')   # reused pid
+    stop_local_slurm(states[0])
+    assert wait_for(job, b, timeout_s=120) == 'COMPLETED'
+    assert bystander.poll() is None, 'stop.sh killed a process that is not its slurmctld'
+    assert (tmp_path / 'job.out').read_text().strip() == 'alive'
+  finally:
+    bystander.kill()
     for state in states:
       subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
                      timeout=120)

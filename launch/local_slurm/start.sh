@@ -23,17 +23,14 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$1"
 STATE=$(cd "$1" && pwd)
 CONF=$STATE/slurm.conf
+source "$HERE/common.sh"
 for pid_file in "$STATE"/slurmctld.pid "$STATE"/slurmd*.pid; do
-  if [ -s "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
+  if own_pid "$pid_file" "$CONF" >/dev/null; then
     die "$(basename "$pid_file" .pid) already runs for $STATE; run stop.sh $STATE first"
   fi
 done
+rm -f "$STATE"/slurmctld.pid "$STATE"/slurmd*.pid  # stale: their daemons are gone
 
-# munged is one per host, shared by every cluster started here: start.sh starts it if none
-# runs (and marks that in $SHARED), each cluster registers itself in $SHARED/clusters, and
-# stop.sh stops munged only when it stopped the last registered cluster. The lock keeps a
-# cluster that starts from finding munged up just as the last one stops it.
-SHARED=/run/brainscale-local-slurm
 mkdir -p "$SHARED/clusters"
 exec 9>"$SHARED/lock"
 
@@ -96,15 +93,19 @@ wait_idle() {  # until sinfo shows every node idle, at most 60 s
     [ "$(sinfo -h -N -o %t 2>/dev/null | sort -u)" = idle ] && return
     sleep 0.5
   done
-  tail -n 20 "$STATE/slurmctld.log" "$STATE"/slurmd-*.log >&2 || true
-  "$HERE/stop.sh" "$STATE" >&2 || true
-  die "nodes $(node_names | paste -sd, -) not all idle after 60 s; logs above"
+  fail "nodes $(node_names | paste -sd, -) not all idle after 60 s"
 }
 
-flock 9
+fail() {  # stops what this script started, with the daemons' logs, then dies
+  flock -u 9
+  tail -n 20 "$STATE/slurmctld.log" "$STATE"/slurmd-*.log >&2 || true
+  "$HERE/stop.sh" "$STATE" >&2 || true
+  die "$1; logs above"
+}
+
+flock 9   # until the daemons listen: a cluster starting beside this one waits here
 start_munge
-echo "$STATE" > "$SHARED/clusters/$(echo "$STATE" | md5sum | cut -c1-16)"
-flock -u 9
+echo "$STATE" > "$(registry_entry "$STATE")"
 [ "$NODES" -eq 1 ] || resolvable $(node_names)
 write_conf
 mkdir -p "$STATE/ctld"
@@ -112,11 +113,14 @@ chmod 755 "$STATE"  # slurmctld runs as user slurm
 chown -R slurm: "$STATE"
 runuser -u slurm -- test -w "$STATE/ctld" || die "user slurm cannot write $STATE/ctld; a parent folder is private"
 export SLURM_CONF=$CONF
-slurmctld -f "$CONF"
+slurmctld -f "$CONF" 9>&-   # the daemons must not hold the lock
 if [ "$NODES" -eq 1 ]; then
-  slurmd -f "$CONF"
+  slurmd -f "$CONF" 9>&-
 else
-  for name in $(node_names); do slurmd -f "$CONF" -N "$name"; done
+  for name in $(node_names); do slurmd -f "$CONF" -N "$name" 9>&-; done
 fi
 wait_idle
+# sinfo asks the port in $CONF: make sure it is this cluster's slurmctld that answers
+own_pid "$STATE/slurmctld.pid" "$CONF" >/dev/null || fail "slurmctld of $STATE is not running"
+flock -u 9
 echo "export SLURM_CONF=$CONF"

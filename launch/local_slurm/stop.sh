@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Stops the cluster that start.sh STATE_DIR started: cancels its jobs, stops each slurmd and
 # slurmctld by their pid files, and munged only if start.sh started it and no other cluster
-# that start.sh started still runs (start.sh, $SHARED).
+# that start.sh started still runs (common.sh). It acts only on daemons that still run with
+# STATE_DIR's slurm.conf: run twice, or on a cluster that is gone, it stops nothing else (its
+# ports may be another cluster's by then, its pids another process's).
 set -uo pipefail
 export PATH=$PATH:/usr/sbin:/sbin
 
 [ $# -eq 1 ] || { echo "usage: stop.sh STATE_DIR" >&2; exit 1; }
 STATE=$(cd "$1" && pwd) || exit 1
-export SLURM_CONF=$STATE/slurm.conf
+CONF=$STATE/slurm.conf
+export SLURM_CONF=$CONF
+source "$(cd "$(dirname "$0")" && pwd)/common.sh"
 
 cancel_jobs() {  # tasks outlive slurmd otherwise; KillWait is 30 s
   local jobs
+  own_pid "$STATE/slurmctld.pid" "$CONF" >/dev/null || return 0  # the port is not ours
   jobs=$(squeue -h -o %i 2>/dev/null) || return 0
   [ -n "$jobs" ] || return 0
   scancel $jobs
@@ -20,32 +25,32 @@ cancel_jobs() {  # tasks outlive slurmd otherwise; KillWait is 30 s
   done
 }
 
-stop_pid_file() {  # TERM, then KILL after 15 s
+stop_pid_file() {  # TERM, then KILL after 15 s; only a daemon of this cluster
   local pid
-  [ -s "$1" ] || return 0
-  pid=$(cat "$1")
-  kill "$pid" 2>/dev/null || return 0
+  pid=$(own_pid "$1" "$CONF") || { rm -f "$1"; return 0; }
+  kill "$pid" 2>/dev/null
   for _ in $(seq 150); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  kill -9 "$pid" 2>/dev/null || true
+  kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null
+  rm -f "$1"
 }
 
 cancel_jobs
-for pid_file in "$STATE"/slurmd*.pid; do stop_pid_file "$pid_file"; done
+for pid_file in "$STATE"/slurmd*.pid; do [ -e "$pid_file" ] && stop_pid_file "$pid_file"; done
 stop_pid_file "$STATE/slurmctld.pid"
-SHARED=/run/brainscale-local-slurm
 [ -d "$SHARED/clusters" ] || exit 0
 exec 9>"$SHARED/lock"
 flock 9
-rm -f "$SHARED/clusters/$(echo "$STATE" | md5sum | cut -c1-16)"
+rm -f "$(registry_entry "$STATE")"
 for entry in "$SHARED"/clusters/*; do  # forget clusters whose slurmctld is gone (never stopped)
   [ -e "$entry" ] || continue
-  pid_file="$(cat "$entry")/slurmctld.pid"
-  { [ -s "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; } || rm -f "$entry"
+  other=$(cat "$entry")
+  own_pid "$other/slurmctld.pid" "$other/slurm.conf" >/dev/null || rm -f "$entry"
 done
 if [ -e "$SHARED/munged.started" ] && [ -z "$(ls -A "$SHARED/clusters")" ]; then
-  munged --stop >/dev/null 2>&1 || stop_pid_file /run/munge/munged.pid
+  munged --stop >/dev/null 2>&1 || kill "$(cat /run/munge/munged.pid 2>/dev/null)" 2>/dev/null
   rm -f "$SHARED/munged.started"
 fi
+exit 0
