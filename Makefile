@@ -32,7 +32,8 @@ run: $(VENV)/.installed
 	$(PY) launch/run.py --experiment=smoke $(ARGS)
 
 # Two workers, each test module whole on one (its module fixtures are made once); the
-# longest modules go first (tests/conftest.py) so that both workers finish together.
+# longest modules go first (tests/conftest.py) so that both workers finish together:
+# --no-loadscope-reorder, or xdist would hand out the modules with the most tests first.
 JOBS ?= 2
 
 # `make test` runs three stages, one after the other: `docs`, the README's console blocks run
@@ -45,7 +46,8 @@ docs: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=10 -n $(JOBS) -m readme tests/test_readme.py
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile -m "not acceptance and not readme" tests
+	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile --no-loadscope-reorder \
+	  -m "not acceptance and not readme" tests
 
 acceptance: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=10 -m acceptance tests

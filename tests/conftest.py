@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # One JAX compilation cache for the whole test run (its xdist workers inherit the folder):
 # the single-process CLI runs of launch/run.py that tests start (tests/test_train.py
 # cli_env) compile the same steps again and again, resumes above all. Made by the first
-# pytest process of the run, removed when it exits.
+# pytest process of the run, removed when it exits. Not for the in-process tests: with it,
+# two in-process training tests aborted in XLA (benchmarks/RESULTS.md, fourth session).
 if 'BRAINSCALE_TEST_COMPILE_CACHE' not in os.environ:
   os.environ['BRAINSCALE_TEST_COMPILE_CACHE'] = tempfile.mkdtemp(prefix='brainscale-jax-cache-')
   atexit.register(shutil.rmtree, os.environ['BRAINSCALE_TEST_COMPILE_CACHE'], True)
@@ -37,7 +38,9 @@ def rng(seed) -> np.random.Generator:
 
 # The longest modules first: `make test` runs each module whole on one of two xdist workers
 # (--dist loadfile), and the workers finish together only if the long ones start early.
-# Measured on a fresh clone's CI (2026-12-06): a long module left for last runs alone.
+# Measured on a fresh clone's CI (2026-12-06): a long module left for last runs alone. xdist
+# keeps this order only with --no-loadscope-reorder (the Makefile's unit target); by default
+# it hands out the modules with the most tests first.
 LONGEST_FIRST = ('test_campaign.py', 'test_train.py', 'test_gpu_compile.py', 'test_notebooks.py',
                  'test_slurm.py', 'test_cwm_probes.py', 'test_enigma.py', 'test_faults.py',
                  'test_enigma_train.py', 'test_inference.py')
