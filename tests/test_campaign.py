@@ -13,11 +13,9 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -29,7 +27,7 @@ from brainscale.train import goodput, watchdog
 from conftest import ROOT
 from experiments import base
 from launch import campaign, slurm
-from test_slurm import LOCAL_SLURM, start_local_slurm
+from test_slurm import local_slurm_states, start_local_slurm
 
 STEPS, EVERY, FAULT_STEP = 30, 10, 15
 HEARTBEAT_S, MIN_STEP_S = 20, 40   # small, yet not so small that a loaded 2-core machine trips
@@ -47,13 +45,8 @@ runs_deadline = 0.0   # time.monotonic() by which they have (the `runs` fixture 
 @pytest.fixture(scope='module')
 def cluster():
   """A two-node SLURM cluster (n1, n2) for the module."""
-  state_dir = tempfile.mkdtemp(prefix='brainscale-campaign-')
-  try:
+  with local_slurm_states(prefix='brainscale-campaign-') as (state_dir,):
     yield start_local_slurm(state_dir, nodes=2)
-  finally:
-    subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state_dir], capture_output=True,
-                   timeout=180)
-    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def submit(workdir: pathlib.Path, env: dict, *, nodes: int, fault: str = '',

@@ -14,7 +14,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -24,7 +23,13 @@ from brainscale.data import video
 from brainscale.data.importers import parts, videos
 from launch import import_array
 from test_data_quirks import ffmpeg_cli
-from test_slurm import LOCAL_SLURM, bash_syntax_ok, sbatch_options, start_local_slurm, wait_for
+from test_slurm import (
+  bash_syntax_ok,
+  local_slurm_states,
+  sbatch_options,
+  start_local_slurm,
+  wait_for,
+)
 
 SETTINGS = ['--clip_seconds=0.5', '--max_side=32', '--records_per_shard=4']
 SLOW = 'long-3.mp4'   # part 1 of 3 (parts.part_of): long enough to be killed mid-part
@@ -189,13 +194,8 @@ def test_the_array_scripts_are_printed_where_there_is_no_sbatch(tmp_path, monkey
 @pytest.fixture(scope='module')
 def cluster():
   """A one-node SLURM cluster for this module: the environment to run sbatch in."""
-  state_dir = tempfile.mkdtemp(prefix='brainscale-import-slurm-')
-  try:
+  with local_slurm_states(prefix='brainscale-import-slurm-') as (state_dir,):
     yield start_local_slurm(state_dir)
-  finally:
-    subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state_dir], capture_output=True,
-                   timeout=120)
-    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope='module')

@@ -5,6 +5,7 @@ launch/local_slurm for the session; it skips where SLURM is not installed, and f
 instead under BRAINSCALE_REQUIRE_SLURM=1 (as CI sets).
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -237,16 +238,33 @@ def stop_local_slurm(state_dir) -> None:
                  capture_output=True, timeout=120)
 
 
+@contextlib.contextmanager
+def local_slurm_states(count: int = 1, prefix: str = 'brainscale-slurm-'):
+  """`count` new state folders for start_local_slurm (not under pytest's private tmp, which
+  user slurm cannot enter), each stopped with stop.sh and removed at the end."""
+  states = [tempfile.mkdtemp(prefix=prefix) for _ in range(count)]
+  try:
+    yield states
+  finally:
+    for state in states:
+      subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
+                     timeout=180)
+      shutil.rmtree(state, ignore_errors=True)
+
+
+def sbatch_wrap(env: dict, output: pathlib.Path, command: str) -> int:
+  """`sbatch --wrap=COMMAND` writing to `output`; its job id."""
+  done = subprocess.run(['sbatch', '--parsable', f'--output={output}', f'--wrap={command}'],
+                        env=env, capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  return int(done.stdout.strip().split(';')[0])
+
+
 @pytest.fixture(scope='session')
 def local_slurm():
   """A one-node SLURM cluster for the session: yields the environment to run sbatch in."""
-  state_dir = tempfile.mkdtemp(prefix='brainscale-slurm-')  # not under pytest's private tmp
-  try:
-    yield start_local_slurm(state_dir)
-  finally:
-    subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state_dir], capture_output=True,
-                   timeout=120)
-    shutil.rmtree(state_dir, ignore_errors=True)
+  with local_slurm_states() as (state,):
+    yield start_local_slurm(state)
 
 
 def wait_for(job: int, env: dict, timeout_s: float = 300) -> str:
@@ -267,21 +285,13 @@ def wait_for(job: int, env: dict, timeout_s: float = 300) -> str:
 def test_stopping_one_local_cluster_leaves_another_working(tmp_path):
   """munged is one per host: stop.sh of the cluster that started it (A, when no other
   cluster runs) must leave it to B, which still runs jobs; the last one out stops it."""
-  states = [tempfile.mkdtemp(prefix='brainscale-slurm-') for _ in range(2)]
-  try:
-    start_local_slurm(states[0])
-    b = start_local_slurm(states[1])
-    stop_local_slurm(states[0])
-    done = subprocess.run(['sbatch', '--parsable', f'--output={tmp_path / "job.out"}',
-                           '--wrap=echo alive'], env=b, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert wait_for(int(done.stdout.strip().split(';')[0]), b, timeout_s=120) == 'COMPLETED'
+  with local_slurm_states(2) as (a, b):
+    start_local_slurm(a)
+    b_env = start_local_slurm(b)
+    stop_local_slurm(a)
+    job = sbatch_wrap(b_env, tmp_path / 'job.out', 'echo alive')
+    assert wait_for(job, b_env, timeout_s=120) == 'COMPLETED'
     assert (tmp_path / 'job.out').read_text().strip() == 'alive'
-  finally:
-    for state in states:
-      subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
-                     timeout=120)
-      shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -290,28 +300,20 @@ def test_a_second_stop_spares_the_cluster_on_its_ports_and_the_process_on_its_pi
   file left behind) stops nothing: its ports are taken by the next cluster to start (B here,
   with a job running) and its pids by other processes. In CI a test's second stop of its
   first cluster once cancelled every job of the cluster that had taken its ports."""
-  states = [tempfile.mkdtemp(prefix='brainscale-slurm-') for _ in range(2)]
   bystander = subprocess.Popen(['sleep', '600'])
   try:
-    start_local_slurm(states[0])
-    stop_local_slurm(states[0])
-    b = start_local_slurm(states[1])   # the lowest free ports: the ones A had
-    done = subprocess.run(['sbatch', '--parsable', f'--output={tmp_path / "job.out"}',
-                           '--wrap=sleep 8; echo alive'], env=b, capture_output=True, text=True,
-                          timeout=60)
-    assert done.returncode == 0, done.stderr
-    job = int(done.stdout.strip().split(';')[0])
-    pathlib.Path(states[0], 'slurmctld.pid').write_text(f'{bystander.pid}\n')   # reused pid
-    stop_local_slurm(states[0])
-    assert wait_for(job, b, timeout_s=120) == 'COMPLETED'
-    assert bystander.poll() is None, 'stop.sh killed a process that is not its slurmctld'
-    assert (tmp_path / 'job.out').read_text().strip() == 'alive'
+    with local_slurm_states(2) as (a, b):
+      start_local_slurm(a)
+      stop_local_slurm(a)
+      b_env = start_local_slurm(b)   # the lowest free ports: the ones A had
+      job = sbatch_wrap(b_env, tmp_path / 'job.out', 'sleep 8; echo alive')
+      pathlib.Path(a, 'slurmctld.pid').write_text(f'{bystander.pid}\n')   # a reused pid
+      stop_local_slurm(a)
+      assert wait_for(job, b_env, timeout_s=120) == 'COMPLETED'
+      assert bystander.poll() is None, 'stop.sh killed a process that is not its slurmctld'
+      assert (tmp_path / 'job.out').read_text().strip() == 'alive'
   finally:
     bystander.kill()
-    for state in states:
-      subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
-                     timeout=120)
-      shutil.rmtree(state, ignore_errors=True)
 
 
 def job_logs(workdir: pathlib.Path) -> str:

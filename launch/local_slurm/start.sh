@@ -88,19 +88,19 @@ write_conf() {
   echo "PartitionName=debug Nodes=$names Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4" >> "$CONF"
 }
 
+fail() {  # stops what this script started, with the daemons' logs, then dies
+  flock -u 9
+  tail -n 20 "$STATE/slurmctld.log" "$STATE"/slurmd-*.log >&2 || true
+  "$HERE/stop.sh" "$STATE" >&2 || true
+  die "$1; logs above"
+}
+
 wait_idle() {  # until sinfo shows every node idle, at most 60 s
   for _ in $(seq 120); do
     [ "$(sinfo -h -N -o %t 2>/dev/null | sort -u)" = idle ] && return
     sleep 0.5
   done
   fail "nodes $(node_names | paste -sd, -) not all idle after 60 s"
-}
-
-fail() {  # stops what this script started, with the daemons' logs, then dies
-  flock -u 9
-  tail -n 20 "$STATE/slurmctld.log" "$STATE"/slurmd-*.log >&2 || true
-  "$HERE/stop.sh" "$STATE" >&2 || true
-  die "$1; logs above"
 }
 
 flock 9   # until the daemons listen: a cluster starting beside this one waits here

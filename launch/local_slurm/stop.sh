@@ -38,7 +38,7 @@ stop_pid_file() {  # TERM, then KILL after 15 s; only a daemon of this cluster
 }
 
 cancel_jobs
-for pid_file in "$STATE"/slurmd*.pid; do [ -e "$pid_file" ] && stop_pid_file "$pid_file"; done
+for pid_file in "$STATE"/slurmd*.pid; do stop_pid_file "$pid_file"; done
 stop_pid_file "$STATE/slurmctld.pid"
 [ -d "$SHARED/clusters" ] || exit 0
 exec 9>"$SHARED/lock"
@@ -50,7 +50,10 @@ for entry in "$SHARED"/clusters/*; do  # forget clusters whose slurmctld is gone
   own_pid "$other/slurmctld.pid" "$other/slurm.conf" >/dev/null || rm -f "$entry"
 done
 if [ -e "$SHARED/munged.started" ] && [ -z "$(ls -A "$SHARED/clusters")" ]; then
-  munged --stop >/dev/null 2>&1 || kill "$(cat /run/munge/munged.pid 2>/dev/null)" 2>/dev/null
+  if ! munged --stop >/dev/null 2>&1; then   # an older munged: by its pid file, if it is munged
+    pid=$(cat /run/munge/munged.pid 2>/dev/null)
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = munged ] && kill "$pid"
+  fi
   rm -f "$SHARED/munged.started"
 fi
 exit 0
