@@ -10,8 +10,24 @@ import zlib
 import numpy as np
 import pytest
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+# XLA:CPU's LLVM at -O1 instead of its default -O3, in every test process: the subprocesses
+# tests start build their XLA_FLAGS with `xla_flags` too. Most tests compile tiny steps and run
+# them a few times, and -O1 compiles them with about a quarter less CPU (tests/test_cwm_model.py:
+# 64 s of CPU against 84); a step runs about as fast, with the same numbers (the fast-math
+# flags that would let LLVM reorder float arithmetic stay off). Compiles for a GPU keep XLA's
+# default level (brainscale/plan/gpu.py: compiler_options), so their registers and spills are
+# the cluster's. benchmarks/RESULTS.md, "fifth session".
+TEST_XLA_FLAGS = ('--xla_backend_optimization_level=1',)
+
+
+def xla_flags(devices: int = 0) -> str:
+  """XLA_FLAGS of a test process: TEST_XLA_FLAGS, and `devices` simulated CPU devices (0:
+  XLA's one)."""
+  count = [f'--xla_force_host_platform_device_count={devices}'] if devices else []
+  return ' '.join([*TEST_XLA_FLAGS, *count])
+
+
+os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {xla_flags(8)}".strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -13,6 +13,7 @@ from flax import nnx
 from brainscale import config as config_lib
 from brainscale.config import ConfigError
 from brainscale.train.task import get_task
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -188,8 +189,7 @@ def test_split_overrides_of_no_config_args():
 
 def run_cli(*args, timeout=120) -> subprocess.CompletedProcess:
   """launch/run.py in a fresh process with one CPU device (no forced device count)."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags())
   return subprocess.run([sys.executable, 'launch/run.py', *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
 

@@ -17,6 +17,7 @@ from brainscale import config as config_lib
 from brainscale.cwm import counterfactual, decoding, sequence
 from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
+from conftest import xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA = ['--config.data.synthetic.count=12', '--config.data.eval_synthetic.count=4',
@@ -44,7 +45,7 @@ def trained(tmp_path_factory):
   """cwm_tiny shrunk: trains its tokenizer first, then the world model, then evaluates."""
   tmp = tmp_path_factory.mktemp('cwm')
   env = {**os.environ, 'BRAINSCALE_DATA': str(tmp / 'data'), 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': ''}
+         'XLA_FLAGS': xla_flags()}
   workdir = tmp / 'run'
   overrides = [a for a in WORLD] + [f'--config.tokenizer.overrides={tuple(TOKENIZER)!r}']
   out = run_cli('--experiment=cwm_tiny', f'--workdir={workdir}', *overrides, env=env)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from brainscale.train import report
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 # A constant learning rate after warmup, so a run stopped at 6 and extended to 8 follows
 # the same schedule as a run of 8.
@@ -26,7 +26,7 @@ def free_port() -> int:
 
 def launch(args, processes: int, devices_per_process: int) -> list[subprocess.CompletedProcess]:
   env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices_per_process}')
+             XLA_FLAGS=xla_flags(devices_per_process))
   port = free_port()
   procs = []
   for i in range(processes):

@@ -15,6 +15,7 @@ from brainscale import config as config_lib
 from brainscale import parallel
 from brainscale.plan import plan
 from brainscale.train import step as step_lib
+from conftest import xla_flags
 
 # One layer per stack (XLA's cost analysis counts a loop body once), no remat, dense
 # attention, one loss chunk: what XLA compiles is then every FLOP of the step, once.
@@ -86,7 +87,7 @@ def test_synthetic_batches_have_the_declared_shapes_and_train(name):
 
 def test_mfu_benchmark_figures_agree_with_each_other(tmp_path):
   b = 16
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}   # one CPU device
+  env = dict(os.environ, XLA_FLAGS=xla_flags())   # one CPU device
   done = subprocess.run(
       [sys.executable, 'benchmarks/mfu.py', '--experiment=smoke', '--steps=3', '--repeats=2',
        '--matmul=256', f'--profile={tmp_path}/trace', '--profile_steps=2',

@@ -24,6 +24,7 @@ import pytest
 
 from brainscale.data.synthetic import v1, v1_files
 from brainscale.plan import gpu
+from conftest import xla_flags
 from neural_helpers import write_simulated_nwb
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -135,8 +136,9 @@ def test_a_readme_console_block_runs_as_written(index, tmp_path):
   for name, write in INPUTS.items():
     if name in text:
       write(folder)
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_PLATFORMS')}
-  env.update(PATH=path_without_slurm(tmp_path), BRAINSCALE_DATA=str(tmp_path / 'data'))
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  env.update(PATH=path_without_slurm(tmp_path), BRAINSCALE_DATA=str(tmp_path / 'data'),
+             XLA_FLAGS=xla_flags())
   for command in BLOCKS[index]:
     done = subprocess.run(['bash', '-c', command.line], cwd=folder, env=env, text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=1800)

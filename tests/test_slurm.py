@@ -21,7 +21,7 @@ import pytest
 
 from brainscale import config as config_lib
 from brainscale.train.checkpoint import Checkpoints
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 from experiments import base
 from launch import slurm
 
@@ -65,7 +65,7 @@ def test_train_and_submit_default_to_runs_in_the_current_folder(tmp_path):
   bin_dir.mkdir()
   tiny = ['--config.train.steps=1', '--config.model.layers=1', '--config.train.batch_size=8',
           '--config.train.eval_batches=1']
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags(1))
   trained = subprocess.run([sys.executable, str(ROOT / 'launch' / 'run.py'), '--experiment=smoke',
                             *tiny], cwd=elsewhere, env=env, capture_output=True, text=True,
                            timeout=600)

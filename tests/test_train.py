@@ -21,7 +21,7 @@ from brainscale import parallel
 from brainscale.train import describe, loop, optim, report
 from brainscale.train import step as step_lib
 from brainscale.train.checkpoint import Checkpoints
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 
 def cli_env(devices: int = 1) -> dict:
@@ -29,7 +29,7 @@ def cli_env(devices: int = 1) -> dict:
   go to the run's shared JAX compilation cache (tests/conftest.py); the size limit turns on
   JAX's file lock, so that two processes never read an entry half written."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['XLA_FLAGS'] = xla_flags(devices)
   env['JAX_COMPILATION_CACHE_DIR'] = os.environ['BRAINSCALE_TEST_COMPILE_CACHE']
   env['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(8 << 30)
   return env

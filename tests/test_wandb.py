@@ -13,7 +13,7 @@ from wandb.proto import wandb_internal_pb2
 
 from brainscale import config as config_lib
 from brainscale.train import report
-from conftest import ROOT
+from conftest import ROOT, xla_flags
 
 BLOCK = 32768   # the .wandb file: a 7-byte header, then a LevelDB log of protobuf Records
 FULL, LAST = 1, 4
@@ -22,7 +22,7 @@ FULL, LAST = 1, 4
 def wandb_env(tmp_path) -> dict:
   """Offline and quiet, with W&B's own files under tmp_path rather than $HOME."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1', WANDB_MODE='offline',
-             WANDB_SILENT='true', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             WANDB_SILENT='true', XLA_FLAGS=xla_flags(1))
   for name in ('WANDB_DIR', 'WANDB_CACHE_DIR', 'WANDB_CONFIG_DIR', 'WANDB_DATA_DIR'):
     env[name] = str(tmp_path / 'home' / name.lower())
   return env

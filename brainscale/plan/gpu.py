@@ -123,8 +123,10 @@ def topology(cluster):
 
 
 def compiler_options() -> dict:
-  """XLA_FLAGS as compile options (`lowered.compile(compiler_options=...)`)."""
-  options = {}
+  """XLA_FLAGS as compile options (`lowered.compile(compiler_options=...)`), at XLA's default
+  LLVM optimization level (3), which the cluster's jobs compile with, whatever the
+  XLA_FLAGS of this process say (the tests lower it for XLA:CPU: tests/conftest.py)."""
+  options = {'xla_backend_optimization_level': 3}
   for flag in XLA_FLAGS:
     key, value = flag.removeprefix('--').split('=')
     options[key] = {'true': True, 'false': False}.get(value, value)
