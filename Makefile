@@ -11,6 +11,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
+# glibc's malloc asks for transparent huge pages (glibc >= 2.35; no effect where THP is off, and
+# a GLIBC_TUNABLES of yours wins): XLA:CPU maps its scratch memory afresh for every step, and in
+# 4 KB pages enigma_tiny spent a fifth of its CPU in page faults (benchmarks/RESULTS.md).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: run test docs unit acceptance lint cuda clean
 
