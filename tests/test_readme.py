@@ -4,7 +4,8 @@ Each ```console block of README.md is a list of commands (`$ ...`), each followe
 prints: every line given must appear in its output (stdout and stderr), in that order; `...`
 stands for any lines. A block's commands run one after another in bash, in a fresh folder of
 their own, with the virtualenv's bin first on PATH (what `source .venv/bin/activate` gives
-after `make run`) and SLURM's commands hidden from PATH (a newcomer's machine has none). A
+after `make run`), SLURM's commands hidden from PATH (a newcomer's machine has none) and
+XLA_FLAGS holding only the tests' compile setting (conftest.xla_flags). A
 command must exit 0, or with the status its trailing `# exit N` names. The files a block
 reads (a Sensorium folder, an NWB file) are written into its folder first, by INPUTS.
 
