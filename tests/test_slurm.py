@@ -232,10 +232,10 @@ def start_local_slurm(state_dir, nodes: int = 1) -> dict:
   return dict(os.environ, SLURM_CONF=conf, PATH=path)
 
 
-def stop_local_slurm(state_dir) -> None:
-  """launch/local_slurm/stop.sh state_dir; fails if it does."""
-  subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), str(state_dir)], check=True,
-                 capture_output=True, timeout=120)
+def stop_local_slurm(state_dir, check: bool = True) -> None:
+  """launch/local_slurm/stop.sh state_dir; fails if it does (unless not `check`: cleanup)."""
+  subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), str(state_dir)], check=check,
+                 capture_output=True, timeout=180)
 
 
 @contextlib.contextmanager
@@ -247,8 +247,7 @@ def local_slurm_states(count: int = 1, prefix: str = 'brainscale-slurm-'):
     yield states
   finally:
     for state in states:
-      subprocess.run(['bash', str(LOCAL_SLURM / 'stop.sh'), state], capture_output=True,
-                     timeout=180)
+      stop_local_slurm(state, check=False)
       shutil.rmtree(state, ignore_errors=True)
 
 
