@@ -58,13 +58,19 @@ def _header(cluster, experiment: str, workdir: pathlib.Path) -> list[str]:
   return [f'#SBATCH {line}' for line in lines]
 
 
+def _xla_flags(flags) -> str:
+  """The job's XLA_FLAGS after the submitting shell's (sbatch exports them): XLA takes a
+  flag's last value, so the job's own win, and the rest (a dump folder, an optimization
+  level) reach every task."""
+  return 'export XLA_FLAGS="${XLA_FLAGS:-} ' + ' \\\n  '.join(flags) + '"'
+
+
 def _gpu_environment() -> list[str]:
   """BUILD.md sections 2 and 3; NCCL_IB_HCA and NCCL_SOCKET_IFNAME come from the
   submitting shell (sbatch exports it) since they name the cluster's own fabric."""
-  flags = ' \\\n  '.join(XLA_FLAGS + FAIL_FAST_XLA_FLAGS)
   return ['export XLA_PYTHON_CLIENT_MEM_FRACTION=0.90',
           'export CUDA_DEVICE_MAX_CONNECTIONS=1',
-          f'export XLA_FLAGS="{flags}"',
+          _xla_flags(XLA_FLAGS + FAIL_FAST_XLA_FLAGS),
           'unset NCCL_IB_DISABLE',
           'export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-1}',
           'export NCCL_DEBUG=${NCCL_DEBUG:-WARN}']
@@ -74,7 +80,7 @@ def _cpu_environment(cluster) -> list[str]:
   """One JAX CPU device per CPU a task is given."""
   devices = max(cluster.cpus_per_task, 1)
   return ['export JAX_PLATFORMS=cpu',
-          f'export XLA_FLAGS=--xla_force_host_platform_device_count={devices}']
+          _xla_flags([f'--xla_force_host_platform_device_count={devices}'])]
 
 
 def _step(config, workdir: pathlib.Path, overrides: list[str]) -> str:

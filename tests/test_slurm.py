@@ -54,6 +54,18 @@ def bash_syntax_ok(path: pathlib.Path):
   assert done.returncode == 0, done.stderr
 
 
+def task_xla_flags(text: str, submitted: str) -> list[str]:
+  """The XLA_FLAGS a task of this script gets, submitted from a shell whose XLA_FLAGS is
+  `submitted`: the script's export lines, run by bash."""
+  exports = [line for line in text.replace('\\\n', '').splitlines()
+             if line.startswith('export XLA_FLAGS=')]
+  assert len(exports) == 1, exports
+  done = subprocess.run(['bash', '-c', f'{exports[0]}; printf %s "$XLA_FLAGS"'],
+                        env=dict(os.environ, XLA_FLAGS=submitted), capture_output=True,
+                        text=True, check=True)
+  return done.stdout.split()
+
+
 # --- the script, without SLURM -----------------------------------------------------------
 
 
@@ -111,9 +123,13 @@ def test_submit_without_sbatch_prints_and_writes_the_cwm_80b_script(tmp_path):
   # sbatch reads #SBATCH lines only up to the first command
   assert all(line.startswith('#SBATCH') for line in lines[1:len(options) + 1])
   assert f'export BRAINSCALE_RUN_ID={path.stem}' in lines
-  assert re.search(r'^export XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true', text, re.M)
-  assert '--xla_gpu_enable_triton_gemm=false' in text
-  assert '--xla_gpu_nccl_terminate_on_error=true"' in text   # an NCCL error ends the process
+  # the submitting shell's XLA_FLAGS first, then the job's own (XLA keeps a flag's last value)
+  flags = task_xla_flags(text, '--xla_dump_to=/scratch/hlo --xla_gpu_enable_triton_gemm=true')
+  assert flags[:2] == ['--xla_dump_to=/scratch/hlo', '--xla_gpu_enable_triton_gemm=true']
+  assert flags[2] == '--xla_gpu_enable_latency_hiding_scheduler=true'
+  assert flags[-1] == '--xla_gpu_nccl_terminate_on_error=true'   # an NCCL error ends the process
+  assert flags.index('--xla_gpu_enable_triton_gemm=false') > 1   # the job's value wins
+  assert task_xla_flags(text, '')[0] == '--xla_gpu_enable_latency_hiding_scheduler=true'
 
   srun = srun_line(text)
   assert srun[:2] == ['srun', '--kill-on-bad-exit=1']
@@ -152,7 +168,16 @@ def test_a_cpu_cluster_asks_for_no_gpus_and_gives_each_cpu_a_jax_device(tmp_path
           '--account=lab', f'--signal=TERM@{grace}'} <= set(options)
   assert not any(o.startswith(('--gres', '--partition')) for o in options)
   assert 'export JAX_PLATFORMS=cpu' in text.splitlines()
-  assert f'export XLA_FLAGS=--xla_force_host_platform_device_count={cpus}' in text.splitlines()
+  # a count the submitting shell set gives way to the job's; its other flags reach the task
+  flags = task_xla_flags(text, '--xla_backend_optimization_level=1 '
+                               '--xla_force_host_platform_device_count=8')
+  assert flags == ['--xla_backend_optimization_level=1',
+                   '--xla_force_host_platform_device_count=8',
+                   f'--xla_force_host_platform_device_count={cpus}']
+  devices = subprocess.run([sys.executable, '-c', 'import jax; print(jax.device_count())'],
+                           env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags)),
+                           capture_output=True, text=True, timeout=120, check=True)
+  assert devices.stdout.strip() == str(cpus)
   assert 'NCCL' not in text and 'XLA_PYTHON_CLIENT_MEM_FRACTION' not in text
   assert f'--cpus-per-task={cpus}' in srun_line(text)  # srun of SLURM 22.05 does not inherit it
 
