@@ -1,7 +1,6 @@
 # make run   — train the embedded default (smoke experiment, synthetic data, CPU)
 # make test  — the test suite (what CI runs): `make docs` (the README's console blocks),
-#              then every other test on JOBS=2 worker processes, the long runs among them
-#              (`make unit` runs all but those, `make acceptance` those alone)
+#              `make unit` (JOBS=2 worker processes), then `make acceptance` (the long runs)
 # make lint  — ruff check . (pyproject.toml [tool.ruff]); CI runs it before the tests
 # make cuda  — add the CUDA build of JAX (requirements-cuda.txt) to ./.venv: the GPU-compile
 #              tests then run instead of skipping, and --mode=plan compiles for the GPUs
@@ -40,22 +39,19 @@ run: $(VENV)/.installed
 # longest modules go first (tests/conftest.py) so that both workers finish together:
 # --no-loadscope-reorder, or xdist would hand out the modules with the most tests first.
 JOBS ?= 2
-XDIST := -n $(JOBS) --dist loadfile --no-loadscope-reorder
 
-# `make test` runs two stages: `docs`, the README's console blocks run as written
-# (tests/test_readme.py; on the plain install, it skips once `make cuda` is done); then every
-# other test on JOBS workers. The first module handed out is test_enigma_train.py, whose
-# acceptance runs train enigma_tiny to its quality bars (~17 minutes alone, using ~1.7 of 2
-# cores); the other worker runs the rest beside it, so no core idles (benchmarks/RESULTS.md).
-# `unit` and `acceptance` run the two kinds apart.
-test: docs
-	$(PY) -m pytest -q -ra --durations=30 $(XDIST) -m "not readme" tests
+# `make test` runs three stages, one after the other: `docs`, the README's console blocks run
+# as written (tests/test_readme.py; on the plain install, it skips once `make cuda` is done);
+# `unit`, everything but those and the acceptance runs, on JOBS workers; then `acceptance`,
+# the tiny experiments trained to their quality bars (alone, so their time limits hold).
+test: docs unit acceptance
 
 docs: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=10 -n $(JOBS) -m readme tests/test_readme.py
 
 unit: $(VENV)/.installed
-	$(PY) -m pytest -q -ra --durations=30 $(XDIST) -m "not acceptance and not readme" tests
+	$(PY) -m pytest -q -ra --durations=30 -n $(JOBS) --dist loadfile --no-loadscope-reorder \
+	  -m "not acceptance and not readme" tests
 
 acceptance: $(VENV)/.installed
 	$(PY) -m pytest -q -ra --durations=10 -m acceptance tests

@@ -55,13 +55,11 @@ def rng(seed) -> np.random.Generator:
 # The longest modules first: `make test` runs each module whole on one of two xdist workers
 # (--dist loadfile), and the workers finish together only if the long ones start early.
 # Measured on a fresh clone's CI (2026-12-06): a long module left for last runs alone. xdist
-# keeps this order only with --no-loadscope-reorder (the Makefile's XDIST); by default it
-# hands out the modules with the most tests first. test_enigma_train.py, with enigma_tiny's
-# acceptance runs (~17 minutes alone), goes first: one worker waits on that training while
-# the other runs every other module beside it.
-LONGEST_FIRST = ('test_enigma_train.py', 'test_campaign.py', 'test_train.py',
-                 'test_gpu_compile.py', 'test_notebooks.py', 'test_slurm.py', 'test_cwm_probes.py',
-                 'test_enigma.py', 'test_faults.py', 'test_inference.py')
+# keeps this order only with --no-loadscope-reorder (the Makefile's unit target); by default
+# it hands out the modules with the most tests first.
+LONGEST_FIRST = ('test_campaign.py', 'test_train.py', 'test_gpu_compile.py', 'test_notebooks.py',
+                 'test_slurm.py', 'test_cwm_probes.py', 'test_enigma.py', 'test_faults.py',
+                 'test_enigma_train.py', 'test_inference.py')
 
 
 def pytest_collection_modifyitems(items):

@@ -26,8 +26,7 @@ FAST = ['--config.model.dim=64', '--config.model.heads=4', '--config.model.mlp_h
         '--config.train.eval_batches=1', '--config.checkpoint.async_save=false',
         '--config.evaluation.sessions=0']
 # The acceptance tests' limit (pytest-timeout; pytest.ini's 20 minutes is for unit tests): the
-# first includes enigma_tiny's 1800-step run, ~17 minutes alone on 2 cores and longer beside
-# the other tests (`make test`).
+# first includes enigma_tiny's 1800-step run, ~22 minutes on 2 cores.
 RUN_TIMEOUT_S = 3600
 
 
