@@ -4,6 +4,7 @@ no checkpoint already written is lost."""
 
 import contextlib
 import glob
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -274,6 +275,27 @@ def test_two_jobs_on_one_machine_make_a_dataset_once(tmp_path):
           for _ in range(2)]
   assert [job.wait(timeout=120) for job in jobs] == [0, 0]
   assert (tmp_path / 'makers').read_text() == 'made\n'
+
+
+def test_a_dataset_is_named_by_its_spec_and_the_code_that_makes_it(tmp_path, monkeypatch):
+  """An edit to a generator's source names a new dataset: the stale one is never reused."""
+  from brainscale.data import cache  # noqa: PLC0415
+
+  def module(name, source):
+    path = tmp_path / f'{name}.py'
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loaded)
+    return loaded
+
+  monkeypatch.setenv('BRAINSCALE_DATA', str(tmp_path / 'data'))
+  maker = module('maker', 'SCALE = 1.0\n')
+  name = cache.named('set', {'n': 1}, (maker,))
+  assert name.parent == tmp_path / 'data' and name.name.startswith('set_')
+  assert cache.named('set', {'n': 1}, (module('copy', 'SCALE = 1.0\n'),)) == name
+  assert cache.named('set', {'n': 1}, (module('edited', 'SCALE = 2.0\n'),)) != name
+  assert cache.named('set', {'n': 2}, (maker,)) != name
 
 
 def test_a_disk_that_fills_during_the_final_checkpoint_is_exit_74_and_the_rerun_finishes(tmp_path):

@@ -4,7 +4,7 @@
 brainscale/data/importers/videos.py); empty means the embedded default, the
 synthetic clips of `config.data.synthetic`, rendered and imported once into
 $BRAINSCALE_DATA (default ~/.cache/brainscale) under a name that hashes their
-spec, so every experiment that asks for the same clips shares them.
+spec and the code that makes them, so every experiment that asks for the same clips shares them.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ def synthetic_shards(s, workers: int = 1) -> str:
   """The imported shards of synthetic section `s` (count, seed, spec), made on first use."""
   spec = cache.spec_of(s, physics.Spec)
   root = cache.named('cwm_synthetic', {'spec': dataclasses.asdict(spec), 'count': s.count,
-                                       'seed': s.seed})
+                                       'seed': s.seed}, (physics, physics_files, importer, video))
 
   def make():
     print(f'brainscale: rendering {s.count} synthetic clips into {root} (once)', flush=True)

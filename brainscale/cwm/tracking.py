@@ -439,7 +439,8 @@ def synthetic_set(c, count: int, tracks: int) -> list[Video]:
   s = c.data.eval_synthetic
   spec = cache.spec_of(s, physics.Spec)
   root = cache.named('cwm_tapvid', {'spec': dataclasses.asdict(spec), 'count': count,
-                                    'seed': s.seed, 'tracks': tracks})
+                                    'seed': s.seed, 'tracks': tracks},
+                     (physics, sys.modules[__name__]))   # synthetic_videos lives here
 
   def make():
     root.mkdir(parents=True, exist_ok=True)

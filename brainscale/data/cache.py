@@ -1,7 +1,9 @@
 """Where generated data lives ($BRAINSCALE_DATA, default ~/.cache/brainscale), made once.
 
-Synthetic datasets are named by a hash of their spec, so every experiment that
-asks for the same data shares one copy. Process 0 makes it; the others wait.
+Synthetic datasets are named by a hash of their spec and of the source of the modules
+that make them, so every experiment that asks for the same data shares one copy, and a
+change to the generator makes it afresh instead of reusing a stale one. Process 0 makes
+it; the others wait.
 """
 
 import dataclasses
@@ -27,10 +29,13 @@ def spec_of(section, spec_class):
                        for k, v in section.to_dict().items() if k in fields})
 
 
-def named(prefix: str, spec: dict) -> pathlib.Path:
-  """root()/prefix_<12 hex digits of the spec's hash>."""
-  key = json.dumps(spec, sort_keys=True)
-  return root() / f'{prefix}_{hashlib.sha1(key.encode()).hexdigest()[:12]}'
+def named(prefix: str, spec: dict, makers: tuple) -> pathlib.Path:
+  """root()/prefix_<12 hex digits of a hash of the spec and of the makers' source files>
+  (`makers`: the modules whose code decides the data's bytes)."""
+  key = hashlib.sha1(json.dumps(spec, sort_keys=True).encode())
+  for module in makers:
+    key.update(pathlib.Path(module.__file__).read_bytes())
+  return root() / f'{prefix}_{key.hexdigest()[:12]}'
 
 
 def make_once(directory: pathlib.Path, done: str, make) -> pathlib.Path:

@@ -21,7 +21,7 @@ def store_root(c) -> str:
   if c.data.root:
     return c.data.root
   spec = cache.spec_of(c.data.synthetic, v1.Spec)
-  root = cache.named('enigma_synthetic', dataclasses.asdict(spec))
+  root = cache.named('enigma_synthetic', dataclasses.asdict(spec), (v1, v1_files))
 
   def make():
     print(f'brainscale: simulating the V1 population into {root} (once)', flush=True)
