@@ -1,6 +1,7 @@
 """brainscale as an installed package (pyproject.toml): no sys.path edits, the `brainscale`
-command, and a clean `ruff check .`."""
+command, the pinned versions of requirements.txt, and a clean `ruff check .`."""
 
+import importlib.metadata
 import os
 import pathlib
 import re
@@ -59,3 +60,21 @@ def test_ruff_check_passes():
                            '--output-format=concise', '.'], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
   assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+def test_the_installed_packages_are_the_pinned_ones():
+  """Every `name==version` of requirements.txt is what this environment has: a stale .venv,
+  or a pin that another install moved (ml-dtypes 0.7.0 costs every process that imports JAX
+  0.65 s of CPU: benchmarks/RESULTS.md, "seventh session"), shows here."""
+  pins = [line.split('#')[0].strip().split('==')
+          for line in (ROOT / 'requirements.txt').read_text().splitlines()
+          if line.split('#')[0].strip()]
+  assert all(len(pin) == 2 for pin in pins), f'requirements.txt: unpinned lines {pins}'
+  found = {}
+  for name, version in pins:
+    try:
+      found[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      found[name] = None
+  moved = {name: (version, found[name]) for name, version in pins if found[name] != version}
+  assert not moved, f'(pinned, installed): {moved}; run make (pip install -r requirements.txt)'
