@@ -4,7 +4,8 @@
 brainscale/data/importers/videos.py); empty means the embedded default, the
 synthetic clips of `config.data.synthetic`, rendered and imported once into
 $BRAINSCALE_DATA (default ~/.cache/brainscale) under a name that hashes their
-spec and the code that makes them, so every experiment that asks for the same clips shares them.
+spec and the code that makes them, so every experiment that asks for the same clips
+shares them.
 """
 
 import dataclasses
