@@ -43,7 +43,7 @@ def tiny_run(tmp_path_factory):
   """enigma_tiny trained as the README gives it: launch/run.py with the experiment's defaults
   (1800 steps) on one CPU device, on the simulated population of the data cache
   ($BRAINSCALE_DATA; the first run that asks for it simulates it there). Then, side by side
-  on two cores: --mode=eval of it, enigma_tiny_adapt from it (150 steps, one device), and
+  on two cores: --mode=eval of it, enigma_tiny_adapt from it (100 steps, one device), and
   `python -m brainscale.enigma.insilico` on it (sessions a0s0 and a1s0). Yields the runs
   folder, the eval metrics, the adaptation's final eval metrics and the in-silico report."""
   runs = tmp_path_factory.mktemp('runs')
@@ -54,7 +54,7 @@ def tiny_run(tmp_path_factory):
   started = [
       start_cli('--experiment=enigma_tiny', workdir, '--mode=eval'),
       start_cli('--experiment=enigma_tiny_adapt', f'--workdir={runs / "adapt"}',
-                '--config.checkpoint.async_save=false', '--config.train.steps=150',
+                '--config.checkpoint.async_save=false', '--config.train.steps=100',
                 f'--config.adapt.workdir={runs / "enigma_tiny"}'),
       subprocess.Popen([sys.executable, '-m', 'brainscale.enigma.insilico', workdir,
                         '--sessions=a0s0,a1s0', f'--out={report}'], cwd=ROOT, env=cli_env(),
@@ -62,7 +62,7 @@ def tiny_run(tmp_path_factory):
   outputs = [run.communicate(timeout=1200) for run in started]
   for run, (_, stderr) in zip(started, outputs):
     assert run.returncode == 0, stderr[-3000:]
-  return (runs, _eval_metrics(outputs[0][0], 1800), _eval_metrics(outputs[1][0], 150),
+  return (runs, _eval_metrics(outputs[0][0], 1800), _eval_metrics(outputs[1][0], 100),
           json.loads(report.read_text()))
 
 
@@ -93,7 +93,9 @@ def test_enigma_tiny_beats_ln_on_held_out_repeats(tiny_run):
 @pytest.mark.acceptance
 @pytest.mark.timeout(RUN_TIMEOUT_S)
 def test_a_new_session_adapts_with_the_core_frozen(tiny_run):
-  """Fitting only the new session's embeddings reaches 85% of the joint CC_norm."""
+  """Fitting only the new session's embeddings for 100 steps reaches 85% of the joint CC_norm
+  (measured 0.699 against 0.85 x 0.763 = 0.649; 0.712 after 150 steps: benchmarks/RESULTS.md,
+  "seventh session")."""
   runs, joint, adapted, _ = tiny_run
   assert adapted['cc_norm'] >= 0.85 * joint['cc_norm'], (adapted, joint)
   c = config_lib.resolve('enigma_tiny_adapt', [f'--config.adapt.workdir={runs / "enigma_tiny"}'])
