@@ -69,7 +69,9 @@ class Plan:
   output_gib: float
   alias_gib: float
   temp_gib: float
-  compiled_flops: float        # per step, all devices, remat included
+  compiled_flops: float        # per step, all devices, remat included: the GPU program's
+                               # kernels (hlo), or on the CPU plan the jaxpr's count
+  jaxpr_flops: float           # per step, all devices: the traced step's jaxpr, counted
   model_flops: float           # per step, all devices (the task's count)
   tokens_per_example: int      # the model's sequence length
   compile_s: float
@@ -211,6 +213,7 @@ def compile_step(config, where: str) -> Plan:
   compile_s = time.perf_counter() - start
   memory = compiled.memory_analysis()
   attention = config.model.get('attention', 'xla')
+  counted = jaxpr_flops(traced.jaxpr.jaxpr)
   if where == 'gpu':
     analysis = hlo.analyze(compiled.as_text(), collectives.Layout.of_mesh(mesh))
     compiled_for = f'{len(devices)} x {devices[0].device_kind}'
@@ -218,7 +221,7 @@ def compile_step(config, where: str) -> Plan:
   else:
     analysis = None
     compiled_for = f'{len(devices)} simulated CPU devices'
-    compiled_flops = jaxpr_flops(traced.jaxpr.jaxpr)
+    compiled_flops = counted
     if planned.model.get('attention') != attention:
       attention += ' (planned as pallas, interpreted)'
   return Plan(
@@ -229,7 +232,7 @@ def compile_step(config, where: str) -> Plan:
       output_gib=memory.output_size_in_bytes / GiB,
       alias_gib=memory.alias_size_in_bytes / GiB,
       temp_gib=memory.temp_size_in_bytes / GiB,
-      compiled_flops=compiled_flops,
+      compiled_flops=compiled_flops, jaxpr_flops=counted,
       model_flops=costs(setup.task).flops_per_example() * config.train.batch_size,
       tokens_per_example=costs(setup.task).tokens_per_example(),
       compile_s=compile_s, analysis=analysis)
