@@ -45,6 +45,12 @@ def _tag(out: pathlib.Path) -> str:
   return hashlib.sha256(str(out).encode()).hexdigest()[:8]
 
 
+def _job_order(job: str) -> tuple[int, int, str]:
+  """squeue's job ids in submission order: '8_[0-2]' (pending tasks), '8_0', '8_1', '11'."""
+  job_id, _, task = job.partition('_')
+  return int(job_id), int(task) if task.isdigit() else -1, task
+
+
 def _check_idle(out: pathlib.Path):
   """Raises while a job of this import is queued or running (its parts would run twice)."""
   if shutil.which('squeue') is None:
@@ -52,7 +58,8 @@ def _check_idle(out: pathlib.Path):
   listed = subprocess.run(['squeue', '-h', '-t', 'PENDING,CONFIGURING,RUNNING,SUSPENDED', '-o',
                            '%i %j'], capture_output=True, text=True).stdout
   busy = [line.split()[0] for line in listed.splitlines() if line.endswith(f'-{_tag(out)}')]
-  if busy:
+  if busy:   # in submission order (squeue sorts by state and priority): the array, then the merge
+    busy.sort(key=_job_order)
     raise InputError(f'jobs {", ".join(busy)} of this import of {out} are still queued or '
                      'running; wait for them (or scancel them), then submit again')
 

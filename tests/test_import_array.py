@@ -301,3 +301,21 @@ def test_partition_account_and_qos_come_from_the_experiment_unless_flags_say(
                                              for o in options)   # cwm_80b leaves them ''
   assert import_array.main([*argv, '--part=0/2']) == 2
   assert 'set by the array script' in capsys.readouterr().err
+
+
+def test_a_busy_import_names_its_jobs_in_submission_order(tmp_path, monkeypatch):
+  """squeue lists the pending merge before the array's running tasks; the refusal names them
+  as they were submitted (the array first), and never a job of another import."""
+  out = tmp_path / 'out'
+  tag, other = import_array._tag(out), import_array._tag(tmp_path / 'other')
+  squeue = tmp_path / 'bin' / 'squeue'
+  squeue.parent.mkdir()
+  squeue.write_text('#!/bin/sh\n' + ''.join(
+      f'echo "{job} {name}"\n' for job, name in [
+          ('11', f'merge-g0001-{tag}'), ('9', f'import-g0001-{other}'),
+          ('8_[2-3]', f'import-g0001-{tag}'), ('8_1', f'import-g0001-{tag}'),
+          ('8_0', f'import-g0001-{tag}')]))
+  squeue.chmod(0o755)
+  monkeypatch.setenv('PATH', str(squeue.parent))
+  with pytest.raises(ValueError, match=r'^jobs 8_\[2-3\], 8_0, 8_1, 11 of this import of '):
+    import_array._check_idle(out)
